@@ -1,0 +1,631 @@
+#include "config/config.hpp"
+
+#include <sys/stat.h>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <initializer_list>
+#include <set>
+
+#include <rapidjson/stringbuffer.h>
+#include <rapidjson/writer.h>
+#include <yaml-cpp/yaml.h>
+
+#ifndef ER_PLUGIN_INSTALL_DIR
+#define ER_PLUGIN_INSTALL_DIR "/usr/lib/event-router/plugins"
+#endif
+
+namespace fs = std::filesystem;
+
+namespace er::config {
+
+namespace {
+
+std::string normalize(const fs::path& p) {
+  std::string s = p.lexically_normal().string();
+  while (s.size() > 1 && s.back() == '/') s.pop_back();
+  return s;
+}
+
+std::string absolute_in(const std::string& base, const std::string& p) {
+  fs::path path(p);
+  return normalize(path.is_absolute() ? path : fs::path(base) / path);
+}
+
+size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) prev[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    cur[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j)
+      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] != b[j - 1])});
+    std::swap(prev, cur);
+  }
+  return prev[b.size()];
+}
+
+std::string did_you_mean(const std::string& word, std::initializer_list<const char*> options) {
+  const char* best = nullptr;
+  size_t best_d = 3;
+  for (const char* o : options) {
+    size_t d = edit_distance(word, o);
+    if (d < best_d) best_d = d, best = o;
+  }
+  return best ? std::string(" (did you mean '") + best + "'?)" : std::string();
+}
+
+std::string join(std::initializer_list<const char*> items, const char* sep) {
+  std::string out;
+  for (const char* i : items) out += (out.empty() ? "" : sep) + std::string(i);
+  return out;
+}
+
+const char* describe(const YAML::Node& n) {
+  switch (n.Type()) {
+    case YAML::NodeType::Map: return "a mapping";
+    case YAML::NodeType::Sequence: return "a list";
+    case YAML::NodeType::Scalar: return "a scalar";
+    default: return "nothing";
+  }
+}
+
+bool regular_file(const std::string& p, int* err = nullptr) {
+  struct stat st;
+  if (::stat(p.c_str(), &st) != 0) {
+    if (err) *err = errno;
+    return false;
+  }
+  if (err) *err = S_ISREG(st.st_mode) ? 0 : EISDIR;
+  return S_ISREG(st.st_mode);
+}
+
+// A node plus where to report problems with it. `mark` falls back to the key
+// (or the parent) when the node has none of its own, e.g. an empty value.
+struct Val {
+  YAML::Node node;
+  YAML::Mark mark;
+  YAML::Mark key_mark;
+  std::string path;
+  bool present = true;
+};
+
+// Built by copy construction only: assigning to a YAML::Node writes through
+// to the node it refers to.
+Val make_val(const YAML::Node& n, const YAML::Mark& key_mark, std::string path) {
+  YAML::Mark m = n.IsNull() || n.Mark().line < 0 ? key_mark : n.Mark();
+  return Val{n, m, key_mark, std::move(path), true};
+}
+
+class Loader {
+ public:
+  Loader(std::string file, std::string dir) : file_(std::move(file)), dir_(std::move(dir)) {}
+
+  Config load(const std::string& text);
+
+ private:
+  [[noreturn]] void fail(const YAML::Mark& m, const std::string& msg) const {
+    throw ConfigError(file_ + ":" + std::to_string(m.line + 1) + ":" +
+                      std::to_string(m.column + 1) + ": " + msg);
+  }
+  [[noreturn]] void fail(const Val& v, const std::string& msg) const {
+    fail(v.mark, (v.path.empty() ? "" : v.path + ": ") + msg);
+  }
+
+  static std::string child_path(const std::string& parent, const std::string& key) {
+    return parent.empty() ? key : parent + "." + key;
+  }
+
+  // Rejects unknown and duplicate keys; yaml-cpp keeps duplicates when
+  // iterating but lookups silently see only the first.
+  void check_keys(const Val& map, std::initializer_list<const char*> allowed) const;
+  void check_duplicates(const Val& map) const;
+
+  Val child(const Val& map, const char* key) const {
+    for (auto it = map.node.begin(); it != map.node.end(); ++it)
+      if (it->first.IsScalar() && it->first.Scalar() == key)
+        return make_val(it->second, it->first.Mark(), child_path(map.path, key));
+    return Val{YAML::Node(), map.mark, map.mark, child_path(map.path, key), false};
+  }
+
+  Val required(const Val& map, const char* key) const {
+    Val v = child(map, key);
+    if (!v.present) fail(map, std::string("missing required key '") + key + "'");
+    return v;
+  }
+
+  Val expect_map(Val v) const {
+    if (!v.node.IsMap()) fail(v, std::string("expected a mapping, got ") + describe(v.node));
+    return v;
+  }
+
+  std::vector<Val> list(const Val& v, const char* what) const {
+    if (!v.node.IsSequence())
+      fail(v, std::string("expected a list of ") + what + ", got " + describe(v.node));
+    std::vector<Val> out;
+    size_t i = 0;
+    for (auto it = v.node.begin(); it != v.node.end(); ++it, ++i) {
+      out.push_back(make_val(*it, v.mark, v.path + "[" + std::to_string(i) + "]"));
+    }
+    return out;
+  }
+
+  std::string subst(const Val& v, const std::string& raw) const {
+    try {
+      return substitute_env(raw);
+    } catch (const std::invalid_argument& e) {
+      fail(v.mark, "key '" + v.path + "': " + e.what());
+    }
+  }
+
+  std::string str(const Val& v) const {
+    if (!v.node.IsScalar()) fail(v, std::string("expected a string, got ") + describe(v.node));
+    return subst(v, v.node.Scalar());
+  }
+
+  std::string nonempty_str(const Val& v) const {
+    std::string s = str(v);
+    if (s.empty()) fail(v, "must not be empty");
+    return s;
+  }
+
+  uint64_t integer(const Val& v, uint64_t lo, uint64_t hi) const {
+    std::string range = std::to_string(lo) + ".." + std::to_string(hi);
+    if (!v.node.IsScalar())
+      fail(v, "expected an integer " + range + ", got " + describe(v.node));
+    std::string s = subst(v, v.node.Scalar());
+    bool digits = !s.empty() && s.size() <= 19 &&
+                  std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
+    if (!digits) fail(v, "expected an integer " + range + ", got '" + s + "'");
+    uint64_t n = std::stoull(s);
+    if (n < lo || n > hi) fail(v, s + " is out of range " + range);
+    return n;
+  }
+
+  Duration duration(const Val& v, bool allow_zero) const {
+    if (!v.node.IsScalar()) fail(v, std::string("expected a duration, got ") + describe(v.node));
+    std::string s = subst(v, v.node.Scalar());
+    Duration d;
+    try {
+      d = parse_duration(s);
+    } catch (const std::invalid_argument& e) {
+      fail(v, e.what());
+    }
+    if (!allow_zero && d.count() == 0) fail(v, "duration must be greater than 0");
+    return d;
+  }
+
+  template <typename E>
+  E choice(const Val& v, std::initializer_list<std::pair<const char*, E>> options,
+           std::initializer_list<const char*> names) const {
+    std::string s = str(v);
+    for (auto& [name, value] : options)
+      if (s == name) return value;
+    fail(v, "invalid value '" + s + "' (expected one of: " + join(names, ", ") + ")" +
+                did_you_mean(s, names));
+  }
+
+  void topic(const Val& v, const std::string& s) const {
+    try {
+      TopicPattern p(s);
+    } catch (const std::invalid_argument& e) {
+      fail(v, e.what());
+    }
+  }
+
+  void load_broker(const Val& v, BrokerConfig& b) const;
+  void load_exchange(const Val& v, ExchangeConfig& e) const;
+  void load_queue(const Val& v, QueueConfig& q);
+  void load_handler(const Val& v, const QueueConfig& q, HandlerConfig& h);
+  std::string resolve_plugin(const Val& v) const;
+  std::string resolve_program(const Val& v) const;
+  void write_json(const Val& v, rapidjson::Writer<rapidjson::StringBuffer>& w) const;
+
+  static Mark to_mark(const YAML::Mark& m) { return Mark{m.line + 1, m.column + 1}; }
+
+  std::string file_;
+  std::string dir_;
+  std::map<std::string, YAML::Mark> handler_names_;
+};
+
+void Loader::check_duplicates(const Val& map) const {
+  std::set<std::string> seen;
+  for (auto it = map.node.begin(); it != map.node.end(); ++it) {
+    if (!it->first.IsScalar()) continue;
+    if (!seen.insert(it->first.Scalar()).second) {
+      Val k = map;
+      k.mark = it->first.Mark();
+      fail(k, "duplicate key '" + it->first.Scalar() + "'");
+    }
+  }
+}
+
+void Loader::check_keys(const Val& map, std::initializer_list<const char*> allowed) const {
+  check_duplicates(map);
+  for (auto it = map.node.begin(); it != map.node.end(); ++it) {
+    Val k = map;
+    k.mark = it->first.Mark();
+    if (!it->first.IsScalar()) fail(k, "keys must be plain strings");
+    const std::string& key = it->first.Scalar();
+    bool ok = std::any_of(allowed.begin(), allowed.end(),
+                          [&](const char* a) { return key == a; });
+    if (!ok) fail(k, "unknown key '" + key + "'" + did_you_mean(key, allowed));
+  }
+}
+
+Config Loader::load(const std::string& text) {
+  std::vector<YAML::Node> docs;
+  try {
+    docs = YAML::LoadAll(text);
+  } catch (const YAML::Exception& e) {
+    YAML::Mark m = e.mark;
+    if (m.line < 0) m.line = m.column = 0;
+    fail(m, e.msg);
+  }
+  YAML::Mark start;
+  start.line = start.column = 0;
+  Val root{docs.empty() ? YAML::Node() : docs[0], start, start, "", true};
+  if (docs.empty() || docs[0].IsNull())
+    fail(root, "the file is empty; expected a mapping with 'broker', 'exchange' and 'queues'");
+  if (docs.size() > 1) fail(root, "expected a single YAML document, found " +
+                                     std::to_string(docs.size()));
+  if (root.node.Mark().line >= 0) root.mark = root.node.Mark();
+  if (!root.node.IsMap())
+    fail(root, std::string("expected a mapping at the top level, got ") + describe(root.node));
+  check_keys(root, {"broker", "exchange", "queues", "shutdown_timeout", "workers", "log"});
+
+  Config c;
+  c.path = file_;
+  c.dir = dir_;
+  load_broker(expect_map(required(root, "broker")), c.broker);
+  load_exchange(expect_map(required(root, "exchange")), c.exchange);
+
+  if (Val v = child(root, "shutdown_timeout"); v.present) c.shutdown_timeout = duration(v, true);
+  if (Val v = child(root, "workers"); v.present) c.workers = integer(v, 1, 65535);
+  if (Val v = child(root, "log"); v.present) {
+    expect_map(v);
+    check_keys(v, {"level"});
+    if (Val l = child(v, "level"); l.present)
+      c.log.level = choice<LogLevel>(l,
+                                     {{"debug", LogLevel::Debug},
+                                      {"info", LogLevel::Info},
+                                      {"warn", LogLevel::Warn},
+                                      {"error", LogLevel::Error}},
+                                     {"debug", "info", "warn", "error"});
+  }
+
+  Val queues = required(root, "queues");
+  auto items = list(queues, "queues");
+  if (items.empty()) fail(queues, "at least one queue is required");
+  std::map<std::string, YAML::Mark> queue_names;
+  for (auto& item : items) {
+    QueueConfig q;
+    load_queue(item, q);
+    auto [it, fresh] = queue_names.emplace(q.name, child(item, "name").mark);
+    if (!fresh)
+      fail(child(item, "name"), "duplicate queue name '" + q.name + "' (first defined at line " +
+                                    std::to_string(it->second.line + 1) + ")");
+    c.queues.push_back(std::move(q));
+  }
+  return c;
+}
+
+void Loader::load_broker(const Val& v, BrokerConfig& b) const {
+  check_keys(v, {"url", "heartbeat"});
+  b.url = nonempty_str(required(v, "url"));
+  if (Val h = child(v, "heartbeat"); h.present) {
+    b.heartbeat = duration(h, true);
+    // AMQP negotiates heartbeats as a 16-bit number of seconds.
+    if (b.heartbeat.count() % 1000 != 0)
+      fail(h, "heartbeat must be a whole number of seconds");
+    if (b.heartbeat > std::chrono::seconds(65535)) fail(h, "heartbeat must be at most 65535s");
+  }
+}
+
+void Loader::load_exchange(const Val& v, ExchangeConfig& e) const {
+  check_keys(v, {"name", "type"});
+  e.name = nonempty_str(required(v, "name"));
+  if (Val t = child(v, "type"); t.present)
+    e.type = choice<std::string>(t,
+                                 {{"topic", "topic"},
+                                  {"direct", "direct"},
+                                  {"fanout", "fanout"},
+                                  {"headers", "headers"}},
+                                 {"topic", "direct", "fanout", "headers"});
+}
+
+void Loader::load_queue(const Val& v, QueueConfig& q) {
+  expect_map(v);
+  check_keys(v, {"name", "bindings", "prefetch", "unhandled", "dead_letter_queue", "handlers"});
+  q.mark = to_mark(v.mark);
+  q.name = nonempty_str(required(v, "name"));
+  if (Val b = child(v, "bindings"); b.present) {
+    for (auto& item : list(b, "topic patterns")) {
+      std::string s = str(item);
+      topic(item, s);
+      q.bindings.push_back(s);
+    }
+  }
+  if (Val p = child(v, "prefetch"); p.present) q.prefetch = static_cast<uint16_t>(integer(p, 1, 65535));
+  if (Val u = child(v, "unhandled"); u.present)
+    q.unhandled = choice<Unhandled>(u, {{"dead-letter", Unhandled::DeadLetter}, {"ack", Unhandled::Ack}},
+                                    {"dead-letter", "ack"});
+  q.dead_letter_queue = q.name + ".dlq";
+  if (Val d = child(v, "dead_letter_queue"); d.present) {
+    q.dead_letter_queue = nonempty_str(d);
+    if (q.dead_letter_queue == q.name)
+      fail(d, "the dead-letter queue must differ from the queue itself");
+  }
+  if (Val h = child(v, "handlers"); h.present) {
+    for (auto& item : list(h, "handlers")) {
+      HandlerConfig hc;
+      load_handler(item, q, hc);
+      q.handlers.push_back(std::move(hc));
+    }
+  }
+}
+
+void Loader::load_handler(const Val& v, const QueueConfig& q, HandlerConfig& h) {
+  expect_map(v);
+  check_keys(v, {"name", "events", "plugin", "config", "concurrency", "exec", "timeout",
+                 "kill_grace", "env", "inherit_env"});
+  h.mark = to_mark(v.mark);
+  Val name = required(v, "name");
+  h.name = nonempty_str(name);
+  auto [it, fresh] = handler_names_.emplace(h.name, name.mark);
+  if (!fresh)
+    fail(name, "duplicate handler name '" + h.name + "' (first defined at line " +
+                   std::to_string(it->second.line + 1) + ")");
+
+  Val events = required(v, "events");
+  auto items = list(events, "topic patterns");
+  if (items.empty()) fail(events, "at least one event pattern is required (use \"#\" for all)");
+  for (auto& item : items) {
+    std::string s = str(item);
+    try {
+      h.events.emplace_back(s);
+    } catch (const std::invalid_argument& e) {
+      fail(item, e.what());
+    }
+  }
+
+  Val plugin = child(v, "plugin");
+  Val exec = child(v, "exec");
+  if (plugin.present && exec.present)
+    fail(exec.key_mark, v.path + ": a handler takes either 'plugin' or 'exec', not both");
+  if (!plugin.present && !exec.present)
+    fail(v, "handler needs either 'plugin' or 'exec'");
+
+  h.concurrency = q.prefetch;
+  if (Val c = child(v, "concurrency"); c.present) h.concurrency = static_cast<unsigned>(integer(c, 1, 65535));
+
+  static const char* const kExecOnly[] = {"timeout", "kill_grace", "env", "inherit_env"};
+  if (plugin.present) {
+    h.kind = HandlerKind::Plugin;
+    for (const char* k : kExecOnly)
+      if (Val x = child(v, k); x.present)
+        fail(x.key_mark, v.path + ": '" + k + "' only applies to exec handlers");
+    h.plugin_path = resolve_plugin(plugin);
+    if (Val cfg = child(v, "config"); cfg.present && !cfg.node.IsNull()) {
+      rapidjson::StringBuffer buf;
+      rapidjson::Writer<rapidjson::StringBuffer> w(buf);
+      write_json(cfg, w);
+      h.plugin_config_json = buf.GetString();
+    }
+    return;
+  }
+
+  h.kind = HandlerKind::Exec;
+  if (Val x = child(v, "config"); x.present)
+    fail(x.key_mark, v.path + ": 'config' only applies to plugin handlers");
+  auto args = list(exec, "arguments");
+  if (args.empty()) fail(exec, "the argument list must not be empty");
+  for (auto& a : args) h.argv.push_back(str(a));
+  h.argv[0] = resolve_program(args[0]);
+  if (Val t = child(v, "timeout"); t.present) h.timeout = duration(t, false);
+  if (Val k = child(v, "kill_grace"); k.present) h.kill_grace = duration(k, true);
+  if (Val e = child(v, "env"); e.present) {
+    expect_map(e);
+    check_duplicates(e);
+    for (auto i = e.node.begin(); i != e.node.end(); ++i) {
+      Val val = make_val(i->second, i->first.Mark(), child_path(e.path, i->first.Scalar()));
+      const std::string& key = i->first.Scalar();
+      if (!i->first.IsScalar() || key.empty() || key.find('=') != std::string::npos)
+        fail(val.key_mark, e.path + ": invalid environment variable name '" + key + "'");
+      if (!val.node.IsScalar())
+        fail(val, std::string("expected a string value, got ") + describe(val.node));
+      h.env.emplace_back(key, str(val));
+    }
+  }
+  if (Val ie = child(v, "inherit_env"); ie.present) {
+    for (auto& item : list(ie, "variable names")) {
+      std::string s = nonempty_str(item);
+      if (s.find('=') != std::string::npos)
+        fail(item, "invalid environment variable name '" + s + "'");
+      h.inherit_env.push_back(s);
+    }
+  }
+}
+
+std::string Loader::resolve_plugin(const Val& v) const {
+  std::string p = nonempty_str(v);
+  if (p.find('/') != std::string::npos) {
+    std::string abs = absolute_in(dir_, p);
+    int err = 0;
+    if (!regular_file(abs, &err))
+      fail(v, "plugin file '" + abs + "': " + (err == EISDIR ? "not a regular file" : std::strerror(err)));
+    return abs;
+  }
+  std::error_code ec;
+  std::string cwd = fs::current_path(ec).string();
+  std::string searched;
+  for (const auto& d : plugin_search_dirs()) {
+    // Search dirs come from the environment/build, not the file: relative = cwd.
+    std::string candidate = absolute_in(cwd, (fs::path(d) / p).string());
+    if (regular_file(candidate)) return candidate;
+    searched += (searched.empty() ? "" : ", ") + d;
+  }
+  fail(v, "plugin '" + p + "' not found in " + searched +
+              " (set EVENT_ROUTER_PLUGIN_DIR or give a path)");
+}
+
+std::string Loader::resolve_program(const Val& v) const {
+  std::string p = v.node.IsScalar() ? subst(v, v.node.Scalar()) : std::string();
+  if (p.empty()) fail(v, "program name must not be empty");
+  if (p.find('/') != std::string::npos) {
+    std::string abs = absolute_in(dir_, p);
+    int err = 0;
+    if (!regular_file(abs, &err))
+      fail(v, "program '" + abs + "': " + (err == EISDIR ? "not a regular file" : std::strerror(err)));
+    if (::access(abs.c_str(), X_OK) != 0) fail(v, "program '" + abs + "' is not executable");
+    return abs;
+  }
+  // Mirror execvp: default search path when PATH is unset, empty entry = cwd.
+  const char* env_path = std::getenv("PATH");
+  std::string search = env_path ? env_path : "/bin:/usr/bin";
+  std::error_code ec;
+  std::string cwd = fs::current_path(ec).string();
+  size_t start = 0;
+  for (;;) {
+    size_t colon = search.find(':', start);
+    std::string d = search.substr(start, colon == std::string::npos ? std::string::npos : colon - start);
+    std::string candidate = absolute_in(cwd, (fs::path(d.empty() ? "." : d) / p).string());
+    if (regular_file(candidate) && ::access(candidate.c_str(), X_OK) == 0) return candidate;
+    if (colon == std::string::npos) break;
+    start = colon + 1;
+  }
+  fail(v, "program '" + p + "' not found in PATH");
+}
+
+void Loader::write_json(const Val& v, rapidjson::Writer<rapidjson::StringBuffer>& w) const {
+  const YAML::Node& n = v.node;
+  if (n.IsMap()) {
+    check_duplicates(v);
+    w.StartObject();
+    for (auto it = n.begin(); it != n.end(); ++it) {
+      if (!it->first.IsScalar()) fail(it->first.Mark(), v.path + ": keys must be plain strings");
+      const std::string& key = it->first.Scalar();
+      w.Key(key.c_str(), static_cast<rapidjson::SizeType>(key.size()));
+      write_json(make_val(it->second, it->first.Mark(), child_path(v.path, key)), w);
+    }
+    w.EndObject();
+  } else if (n.IsSequence()) {
+    w.StartArray();
+    for (auto& item : list(v, "values")) write_json(item, w);
+    w.EndArray();
+  } else if (n.IsScalar()) {
+    std::string s = subst(v, n.Scalar());
+    if (n.Tag() != "?") {  // quoted, block or explicitly tagged: keep as text
+      w.String(s.c_str(), static_cast<rapidjson::SizeType>(s.size()));
+      return;
+    }
+    // YAML 1.2 core schema resolution for plain scalars.
+    if (s.empty() || s == "~" || s == "null" || s == "Null" || s == "NULL") return (void)w.Null();
+    if (s == "true" || s == "True" || s == "TRUE") return (void)w.Bool(true);
+    if (s == "false" || s == "False" || s == "FALSE") return (void)w.Bool(false);
+    const char* b = s.c_str();
+    const char* digits = b + (s[0] == '-' || s[0] == '+');
+    bool is_int = *digits && std::all_of(digits, b + s.size(), [](char c) { return c >= '0' && c <= '9'; });
+    if (is_int) {
+      errno = 0;
+      char* end = nullptr;
+      if (s[0] == '-') {
+        long long x = std::strtoll(b, &end, 10);
+        if (errno == 0) return (void)w.Int64(x);
+      } else {
+        unsigned long long x = std::strtoull(b, &end, 10);
+        if (errno == 0) return (void)w.Uint64(x);
+      }
+    }
+    bool is_float = false;
+    {
+      // [-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?
+      const char* p = digits;
+      bool mant = false;
+      while (*p >= '0' && *p <= '9') ++p, mant = true;
+      if (*p == '.') {
+        ++p;
+        while (*p >= '0' && *p <= '9') ++p, mant = true;
+      }
+      if (mant && (*p == 'e' || *p == 'E')) {
+        ++p;
+        if (*p == '-' || *p == '+') ++p;
+        if (*p >= '0' && *p <= '9') {
+          while (*p >= '0' && *p <= '9') ++p;
+        } else {
+          mant = false;
+        }
+      }
+      is_float = mant && p == b + s.size();
+    }
+    if (is_float) {
+      double d = std::strtod(b, nullptr);
+      if (std::isfinite(d)) return (void)w.Double(d);
+    }
+    w.String(s.c_str(), static_cast<rapidjson::SizeType>(s.size()));
+  } else {
+    w.Null();
+  }
+}
+
+}  // namespace
+
+std::vector<std::string> plugin_search_dirs() {
+  std::vector<std::string> dirs;
+  if (const char* env = std::getenv("EVENT_ROUTER_PLUGIN_DIR")) {
+    std::string s = env;
+    size_t start = 0;
+    for (;;) {
+      size_t colon = s.find(':', start);
+      std::string d = s.substr(start, colon == std::string::npos ? std::string::npos : colon - start);
+      if (!d.empty()) dirs.push_back(d);
+      if (colon == std::string::npos) break;
+      start = colon + 1;
+    }
+  }
+  std::error_code ec;
+  fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec) dirs.push_back(normalize(exe.parent_path() / "plugins"));
+  dirs.push_back(ER_PLUGIN_INSTALL_DIR);
+  return dirs;
+}
+
+Config load_config_string(const std::string& text, const std::string& path, const std::string& dir) {
+  std::error_code ec;
+  fs::path d = dir.empty() ? fs::current_path(ec) : fs::absolute(dir, ec);
+  return Loader(path, normalize(d)).load(text);
+}
+
+Config load_config(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw ConfigError(path + ": cannot open: " + std::strerror(errno));
+  std::string text;
+  struct stat st;
+  if (::fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
+    ::close(fd);
+    throw ConfigError(path + ": cannot open: " + std::strerror(EISDIR));
+  }
+  char buf[65536];
+  for (;;) {
+    ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      int err = errno;
+      ::close(fd);
+      throw ConfigError(path + ": cannot read: " + std::strerror(err));
+    }
+    if (n == 0) break;
+    text.append(buf, static_cast<size_t>(n));
+  }
+  ::close(fd);
+  std::error_code ec;
+  fs::path abs = fs::absolute(path, ec);
+  return Loader(path, normalize(abs.parent_path())).load(text);
+}
+
+}  // namespace er::config

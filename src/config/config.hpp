@@ -1,0 +1,106 @@
+#pragma once
+// The validated, immutable configuration. load_config() is the only way to
+// make one; everything downstream may assume it is consistent.
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "config/topic.hpp"
+
+namespace er::config {
+
+using Duration = std::chrono::milliseconds;
+
+// Thrown for every config problem. what() is "file:line:column: message".
+class ConfigError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+struct Mark {
+  int line = 0;    // 1-based; 0 = unknown
+  int column = 0;  // 1-based
+};
+
+struct BrokerConfig {
+  std::string url;                       // amqp://user:pass@host:port/vhost
+  Duration heartbeat{std::chrono::seconds(30)};
+};
+
+struct ExchangeConfig {
+  std::string name;
+  std::string type = "topic";            // topic | direct | fanout | headers
+};
+
+enum class HandlerKind { Plugin, Exec };
+
+struct HandlerConfig {
+  std::string name;
+  Mark mark;
+  std::vector<TopicPattern> events;      // empty in YAML = not allowed; "#" matches all
+  HandlerKind kind = HandlerKind::Plugin;
+  unsigned concurrency = 0;              // resolved: never 0 after load (default = queue prefetch)
+
+  // plugin
+  std::string plugin_path;               // absolute, exists
+  std::string plugin_config_json = "{}"; // `config:` rendered as JSON
+
+  // exec
+  std::vector<std::string> argv;         // argv[0] absolute and executable
+  Duration timeout{std::chrono::seconds(30)};
+  Duration kill_grace{std::chrono::seconds(5)};  // SIGTERM -> SIGKILL on timeout
+  std::vector<std::pair<std::string, std::string>> env;
+  std::vector<std::string> inherit_env;
+};
+
+enum class Unhandled { DeadLetter, Ack };
+
+struct QueueConfig {
+  std::string name;
+  Mark mark;
+  std::vector<std::string> bindings;     // validated as topic patterns
+  uint16_t prefetch = 10;
+  Unhandled unhandled = Unhandled::DeadLetter;
+  std::string dead_letter_queue;         // default "<name>.dlq"
+  std::vector<HandlerConfig> handlers;   // tried in order
+};
+
+enum class LogLevel { Debug = 0, Info = 1, Warn = 2, Error = 3 };
+
+struct LogConfig {
+  LogLevel level = LogLevel::Info;
+};
+
+struct Config {
+  std::string path;                      // the file it was loaded from
+  std::string dir;                       // its folder (relative paths resolve here)
+  BrokerConfig broker;
+  ExchangeConfig exchange;
+  std::vector<QueueConfig> queues;
+  Duration shutdown_timeout{std::chrono::seconds(30)};
+  unsigned workers = 4;                  // threads for blocking plugin handlers
+  LogConfig log;
+};
+
+// Loads, substitutes ${VAR} / ${VAR:-default}, validates. Throws ConfigError.
+Config load_config(const std::string& path);
+
+// Same, from text; `path` is used in messages and `dir` for relative paths.
+Config load_config_string(const std::string& text, const std::string& path, const std::string& dir);
+
+// "500ms", "30s", "5m", "1h", or a plain number of seconds (may be fractional).
+// Throws std::invalid_argument with a human message.
+Duration parse_duration(const std::string& text);
+
+// Expands ${VAR} and ${VAR:-default}. `$$` is a literal '$'. Throws
+// std::invalid_argument naming the variable when one is unset without default.
+std::string substitute_env(const std::string& text);
+
+// Directories searched for a plugin given by bare file name (no '/'):
+// $EVENT_ROUTER_PLUGIN_DIR, <exe dir>/plugins, ER_PLUGIN_INSTALL_DIR.
+std::vector<std::string> plugin_search_dirs();
+
+}  // namespace er::config

@@ -1,0 +1,706 @@
+#include <catch2/catch.hpp>
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <optional>
+#include <string>
+
+#include "config/config.hpp"
+
+// Same fallback as config.cpp, for builds that do not pass the macro.
+#ifndef ER_PLUGIN_INSTALL_DIR
+#define ER_PLUGIN_INSTALL_DIR "/usr/lib/event-router/plugins"
+#endif
+
+namespace fs = std::filesystem;
+using namespace er::config;
+using namespace std::chrono_literals;
+
+namespace {
+
+// Drops the newline after R"( so that line 1 is the first line of the YAML.
+std::string Y(const char* text) { return text[0] == '\n' ? text + 1 : text; }
+
+class EnvGuard {
+ public:
+  EnvGuard(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name)) old_ = old;
+    if (value)
+      setenv(name, value, 1);
+    else
+      unsetenv(name);
+  }
+  ~EnvGuard() {
+    if (old_)
+      setenv(name_.c_str(), old_->c_str(), 1);
+    else
+      unsetenv(name_.c_str());
+  }
+
+ private:
+  std::string name_;
+  std::optional<std::string> old_;
+};
+
+// A scratch folder holding a fake plugin and a couple of programs.
+struct TempDir {
+  std::string path;
+  TempDir() {
+    char tmpl[] = "/tmp/er-config-test-XXXXXX";
+    REQUIRE(mkdtemp(tmpl) != nullptr);
+    path = tmpl;
+    file("plugins/libp.so", 0644);
+    file("bin/tool", 0755, "#!/bin/sh\nexit 0\n");
+    file("bin/noexec", 0644);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+  std::string file(const std::string& rel, mode_t mode, const std::string& content = "") {
+    std::string p = path + "/" + rel;
+    fs::create_directories(fs::path(p).parent_path());
+    std::ofstream(p) << content;
+    REQUIRE(chmod(p.c_str(), mode) == 0);
+    return p;
+  }
+};
+
+std::string error_of(const std::string& yaml, const std::string& dir) {
+  try {
+    load_config_string(yaml, "t.yaml", dir);
+  } catch (const ConfigError& e) {
+    return e.what();
+  }
+  return "<no error>";
+}
+
+}  // namespace
+
+TEST_CASE("a complete config is parsed into the expected fields", "[config]") {
+  TempDir tmp;
+  EnvGuard url("ER_T_URL", nullptr);
+  EnvGuard exch("ER_T_EXCHANGE", "custom.events");
+  EnvGuard prefix("ER_T_PREFIX", "spk");
+  Config c = load_config_string(Y(R"(
+broker:
+  url: ${ER_T_URL:-amqp://guest:guest@localhost:5672/}
+  heartbeat: 0
+exchange:
+  name: ${ER_T_EXCHANGE:-draft-genie.events}
+  type: fanout
+queues:
+  - name: speaker.events
+    bindings: ["speaker.*", "#.urgent"]
+    prefetch: 20
+    unhandled: ack
+    dead_letter_queue: speaker.dead
+    handlers:
+      - name: speaker-log
+        events: ["speaker.*"]
+        plugin: plugins/libp.so
+        config: {prefix: "${ER_T_PREFIX}", n: 3, f: 1.5, on: true, nothing: null, q: "42", list: [1, "2", x]}
+        concurrency: 4
+      - name: speaker-default
+        events: ["#"]
+        plugin: ./plugins/../plugins/libp.so
+  - name: draft.events
+    bindings: ["draft.*"]
+    handlers:
+      - name: index-draft
+        events: ["draft.ingested", "draft.*.done"]
+        exec: [bin/tool, "--fast", "${ER_T_UNSET_ARG:-x y}"]
+        timeout: 1.5
+        kill_grace: 500ms
+        env: {INDEX_DIR: /var/lib/drafts, B: "2"}
+        inherit_env: [HOME, LANG]
+shutdown_timeout: 0
+workers: 8
+log: {level: debug}
+)"),
+                                "router.yaml", tmp.path);
+
+  CHECK(c.path == "router.yaml");
+  CHECK(c.dir == tmp.path);
+  CHECK(c.broker.url == "amqp://guest:guest@localhost:5672/");
+  CHECK(c.broker.heartbeat == 0ms);
+  CHECK(c.exchange.name == "custom.events");
+  CHECK(c.exchange.type == "fanout");
+  CHECK(c.shutdown_timeout == 0ms);
+  CHECK(c.workers == 8);
+  CHECK(c.log.level == LogLevel::Debug);
+  REQUIRE(c.queues.size() == 2);
+
+  const QueueConfig& q0 = c.queues[0];
+  CHECK(q0.name == "speaker.events");
+  CHECK(q0.mark.line == 8);
+  CHECK(q0.mark.column == 5);
+  CHECK(q0.bindings == std::vector<std::string>{"speaker.*", "#.urgent"});
+  CHECK(q0.prefetch == 20);
+  CHECK(q0.unhandled == Unhandled::Ack);
+  CHECK(q0.dead_letter_queue == "speaker.dead");
+  REQUIRE(q0.handlers.size() == 2);
+
+  const HandlerConfig& h0 = q0.handlers[0];
+  CHECK(h0.name == "speaker-log");
+  CHECK(h0.mark.line == 14);
+  CHECK(h0.mark.column == 9);
+  CHECK(h0.kind == HandlerKind::Plugin);
+  REQUIRE(h0.events.size() == 1);
+  CHECK(h0.events[0].text() == "speaker.*");
+  CHECK(h0.plugin_path == tmp.path + "/plugins/libp.so");
+  CHECK(h0.plugin_config_json ==
+        R"({"prefix":"spk","n":3,"f":1.5,"on":true,"nothing":null,"q":"42","list":[1,"2","x"]})");
+  CHECK(h0.concurrency == 4);
+
+  const HandlerConfig& h1 = q0.handlers[1];
+  CHECK(h1.plugin_path == tmp.path + "/plugins/libp.so");  // lexically normalized
+  CHECK(h1.plugin_config_json == "{}");
+  CHECK(h1.concurrency == 20);  // the queue's prefetch
+  CHECK(h1.events[0].matches("anything.at.all"));
+
+  const QueueConfig& q1 = c.queues[1];
+  CHECK(q1.prefetch == 10);
+  CHECK(q1.unhandled == Unhandled::DeadLetter);
+  CHECK(q1.dead_letter_queue == "draft.events.dlq");
+  REQUIRE(q1.handlers.size() == 1);
+  const HandlerConfig& h2 = q1.handlers[0];
+  CHECK(h2.kind == HandlerKind::Exec);
+  CHECK(h2.argv == std::vector<std::string>{tmp.path + "/bin/tool", "--fast", "x y"});
+  CHECK(h2.timeout == 1500ms);
+  CHECK(h2.kill_grace == 500ms);
+  CHECK(h2.env == std::vector<std::pair<std::string, std::string>>{{"INDEX_DIR", "/var/lib/drafts"},
+                                                                   {"B", "2"}});
+  CHECK(h2.inherit_env == std::vector<std::string>{"HOME", "LANG"});
+  CHECK(h2.concurrency == 10);
+  REQUIRE(h2.events.size() == 2);
+  CHECK(h2.events[1].matches("draft.x.done"));
+}
+
+TEST_CASE("defaults apply to a minimal config", "[config]") {
+  TempDir tmp;
+  Config c = load_config_string(Y(R"(
+broker: {url: "amqp://localhost/"}
+exchange: {name: ex}
+queues:
+  - name: q
+    handlers:
+      - {name: h, events: ["#"], exec: [bin/tool]}
+)"),
+                                "t.yaml", tmp.path);
+  CHECK(c.broker.heartbeat == 30s);
+  CHECK(c.exchange.type == "topic");
+  CHECK(c.shutdown_timeout == 30s);
+  CHECK(c.workers == 4);
+  CHECK(c.log.level == LogLevel::Info);
+  REQUIRE(c.queues.size() == 1);
+  CHECK(c.queues[0].bindings.empty());
+  CHECK(c.queues[0].prefetch == 10);
+  CHECK(c.queues[0].unhandled == Unhandled::DeadLetter);
+  CHECK(c.queues[0].dead_letter_queue == "q.dlq");
+  const HandlerConfig& h = c.queues[0].handlers.at(0);
+  CHECK(h.concurrency == 10);
+  CHECK(h.timeout == 30s);
+  CHECK(h.kill_grace == 5s);
+  CHECK(h.env.empty());
+  CHECK(h.inherit_env.empty());
+}
+
+TEST_CASE("load_config reads a file and resolves paths against its folder", "[config]") {
+  TempDir tmp;
+  std::string file = tmp.file("etc/router.yaml", 0644, Y(R"(
+broker: {url: "amqp://localhost/"}
+exchange: {name: ex}
+queues:
+  - name: q
+    handlers:
+      - {name: p, events: ["#"], plugin: ../plugins/libp.so}
+      - {name: e, events: ["#"], exec: [../bin/tool, "a b"]}
+)"));
+  Config c = load_config(file);
+  CHECK(c.path == file);
+  CHECK(c.dir == tmp.path + "/etc");
+  CHECK(c.queues[0].handlers[0].plugin_path == tmp.path + "/plugins/libp.so");
+  CHECK(c.queues[0].handlers[1].argv == std::vector<std::string>{tmp.path + "/bin/tool", "a b"});
+}
+
+TEST_CASE("load_config reports files it cannot open", "[config]") {
+  CHECK_THROWS_WITH(load_config("/nonexistent/router.yaml"),
+                    "/nonexistent/router.yaml: cannot open: No such file or directory");
+  TempDir tmp;
+  CHECK_THROWS_WITH(load_config(tmp.path), tmp.path + ": cannot open: Is a directory");
+  CHECK_THROWS_AS(load_config("/nonexistent/router.yaml"), ConfigError);
+}
+
+TEST_CASE("absolute plugin and exec paths are kept (normalized)", "[config]") {
+  TempDir tmp;
+  Config c = load_config_string(
+      "broker: {url: u}\nexchange: {name: ex}\nqueues:\n  - name: q\n    handlers:\n"
+      "      - {name: p, events: ['#'], plugin: " + tmp.path + "/plugins/./libp.so}\n"
+      "      - {name: e, events: ['#'], exec: [" + tmp.path + "//bin/tool]}\n",
+      "t.yaml", "/");
+  CHECK(c.queues[0].handlers[0].plugin_path == tmp.path + "/plugins/libp.so");
+  CHECK(c.queues[0].handlers[1].argv[0] == tmp.path + "/bin/tool");
+}
+
+TEST_CASE("bare exec names are searched in PATH", "[config]") {
+  TempDir tmp;
+  const char* yaml = "broker: {url: u}\nexchange: {name: ex}\nqueues:\n  - name: q\n    handlers:\n"
+                     "      - {name: e, events: ['#'], exec: [\"true\", x]}\n";
+  SECTION("system PATH") {
+    Config c = load_config_string(yaml, "t.yaml", tmp.path);
+    const std::string& p = c.queues[0].handlers[0].argv[0];
+    CHECK((p == "/usr/bin/true" || p == "/bin/true"));
+    CHECK(c.queues[0].handlers[0].argv[1] == "x");
+  }
+  SECTION("non-executable candidates are skipped like execvp does") {
+    tmp.file("a/true", 0644);
+    tmp.file("b/true", 0755);
+    EnvGuard path("PATH", (tmp.path + "/a:" + tmp.path + "/b").c_str());
+    Config c = load_config_string(yaml, "t.yaml", "/");
+    CHECK(c.queues[0].handlers[0].argv[0] == tmp.path + "/b/true");
+  }
+  SECTION("not found") {
+    EnvGuard path("PATH", (tmp.path + "/empty").c_str());
+    CHECK(error_of(yaml, tmp.path) ==
+          "t.yaml:6:41: queues[0].handlers[0].exec[0]: program 'true' not found in PATH");
+  }
+}
+
+TEST_CASE("bare plugin names are searched in plugin_search_dirs()", "[config]") {
+  TempDir tmp;
+  tmp.file("second/libbare.so", 0644);
+  EnvGuard dirs("EVENT_ROUTER_PLUGIN_DIR", (tmp.path + "/first::" + tmp.path + "/second").c_str());
+
+  std::vector<std::string> d = plugin_search_dirs();
+  REQUIRE(d.size() == 4);
+  CHECK(d[0] == tmp.path + "/first");
+  CHECK(d[1] == tmp.path + "/second");
+  CHECK(d[2] == (fs::read_symlink("/proc/self/exe").parent_path() / "plugins").string());
+  CHECK(d[3] == ER_PLUGIN_INSTALL_DIR);
+
+  const std::string head =
+      "broker: {url: u}\nexchange: {name: ex}\nqueues:\n  - name: q\n    handlers:\n"
+      "      - name: p\n        events: ['#']\n";
+  Config c = load_config_string(head + "        plugin: libbare.so\n", "t.yaml", "/");
+  CHECK(c.queues[0].handlers[0].plugin_path == tmp.path + "/second/libbare.so");
+
+  CHECK(error_of(head + "        plugin: libnope.so\n", "/") ==
+        "t.yaml:8:17: queues[0].handlers[0].plugin: plugin 'libnope.so' not found in " + d[0] +
+            ", " + d[1] + ", " + d[2] + ", " + d[3] +
+            " (set EVENT_ROUTER_PLUGIN_DIR or give a path)");
+}
+
+TEST_CASE("YAML syntax errors carry the parser's position", "[config][errors]") {
+  CHECK(error_of("broker: {url: x}\nexchange: {name: ex}\nqueues: a: b\n", "/") ==
+        "t.yaml:3:10: illegal map value");
+  CHECK(error_of(Y(R"(
+broker:
+  url: x
+  - y
+)"),
+                 "/") == "t.yaml:3:3: end of map not found");
+}
+
+TEST_CASE("the document itself must be a single mapping", "[config][errors]") {
+  CHECK(error_of("", "/") ==
+        "t.yaml:1:1: the file is empty; expected a mapping with 'broker', 'exchange' and 'queues'");
+  CHECK(error_of("# only a comment\n", "/") ==
+        "t.yaml:1:1: the file is empty; expected a mapping with 'broker', 'exchange' and 'queues'");
+  CHECK(error_of("- a\n- b\n", "/") == "t.yaml:1:1: expected a mapping at the top level, got a list");
+  CHECK(error_of("a: 1\n---\nb: 2\n", "/") == "t.yaml:1:1: expected a single YAML document, found 2");
+}
+
+TEST_CASE("missing required keys point at the parent mapping", "[config][errors]") {
+  TempDir tmp;
+  CHECK(error_of("exchange: {name: ex}\nqueues: [{name: q}]\n", "/") ==
+        "t.yaml:1:1: missing required key 'broker'");
+  CHECK(error_of("broker: {url: u}\nqueues: [{name: q}]\n", "/") ==
+        "t.yaml:1:1: missing required key 'exchange'");
+  CHECK(error_of("broker: {url: u}\nexchange: {name: ex}\n", "/") ==
+        "t.yaml:1:1: missing required key 'queues'");
+  CHECK(error_of(Y(R"(
+broker:
+  heartbeat: 10s
+exchange: {name: ex}
+queues: [{name: q}]
+)"),
+                 "/") == "t.yaml:2:3: broker: missing required key 'url'");
+  CHECK(error_of("broker: {url: u}\nexchange: {type: topic}\nqueues: [{name: q}]\n", "/") ==
+        "t.yaml:2:11: exchange: missing required key 'name'");
+  CHECK(error_of(Y(R"(
+broker: {url: u}
+exchange: {name: ex}
+queues:
+  - name: q
+  - bindings: ["a"]
+)"),
+                 "/") == "t.yaml:5:5: queues[1]: missing required key 'name'");
+  CHECK(error_of(Y(R"(
+broker: {url: u}
+exchange: {name: ex}
+queues:
+  - name: q
+    handlers:
+      - events: ["a"]
+        plugin: plugins/libp.so
+)"),
+                 tmp.path) == "t.yaml:6:9: queues[0].handlers[0]: missing required key 'name'");
+  CHECK(error_of(Y(R"(
+broker: {url: u}
+exchange: {name: ex}
+queues:
+  - name: q
+    handlers:
+      - name: h
+        plugin: plugins/libp.so
+)"),
+                 tmp.path) == "t.yaml:6:9: queues[0].handlers[0]: missing required key 'events'");
+}
+
+TEST_CASE("unknown keys are reported at every level", "[config][errors]") {
+  TempDir tmp;
+  CHECK(error_of("broker: {url: u}\nexchange: {name: ex}\nquues: []\n", "/") ==
+        "t.yaml:3:1: unknown key 'quues' (did you mean 'queues'?)");
+  CHECK(error_of("broker: {ulr: u}\nexchange: {name: ex}\nqueues: [{name: q}]\n", "/") ==
+        "t.yaml:1:10: broker: unknown key 'ulr' (did you mean 'url'?)");
+  CHECK(error_of("broker: {url: u}\nexchange: {name: ex, durable: true}\nqueues: [{name: q}]\n",
+                 "/") == "t.yaml:2:22: exchange: unknown key 'durable'");
+  CHECK(error_of(Y(R"(
+broker: {url: u}
+exchange: {name: ex}
+queues:
+  - name: q
+    prefech: 5
+)"),
+                 "/") == "t.yaml:5:5: queues[0]: unknown key 'prefech' (did you mean 'prefetch'?)");
+  CHECK(error_of(Y(R"(
+broker: {url: u}
+exchange: {name: ex}
+queues:
+  - name: q
+    handlers:
+      - name: a
+        events: ["a"]
+        plugin: plugins/libp.so
+      - name: b
+        evnts: ["b"]
+        plugin: plugins/libp.so
+)"),
+                 tmp.path) ==
+        "t.yaml:10:9: queues[0].handlers[1]: unknown key 'evnts' (did you mean 'events'?)");
+  CHECK(error_of("broker: {url: u}\nexchange: {name: ex}\nqueues: [{name: q}]\nlog: {levl: info}\n",
+                 "/") == "t.yaml:4:7: log: unknown key 'levl' (did you mean 'level'?)");
+}
+
+TEST_CASE("duplicate keys in one mapping are rejected", "[config][errors]") {
+  CHECK(error_of(Y(R"(
+broker:
+  url: a
+  url: b
+exchange: {name: ex}
+queues: [{name: q}]
+)"),
+                 "/") == "t.yaml:3:3: broker: duplicate key 'url'");
+  CHECK(error_of("broker: {url: u}\nexchange: {name: ex}\nqueues: [{name: q}]\nworkers: 1\nworkers: 2\n",
+                 "/") == "t.yaml:5:1: duplicate key 'workers'");
+}
+
+TEST_CASE("wrong value types", "[config][errors]") {
+  TempDir tmp;
+  const std::string head = "broker: {url: u}\nexchange: {name: ex}\nqueues:\n  - name: q\n";
+  CHECK(error_of(head + "    prefetch: \"ten\"\n", "/") ==
+        "t.yaml:5:15: queues[0].prefetch: expected an integer 1..65535, got 'ten'");
+  CHECK(error_of(head + "    prefetch: [1]\n", "/") ==
+        "t.yaml:5:15: queues[0].prefetch: expected an integer 1..65535, got a list");
+  CHECK(error_of(head + "    bindings: \"speaker.*\"\n", "/") ==
+        "t.yaml:5:15: queues[0].bindings: expected a list of topic patterns, got a scalar");
+  CHECK(error_of(head + "    bindings:\n", "/") ==
+        "t.yaml:5:5: queues[0].bindings: expected a list of topic patterns, got nothing");
+  CHECK(error_of(head + "    handlers: {name: h}\n", "/") ==
+        "t.yaml:5:15: queues[0].handlers: expected a list of handlers, got a mapping");
+  CHECK(error_of(head + "    handlers: [h]\n", "/") ==
+        "t.yaml:5:16: queues[0].handlers[0]: expected a mapping, got a scalar");
+  CHECK(error_of(head + "    handlers:\n      - {name: h, events: [a], exec: /bin/true}\n", "/") ==
+        "t.yaml:6:38: queues[0].handlers[0].exec: expected a list of arguments, got a scalar");
+  CHECK(error_of(head + "    handlers:\n      - {name: h, events: a, exec: [bin/tool]}\n", tmp.path) ==
+        "t.yaml:6:27: queues[0].handlers[0].events: expected a list of topic patterns, got a scalar");
+  CHECK(error_of(head + "    name: [a]\n", "/") == "t.yaml:5:5: queues[0]: duplicate key 'name'");
+  CHECK(error_of("broker: u\nexchange: {name: ex}\nqueues: [{name: q}]\n", "/") ==
+        "t.yaml:1:9: broker: expected a mapping, got a scalar");
+  CHECK(error_of("broker: {url: [a]}\nexchange: {name: ex}\nqueues: [{name: q}]\n", "/") ==
+        "t.yaml:1:15: broker.url: expected a string, got a list");
+  CHECK(error_of("broker: {url: u}\nexchange: {name: ex}\nqueues: {name: q}\n", "/") ==
+        "t.yaml:3:9: queues: expected a list of queues, got a mapping");
+  CHECK(error_of("broker: {url: u}\nexchange: {name: ex}\nqueues: [{name: q}]\nworkers: -1\n", "/") ==
+        "t.yaml:4:10: workers: expected an integer 1..65535, got '-1'");
+  CHECK(error_of(head + "    handlers:\n      - {name: h, events: [a], exec: [bin/tool], env: {A: [1]}}\n",
+                 tmp.path) ==
+        "t.yaml:6:59: queues[0].handlers[0].env.A: expected a string value, got a list");
+  CHECK(error_of(head + "    handlers:\n      - {name: h, events: [a], exec: [bin/tool], inherit_env: HOME}\n",
+                 tmp.path) ==
+        "t.yaml:6:63: queues[0].handlers[0].inherit_env: expected a list of variable names, got a scalar");
+}
+
+TEST_CASE("numbers out of range", "[config][errors]") {
+  TempDir tmp;
+  const std::string head = "broker: {url: u}\nexchange: {name: ex}\nqueues:\n  - name: q\n";
+  CHECK(error_of(head + "    prefetch: 0\n", "/") == "t.yaml:5:15: queues[0].prefetch: 0 is out of range 1..65535");
+  CHECK(error_of(head + "    prefetch: 65536\n", "/") ==
+        "t.yaml:5:15: queues[0].prefetch: 65536 is out of range 1..65535");
+  CHECK(load_config_string(head + "    prefetch: 65535\n", "t.yaml", "/").queues[0].prefetch == 65535);
+  CHECK(error_of(head + "    handlers:\n      - {name: h, events: [a], exec: [bin/tool], concurrency: 0}\n",
+                 tmp.path) ==
+        "t.yaml:6:63: queues[0].handlers[0].concurrency: 0 is out of range 1..65535");
+  CHECK(error_of("broker: {url: u}\nexchange: {name: ex}\nqueues: [{name: q}]\nworkers: 0\n", "/") ==
+        "t.yaml:4:10: workers: 0 is out of range 1..65535");
+}
+
+TEST_CASE("bad durations", "[config][errors]") {
+  TempDir tmp;
+  const std::string head =
+      "broker: {url: u}\nexchange: {name: ex}\nqueues:\n  - name: q\n    handlers:\n"
+      "      - name: h\n        events: [a]\n        exec: [bin/tool]\n";
+  CHECK(error_of(head + "        timeout: 5x\n", tmp.path) ==
+        "t.yaml:9:18: queues[0].handlers[0].timeout: invalid duration '5x': unknown unit 'x' (use ms, s, m or h)");
+  CHECK(error_of(head + "        timeout: 0s\n", tmp.path) ==
+        "t.yaml:9:18: queues[0].handlers[0].timeout: duration must be greater than 0");
+  CHECK(error_of(head + "        kill_grace: -1s\n", tmp.path) ==
+        "t.yaml:9:21: queues[0].handlers[0].kill_grace: negative duration '-1s'");
+  CHECK(error_of("broker: {url: u, heartbeat: 1.5s}\nexchange: {name: ex}\nqueues: [{name: q}]\n", "/") ==
+        "t.yaml:1:29: broker.heartbeat: heartbeat must be a whole number of seconds");
+  CHECK(error_of("broker: {url: u, heartbeat: 65536}\nexchange: {name: ex}\nqueues: [{name: q}]\n", "/") ==
+        "t.yaml:1:29: broker.heartbeat: heartbeat must be at most 65535s");
+  CHECK(error_of("broker: {url: u}\nexchange: {name: ex}\nqueues: [{name: q}]\nshutdown_timeout: soon\n",
+                 "/") ==
+        "t.yaml:4:19: shutdown_timeout: invalid duration 'soon' (expected e.g. 500ms, 30s, 5m, 1h or seconds)");
+  CHECK(error_of("broker: {url: u}\nexchange: {name: ex}\nqueues: [{name: q}]\nshutdown_timeout: {a: 1}\n",
+                 "/") == "t.yaml:4:19: shutdown_timeout: expected a duration, got a mapping");
+}
+
+TEST_CASE("bad topic patterns in bindings and events", "[config][errors]") {
+  TempDir tmp;
+  const std::string head = "broker: {url: u}\nexchange: {name: ex}\nqueues:\n  - name: q\n";
+  CHECK(error_of(head + "    bindings: [\"ok.*\", \"a..b\"]\n", "/") ==
+        "t.yaml:5:24: queues[0].bindings[1]: invalid topic pattern 'a..b': empty word");
+  CHECK(error_of(head + "    bindings:\n      - speaker.*\n      - speaker.x*\n", "/") ==
+        "t.yaml:7:9: queues[0].bindings[1]: invalid topic pattern 'speaker.x*': '*' and '#' must be whole words");
+  CHECK(error_of(head + "    handlers:\n      - name: h\n        events: [\"\"]\n        exec: [bin/tool]\n",
+                 tmp.path) == "t.yaml:7:18: queues[0].handlers[0].events[0]: empty topic pattern");
+  CHECK(error_of(head + "    handlers:\n      - name: h\n        events: []\n        exec: [bin/tool]\n",
+                 tmp.path) ==
+        "t.yaml:7:17: queues[0].handlers[0].events: at least one event pattern is required (use \"#\" for all)");
+}
+
+TEST_CASE("handler kinds: neither, both, misplaced keys", "[config][errors]") {
+  TempDir tmp;
+  const std::string head =
+      "broker: {url: u}\nexchange: {name: ex}\nqueues:\n  - name: q\n    handlers:\n"
+      "      - name: h\n        events: [a]\n";
+  CHECK(error_of(head, tmp.path) ==
+        "t.yaml:6:9: queues[0].handlers[0]: handler needs either 'plugin' or 'exec'");
+  CHECK(error_of(head + "        plugin: plugins/libp.so\n        exec: [bin/tool]\n", tmp.path) ==
+        "t.yaml:9:9: queues[0].handlers[0]: a handler takes either 'plugin' or 'exec', not both");
+  CHECK(error_of(head + "        plugin: plugins/libp.so\n        timeout: 5s\n", tmp.path) ==
+        "t.yaml:9:9: queues[0].handlers[0]: 'timeout' only applies to exec handlers");
+  CHECK(error_of(head + "        exec: [bin/tool]\n        config: {a: 1}\n", tmp.path) ==
+        "t.yaml:9:9: queues[0].handlers[0]: 'config' only applies to plugin handlers");
+  CHECK(error_of(head + "        exec: []\n", tmp.path) ==
+        "t.yaml:8:15: queues[0].handlers[0].exec: the argument list must not be empty");
+}
+
+TEST_CASE("plugin files and exec programs must exist", "[config][errors]") {
+  TempDir tmp;
+  fs::create_directories(tmp.path + "/dir");
+  const std::string head =
+      "broker: {url: u}\nexchange: {name: ex}\nqueues:\n  - name: q\n    handlers:\n"
+      "      - name: h\n        events: [a]\n";
+  CHECK(error_of(head + "        plugin: plugins/libmissing.so\n", tmp.path) ==
+        "t.yaml:8:17: queues[0].handlers[0].plugin: plugin file '" + tmp.path +
+            "/plugins/libmissing.so': No such file or directory");
+  CHECK(error_of(head + "        plugin: ./plugins\n", tmp.path) ==
+        "t.yaml:8:17: queues[0].handlers[0].plugin: plugin file '" + tmp.path +
+            "/plugins': not a regular file");
+  CHECK(error_of(head + "        exec: [bin/missing]\n", tmp.path) ==
+        "t.yaml:8:16: queues[0].handlers[0].exec[0]: program '" + tmp.path +
+            "/bin/missing': No such file or directory");
+  CHECK(error_of(head + "        exec: [\"x\", bin/noexec]\n", tmp.path).find("not found in PATH") !=
+        std::string::npos);
+  CHECK(error_of(head + "        exec:\n          - bin/noexec\n", tmp.path) ==
+        "t.yaml:9:13: queues[0].handlers[0].exec[0]: program '" + tmp.path +
+            "/bin/noexec' is not executable");
+  CHECK(error_of(head + "        exec: [./dir]\n", tmp.path) ==
+        "t.yaml:8:16: queues[0].handlers[0].exec[0]: program '" + tmp.path + "/dir': not a regular file");
+}
+
+TEST_CASE("duplicate queue and handler names", "[config][errors]") {
+  TempDir tmp;
+  EnvGuard q("ER_T_QUEUE", "speaker.events");
+  CHECK(error_of(Y(R"(
+broker: {url: u}
+exchange: {name: ex}
+queues:
+  - name: speaker.events
+  - name: ${ER_T_QUEUE}
+)"),
+                 "/") ==
+        "t.yaml:5:11: queues[1].name: duplicate queue name 'speaker.events' (first defined at line 4)");
+  CHECK(error_of(Y(R"(
+broker: {url: u}
+exchange: {name: ex}
+queues:
+  - name: a
+    handlers:
+      - {name: h, events: [x], exec: [bin/tool]}
+  - name: b
+    handlers:
+      - {name: h, events: [x], exec: [bin/tool]}
+)"),
+                 tmp.path) ==
+        "t.yaml:9:16: queues[1].handlers[0].name: duplicate handler name 'h' (first defined at line 6)");
+  CHECK(error_of("broker: {url: u}\nexchange: {name: ex}\nqueues: [{name: q, dead_letter_queue: q}]\n", "/") ==
+        "t.yaml:3:39: queues[0].dead_letter_queue: the dead-letter queue must differ from the queue itself");
+}
+
+TEST_CASE("bad enum values", "[config][errors]") {
+  const std::string tail = "exchange: {name: ex}\nqueues: [{name: q}]\n";
+  CHECK(error_of("broker: {url: u}\nexchange: {name: ex, type: topc}\nqueues: [{name: q}]\n", "/") ==
+        "t.yaml:2:28: exchange.type: invalid value 'topc' (expected one of: topic, direct, fanout, headers)"
+        " (did you mean 'topic'?)");
+  CHECK(error_of("broker: {url: u}\n" + tail + "log: {level: verbose}\n", "/") ==
+        "t.yaml:4:14: log.level: invalid value 'verbose' (expected one of: debug, info, warn, error)");
+  CHECK(error_of("broker: {url: u}\nexchange: {name: ex}\nqueues:\n  - name: q\n    unhandled: foo\n", "/") ==
+        "t.yaml:5:16: queues[0].unhandled: invalid value 'foo' (expected one of: dead-letter, ack)");
+}
+
+TEST_CASE("empty values are rejected", "[config][errors]") {
+  CHECK(error_of("broker: {url: u}\nexchange: {name: ex}\nqueues: []\n", "/") ==
+        "t.yaml:3:9: queues: at least one queue is required");
+  CHECK(error_of("broker: {url: \"\"}\nexchange: {name: ex}\nqueues: [{name: q}]\n", "/") ==
+        "t.yaml:1:15: broker.url: must not be empty");
+  CHECK(error_of("broker: {url: u}\nexchange: {name: ex}\nqueues:\n", "/") ==
+        "t.yaml:3:1: queues: expected a list of queues, got nothing");
+}
+
+TEST_CASE("environment substitution in values", "[config][env]") {
+  TempDir tmp;
+  EnvGuard pass("ER_T_PASS", nullptr);
+  EnvGuard url("ER_T_URL", nullptr);
+  EnvGuard empty("ER_T_EMPTY", "");
+
+  SECTION("unset without default names the key") {
+    CHECK(error_of(Y(R"(
+broker:
+  url: amqp://user:${ER_T_PASS}@host/
+exchange: {name: ex}
+queues: [{name: q}]
+)"),
+                   "/") ==
+          "t.yaml:2:8: key 'broker.url': environment variable ER_T_PASS is not set and has no default");
+  }
+  SECTION("set, empty and default") {
+    EnvGuard set("ER_T_PASS", "s3cret");
+    Config c = load_config_string(Y(R"(
+broker: {url: "amqp://u:${ER_T_PASS}@h/"}
+exchange: {name: "${ER_T_EMPTY:-fallback}"}
+queues: [{name: "${ER_T_EMPTY}q$$"}]
+)"),
+                                  "t.yaml", "/");
+    CHECK(c.broker.url == "amqp://u:s3cret@h/");
+    CHECK(c.exchange.name == "fallback");
+    CHECK(c.queues[0].name == "q$");
+  }
+  SECTION("substituted text cannot change the YAML structure") {
+    EnvGuard set("ER_T_URL", "amqp://u:p#w: x@h/");
+    Config c = load_config_string("broker:\n  url: ${ER_T_URL}\nexchange: {name: ex}\nqueues: [{name: q}]\n",
+                                  "t.yaml", "/");
+    CHECK(c.broker.url == "amqp://u:p#w: x@h/");
+  }
+  SECTION("unterminated reference") {
+    CHECK(error_of("broker: {url: u}\nexchange: {name: \"${ER_T_URL:-x\"}\nqueues: [{name: q}]\n", "/") ==
+          "t.yaml:2:18: key 'exchange.name': unterminated '${' (missing '}') in '${ER_T_URL:-x'");
+  }
+  SECTION("inside list items") {
+    EnvGuard topic("ER_T_TOPIC", "speaker");
+    Config c = load_config_string(
+        "broker: {url: u}\nexchange: {name: ex}\nqueues:\n  - name: q\n    bindings: [\"${ER_T_TOPIC}.*\"]\n",
+        "t.yaml", "/");
+    CHECK(c.queues[0].bindings.at(0) == "speaker.*");
+    CHECK(error_of("broker: {url: u}\nexchange: {name: ex}\nqueues:\n  - name: q\n    bindings:\n"
+                   "      - a\n      - ${ER_T_PASS}\n",
+                   "/") ==
+          "t.yaml:7:9: key 'queues[0].bindings[1]': environment variable ER_T_PASS is not set and has no default");
+  }
+  SECTION("inside exec argv, env and a plugin's config tree") {
+    EnvGuard set("ER_T_PASS", "pw");
+    EnvGuard num("ER_T_NUM", "42");
+    Config c = load_config_string(Y(R"(
+broker: {url: u}
+exchange: {name: ex}
+queues:
+  - name: q
+    handlers:
+      - name: e
+        events: ["#"]
+        exec: [bin/tool, "--pass=${ER_T_PASS}"]
+        env: {PASS: "${ER_T_PASS}"}
+      - name: p
+        events: ["#"]
+        plugin: plugins/libp.so
+        config:
+          auth: {password: "${ER_T_PASS}"}
+          port: ${ER_T_NUM}
+          quoted: "${ER_T_NUM}"
+          items: [a, "${ER_T_PASS}"]
+)"),
+                                  "t.yaml", tmp.path);
+    CHECK(c.queues[0].handlers[0].argv.at(1) == "--pass=pw");
+    CHECK(c.queues[0].handlers[0].env.at(0).second == "pw");
+    CHECK(c.queues[0].handlers[1].plugin_config_json ==
+          R"({"auth":{"password":"pw"},"port":42,"quoted":"42","items":["a","pw"]})");
+    CHECK(error_of(Y(R"(
+broker: {url: u}
+exchange: {name: ex}
+queues:
+  - name: q
+    handlers:
+      - name: p
+        events: ["#"]
+        plugin: plugins/libp.so
+        config:
+          nested:
+            - {secret: "${ER_T_URL}"}
+)"),
+                   tmp.path) ==
+          "t.yaml:11:24: key 'queues[0].handlers[0].config.nested[0].secret': environment variable "
+          "ER_T_URL is not set and has no default");
+  }
+}
+
+TEST_CASE("plugin config renders any YAML as JSON", "[config]") {
+  TempDir tmp;
+  auto json = [&](const std::string& cfg) {
+    Config c = load_config_string(
+        "broker: {url: u}\nexchange: {name: ex}\nqueues:\n  - name: q\n    handlers:\n"
+        "      - name: p\n        events: ['#']\n        plugin: plugins/libp.so\n" + cfg,
+        "t.yaml", tmp.path);
+    return c.queues[0].handlers[0].plugin_config_json;
+  };
+  CHECK(json("") == "{}");
+  CHECK(json("        config:\n") == "{}");
+  CHECK(json("        config: {}\n") == "{}");
+  CHECK(json("        config: [1, two, 3.5]\n") == R"([1,"two",3.5])");
+  CHECK(json("        config: hello\n") == R"("hello")");
+  CHECK(json("        config: 7\n") == "7");
+  CHECK(json("        config: {a: -5, b: 1e3, c: False, d: ~, e: 'true', f: .inf, g: 007, h: \"\"}\n") ==
+        R"({"a":-5,"b":1000.0,"c":false,"d":null,"e":"true","f":".inf","g":7,"h":""})");
+  CHECK(json("        config: {big: 123456789012345678901234567890, tagged: !!str 5}\n") ==
+        R"({"big":1.2345678901234568e29,"tagged":"5"})");
+  CHECK(json("        config:\n          text: |\n            line1\n            line2\n") ==
+        R"({"text":"line1\nline2\n"})");
+  CHECK(json("        config: {quote: 'say \"hi\"'}\n") == R"({"quote":"say \"hi\""})");
+}
