@@ -1,0 +1,145 @@
+#include "amqp/connection.hpp"
+
+#include <amqp_tcp_socket.h>
+
+#include <cstring>
+#include <regex>
+#include <vector>
+
+#include "util/log.hpp"
+
+namespace er::amqp {
+
+void ConnectionDeleter::operator()(amqp_connection_state_t c) const noexcept {
+  amqp_destroy_connection(c);
+}
+
+namespace {
+
+std::string server_text(const amqp_rpc_reply_t& r, int* code) {
+  *code = 0;
+  if (r.reply.id == AMQP_CHANNEL_CLOSE_METHOD) {
+    auto* m = static_cast<amqp_channel_close_t*>(r.reply.decoded);
+    *code = m->reply_code;
+    return std::string(view(m->reply_text));
+  }
+  if (r.reply.id == AMQP_CONNECTION_CLOSE_METHOD) {
+    auto* m = static_cast<amqp_connection_close_t*>(r.reply.decoded);
+    *code = m->reply_code;
+    return std::string(view(m->reply_text));
+  }
+  return "unexpected method " + std::to_string(r.reply.id);
+}
+
+// "PRECONDITION_FAILED - inequivalent arg 'x-max-length' for queue 'q' in
+// vhost '/': received none but current is the value '5' of type 'signedint'"
+std::string explain_precondition(const std::string& text) {
+  static const std::regex re(
+      R"(inequivalent arg '([^']*)' for (queue|exchange) '([^']*)' in vhost '([^']*)': received (.*) but current is (.*))");
+  std::smatch m;
+  if (!std::regex_search(text, m, re)) return text;
+  std::string what = m[2].str() + " '" + m[3].str() + "'";
+  return what + " already exists on the broker (vhost '" + m[4].str() + "') with a different '" + m[1].str() +
+         "' argument: the config declares " + m[5].str() + " but the broker has " + m[6].str() +
+         ". Delete the " + m[2].str() + " or make the config match it";
+}
+
+}  // namespace
+
+std::string describe_reply(const amqp_rpc_reply_t& r, std::string_view context) {
+  std::string out(context);
+  out += ": ";
+  switch (r.reply_type) {
+    case AMQP_RESPONSE_NORMAL:
+      out += "ok";
+      break;
+    case AMQP_RESPONSE_NONE:
+      out += "no reply from the broker (missing RPC reply type)";
+      break;
+    case AMQP_RESPONSE_LIBRARY_EXCEPTION:
+      out += amqp_error_string2(r.library_error);
+      break;
+    case AMQP_RESPONSE_SERVER_EXCEPTION: {
+      int code = 0;
+      std::string text = server_text(r, &code);
+      if (code == AMQP_PRECONDITION_FAILED) {
+        out += explain_precondition(text);
+      } else if (code == AMQP_ACCESS_REFUSED) {
+        out += "access refused (check the user's permissions on the vhost): " + text;
+      } else if (code == AMQP_NOT_FOUND) {
+        out += "not found: " + text;
+      } else {
+        out += text;
+      }
+      break;
+    }
+  }
+  return out;
+}
+
+void check_reply(const amqp_rpc_reply_t& r, std::string_view context) {
+  if (r.reply_type != AMQP_RESPONSE_NORMAL) throw AmqpError(describe_reply(r, context));
+}
+
+Connection Connection::open(const ConnectOptions& opts) {
+  const std::string masked = log::mask_url(opts.url);
+  std::vector<char> url(opts.url.begin(), opts.url.end());
+  url.push_back('\0');
+  amqp_connection_info info;
+  amqp_default_connection_info(&info);
+  if (amqp_parse_url(url.data(), &info) != AMQP_STATUS_OK)
+    throw AmqpError("broker URL " + masked + " is not a valid amqp:// URL");
+  // "amqp://host:5672/" names the empty vhost by the AMQP URI spec, but the
+  // services' clients (aio-pika, amqplib) read it as "/": follow them.
+  if (info.vhost == nullptr || info.vhost[0] == '\0') info.vhost = const_cast<char*>("/");
+  if (info.ssl) throw AmqpError("broker URL " + masked + ": amqps:// (TLS) is not supported yet");
+
+  Connection c;
+  c.conn_.reset(amqp_new_connection());
+  if (!c.conn_) throw AmqpError("out of memory creating a connection");
+  c.peer_ = std::string(info.host) + ":" + std::to_string(info.port);
+
+  amqp_socket_t* sock = amqp_tcp_socket_new(c.conn_.get());
+  if (!sock) throw AmqpError("cannot create a TCP socket");
+  auto secs = opts.connect_timeout.count() / 1000;
+  timeval tv{static_cast<time_t>(secs), static_cast<suseconds_t>((opts.connect_timeout.count() % 1000) * 1000)};
+  int rc = amqp_socket_open_noblock(sock, info.host, info.port, &tv);
+  if (rc != AMQP_STATUS_OK)
+    throw AmqpError("cannot connect to " + c.peer_ + " (" + masked + "): " + amqp_error_string2(rc));
+
+  int heartbeat_s = static_cast<int>((opts.heartbeat.count() + 999) / 1000);
+  // rabbitmq-c's default is 128 KiB frames; 131072 matches RabbitMQ's default.
+  amqp_rpc_reply_t r = amqp_login(c.conn_.get(), info.vhost, AMQP_DEFAULT_MAX_CHANNELS, AMQP_DEFAULT_FRAME_SIZE,
+                                  heartbeat_s, AMQP_SASL_METHOD_PLAIN, info.user, info.password);
+  if (r.reply_type != AMQP_RESPONSE_NORMAL) {
+    if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION && r.library_error == AMQP_STATUS_CONNECTION_CLOSED)
+      throw AmqpError("login to " + masked + " refused: wrong user or password, or no access to vhost '" +
+                      std::string(info.vhost) + "'");
+    throw AmqpError(describe_reply(r, "logging in to " + masked));
+  }
+
+  const amqp_table_t* props = amqp_get_server_properties(c.conn_.get());
+  for (int i = 0; props && i < props->num_entries; ++i) {
+    const auto& e = props->entries[i];
+    if (view(e.key) == "version" && e.value.kind == AMQP_FIELD_KIND_UTF8)
+      c.server_version_ = std::string(view(e.value.value.bytes));
+  }
+  return c;
+}
+
+Connection::~Connection() {
+  if (conn_ && !closed_) close();
+}
+
+void Connection::open_channel(amqp_channel_t ch) {
+  amqp_channel_open(conn_.get(), ch);
+  check_reply(amqp_get_rpc_reply(conn_.get()), "opening channel " + std::to_string(ch));
+}
+
+void Connection::close() noexcept {
+  if (!conn_ || closed_) return;
+  closed_ = true;
+  amqp_connection_close(conn_.get(), AMQP_REPLY_SUCCESS);
+}
+
+}  // namespace er::amqp

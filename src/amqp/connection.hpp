@@ -1,0 +1,71 @@
+#pragma once
+// RAII ownership of one rabbitmq-c connection. rabbitmq-c is not
+// thread-safe: a Connection belongs to the thread that runs its io_context.
+#include <amqp.h>
+
+#include <chrono>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+
+namespace er::amqp {
+
+class AmqpError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// The one place where RPC replies become text. `context` says what was being
+// done ("declaring queue 'x'"). PRECONDITION_FAILED (406) on a declare is
+// explained in terms of the argument that differs.
+std::string describe_reply(const amqp_rpc_reply_t& reply, std::string_view context);
+
+// Throws AmqpError unless the reply is normal.
+void check_reply(const amqp_rpc_reply_t& reply, std::string_view context);
+
+struct ConnectionDeleter {
+  void operator()(amqp_connection_state_t c) const noexcept;
+};
+using ConnectionPtr = std::unique_ptr<amqp_connection_state_t_, ConnectionDeleter>;
+
+struct ConnectOptions {
+  std::string url;                             // amqp://user:pass@host:port/vhost
+  std::chrono::milliseconds heartbeat{30000};  // 0 disables
+  std::chrono::milliseconds connect_timeout{10000};
+};
+
+class Connection {
+ public:
+  // Opens the socket, logs in. Throws AmqpError; the message masks the password.
+  static Connection open(const ConnectOptions& opts);
+
+  Connection(Connection&&) noexcept = default;
+  Connection& operator=(Connection&&) noexcept = default;
+  ~Connection();
+
+  amqp_connection_state_t get() const { return conn_.get(); }
+  int fd() const { return amqp_get_sockfd(conn_.get()); }
+  const std::string& peer() const { return peer_; }  // "host:port" (masked URL elsewhere)
+  const std::string& server_version() const { return server_version_; }
+
+  void open_channel(amqp_channel_t ch);
+  // Graceful connection.close; errors are ignored (we are leaving anyway).
+  void close() noexcept;
+
+ private:
+  Connection() = default;
+  ConnectionPtr conn_;
+  std::string peer_;
+  std::string server_version_;
+  bool closed_ = false;
+};
+
+inline amqp_bytes_t bytes(std::string_view s) {
+  return amqp_bytes_t{s.size(), const_cast<char*>(s.data())};
+}
+inline std::string_view view(amqp_bytes_t b) {
+  return {static_cast<const char*>(b.bytes), b.len};
+}
+
+}  // namespace er::amqp

@@ -1,0 +1,513 @@
+#include "consume/session.hpp"
+
+#include <boost/asio/post.hpp>
+
+#include <algorithm>
+#include <charconv>
+
+#include "amqp/topology.hpp"
+#include "event/envelope.hpp"
+#include "util/log.hpp"
+
+namespace er::consume {
+
+namespace asio = boost::asio;
+using std::chrono::milliseconds;
+using std::chrono::steady_clock;
+
+namespace {
+constexpr amqp_channel_t kPublishChannel = 1;
+constexpr amqp_channel_t kFirstConsumerChannel = 2;
+constexpr milliseconds kReconnectInitial{1000};
+constexpr milliseconds kReconnectMax{30000};
+
+std::string_view sv(amqp_bytes_t b) { return amqp::view(b); }
+}  // namespace
+
+// One in-flight event. Owns the rabbitmq-c envelope (body and properties stay
+// where the library put them: no copy) until it is acked, dead-lettered, or
+// dropped as stale.
+struct Delivery final : dispatch::Job {
+  Session* session = nullptr;
+  uint64_t epoch = 0;
+  size_t queue = 0;
+  amqp_envelope_t env{};
+  bool has_env = false;
+  event::Envelope envelope;
+  dispatch::EventView view_;
+  dispatch::HandlerSlot* slot = nullptr;
+  steady_clock::time_point started;
+
+  const dispatch::EventView& view() const override { return view_; }
+  void finish(dispatch::Outcome outcome) override { session->on_finished(this, std::move(outcome)); }
+};
+
+Session::Session(asio::io_context& io, std::unique_ptr<dispatch::Runtime> runtime)
+    : io_(io),
+      rt_(std::move(runtime)),
+      cfg_(*rt_->config),
+      heartbeat_timer_(io),
+      reconnect_timer_(io),
+      deadline_timer_(io) {}
+
+Session::~Session() {
+  if (socket_) socket_->release();  // the fd belongs to rabbitmq-c
+}
+
+void Session::start(std::function<void()> on_ready, std::function<void()> on_stopped) {
+  on_ready_ = std::move(on_ready);
+  on_stopped_ = std::move(on_stopped);
+  connect();
+}
+
+void Session::connect() {
+  if (state_ == State::Draining || state_ == State::Stopped) return;
+  state_ = State::Connecting;
+  const std::string masked = log::mask_url(cfg_.broker.url);
+  try {
+    amqp::ConnectOptions opts;
+    opts.url = cfg_.broker.url;
+    opts.heartbeat = cfg_.broker.heartbeat;
+    conn_.emplace(amqp::Connection::open(opts));
+    amqp_connection_state_t c = conn_->get();
+    log::info("connected", {{"broker", masked}, {"server_version", conn_->server_version()}});
+
+    conn_->open_channel(kPublishChannel);
+    try {
+      amqp::declare_topology(*conn_, kPublishChannel, cfg_);
+    } catch (const amqp::AmqpError& e) {
+      // A topology the broker refuses will not fix itself by retrying.
+      log::error(e.what());
+      exit_code_ = 1;
+      conn_.reset();
+      state_ = State::Draining;
+      finish_stop();
+      return;
+    }
+    amqp_confirm_select(c, kPublishChannel);
+    amqp::check_reply(amqp_get_rpc_reply(c), "enabling publisher confirms");
+    confirms_.reset();
+
+    consumer_tags_.assign(cfg_.queues.size(), std::string());
+    for (size_t i = 0; i < cfg_.queues.size(); ++i) {
+      const auto& q = cfg_.queues[i];
+      auto ch = static_cast<amqp_channel_t>(kFirstConsumerChannel + i);
+      conn_->open_channel(ch);
+      amqp_basic_qos(c, ch, 0, q.prefetch, 0);
+      amqp::check_reply(amqp_get_rpc_reply(c), "setting prefetch on queue '" + q.name + "'");
+      auto* ok = amqp_basic_consume(c, ch, amqp::bytes(q.name), amqp_empty_bytes, 0, /*no_ack*/ 0, 0,
+                                    amqp_empty_table);
+      amqp::check_reply(amqp_get_rpc_reply(c), "consuming queue '" + q.name + "'");
+      consumer_tags_[i] = std::string(sv(ok->consumer_tag));
+      log::info("consuming", {{"queue", q.name}, {"prefetch", std::to_string(q.prefetch)}});
+    }
+  } catch (const amqp::AmqpError& e) {
+    conn_.reset();
+    schedule_reconnect(e.what());
+    return;
+  }
+
+  ++epoch_;
+  backoff_ = milliseconds(0);
+  socket_.emplace(io_, conn_->fd());
+  socket_armed_ = false;
+  state_ = State::Running;
+  log::info("ready", {{"queues", std::to_string(cfg_.queues.size())}, {"broker", masked}});
+  if (on_ready_) on_ready_();
+  arm_heartbeat();
+  pump();  // the RPCs above may have buffered deliveries
+}
+
+void Session::schedule_reconnect(const std::string& why) {
+  if (state_ == State::Draining || state_ == State::Stopped) {
+    finish_stop();
+    return;
+  }
+  backoff_ = backoff_.count() == 0 ? kReconnectInitial : std::min(backoff_ * 2, kReconnectMax);
+  // Jitter spreads reconnects of many daemons after a broker restart.
+  std::uniform_int_distribution<long> jitter(0, backoff_.count() / 4);
+  milliseconds wait = backoff_ + milliseconds(jitter(rng_));
+  log::error("broker unavailable, retrying", {{"reason", why}, {"retry_in_ms", std::to_string(wait.count())}});
+  state_ = State::Connecting;
+  reconnect_timer_.expires_after(wait);
+  reconnect_timer_.async_wait([this](boost::system::error_code ec) {
+    if (!ec) connect();
+  });
+}
+
+void Session::arm_socket() {
+  if (!socket_ || socket_armed_) return;
+  socket_armed_ = true;
+  uint64_t epoch = epoch_;
+  socket_->async_wait(asio::posix::stream_descriptor::wait_read, [this, epoch](boost::system::error_code ec) {
+    if (epoch != epoch_) return;
+    socket_armed_ = false;
+    if (ec) return;  // cancelled: the connection is being torn down
+    pump();
+  });
+}
+
+void Session::arm_heartbeat() {
+  if (cfg_.broker.heartbeat.count() == 0) return;
+  // rabbitmq-c sends heartbeats and detects a silent peer only inside its
+  // wait calls, so turn the crank at least twice per interval when idle.
+  auto period = std::max(milliseconds(200), cfg_.broker.heartbeat / 2);
+  uint64_t epoch = epoch_;
+  heartbeat_timer_.expires_after(period);
+  heartbeat_timer_.async_wait([this, epoch](boost::system::error_code ec) {
+    if (ec || epoch != epoch_ || !conn_) return;
+    pump();
+    if (epoch == epoch_ && conn_) arm_heartbeat();
+  });
+}
+
+void Session::pump() {
+  if (!conn_) return;
+  const uint64_t epoch = epoch_;
+  amqp_connection_state_t c = conn_->get();
+  for (;;) {
+    amqp_maybe_release_buffers(c);
+    timeval zero{0, 0};
+    amqp_envelope_t env;
+    amqp_rpc_reply_t r = amqp_consume_message(c, &env, &zero, 0);
+    if (r.reply_type == AMQP_RESPONSE_NORMAL) {
+      on_delivery(env);
+      if (epoch != epoch_ || !conn_) return;
+      continue;
+    }
+    if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION && r.library_error == AMQP_STATUS_TIMEOUT) break;
+    if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION && r.library_error == AMQP_STATUS_UNEXPECTED_STATE) {
+      amqp_frame_t frame;
+      int rc = amqp_simple_wait_frame_noblock(c, &frame, &zero);
+      if (rc == AMQP_STATUS_TIMEOUT) break;
+      if (rc != AMQP_STATUS_OK) {
+        connection_lost(std::string("reading from the broker: ") + amqp_error_string2(rc));
+        return;
+      }
+      on_frame(frame);
+      if (epoch != epoch_ || !conn_) return;
+      continue;
+    }
+    connection_lost(amqp::describe_reply(r, "reading from the broker"));
+    return;
+  }
+  arm_socket();
+}
+
+void Session::on_frame(const amqp_frame_t& frame) {
+  if (frame.frame_type != AMQP_FRAME_METHOD) return;  // stray content frames of a message we did not ask for
+  amqp_connection_state_t c = conn_->get();
+  switch (frame.payload.method.id) {
+    case AMQP_BASIC_ACK_METHOD: {
+      auto* m = static_cast<amqp_basic_ack_t*>(frame.payload.method.decoded);
+      on_confirm(m->delivery_tag, m->multiple, true);
+      break;
+    }
+    case AMQP_BASIC_NACK_METHOD: {
+      auto* m = static_cast<amqp_basic_nack_t*>(frame.payload.method.decoded);
+      on_confirm(m->delivery_tag, m->multiple, false);
+      break;
+    }
+    case AMQP_BASIC_CANCEL_OK_METHOD:
+      break;
+    case AMQP_BASIC_CANCEL_METHOD: {
+      // The broker cancelled a consumer (queue deleted, node down): start over.
+      auto* m = static_cast<amqp_basic_cancel_t*>(frame.payload.method.decoded);
+      connection_lost("the broker cancelled consumer " + std::string(sv(m->consumer_tag)) + " on channel " +
+                      std::to_string(frame.channel));
+      break;
+    }
+    case AMQP_BASIC_RETURN_METHOD: {
+      amqp_message_t msg;
+      amqp_rpc_reply_t r = amqp_read_message(c, frame.channel, &msg, 0);
+      if (r.reply_type == AMQP_RESPONSE_NORMAL) amqp_destroy_message(&msg);
+      log::warn("the broker returned a published message as unroutable");
+      break;
+    }
+    case AMQP_CHANNEL_CLOSE_METHOD: {
+      auto* m = static_cast<amqp_channel_close_t*>(frame.payload.method.decoded);
+      std::string why = "the broker closed channel " + std::to_string(frame.channel) + ": " +
+                        std::string(sv(m->reply_text));
+      amqp_channel_close_ok_t ok{};
+      amqp_send_method(c, frame.channel, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+      connection_lost(why);
+      break;
+    }
+    case AMQP_CONNECTION_CLOSE_METHOD: {
+      auto* m = static_cast<amqp_connection_close_t*>(frame.payload.method.decoded);
+      std::string why = "the broker closed the connection: " + std::string(sv(m->reply_text));
+      amqp_connection_close_ok_t ok{};
+      amqp_send_method(c, 0, AMQP_CONNECTION_CLOSE_OK_METHOD, &ok);
+      connection_lost(why);
+      break;
+    }
+    case AMQP_CONNECTION_BLOCKED_METHOD: {
+      auto* m = static_cast<amqp_connection_blocked_t*>(frame.payload.method.decoded);
+      log::warn("the broker blocked publishing (resource alarm)", {{"reason", sv(m->reason)}});
+      break;
+    }
+    case AMQP_CONNECTION_UNBLOCKED_METHOD:
+      log::info("the broker unblocked publishing");
+      break;
+    default:
+      log::debug("ignored frame", {{"method", std::to_string(frame.payload.method.id)}});
+  }
+}
+
+Delivery* Session::acquire() {
+  if (pool_.empty()) {
+    auto d = std::make_unique<Delivery>();
+    d->session = this;
+    return d.release();
+  }
+  Delivery* d = pool_.back().release();
+  pool_.pop_back();
+  return d;
+}
+
+void Session::release(Delivery* d) {
+  if (d->has_env) amqp_destroy_envelope(&d->env);
+  d->has_env = false;
+  d->slot = nullptr;
+  --in_flight_;
+  pool_.emplace_back(d);
+  maybe_finish_stop();
+}
+
+void Session::on_delivery(amqp_envelope_t& env) {
+  size_t qi = env.channel >= kFirstConsumerChannel ? env.channel - kFirstConsumerChannel : SIZE_MAX;
+  if (state_ != State::Running || qi >= rt_->queues.size()) {
+    // Draining: leave it unacked; closing the channel hands it back to the broker.
+    amqp_destroy_envelope(&env);
+    return;
+  }
+  Delivery* d = acquire();
+  ++in_flight_;
+  d->env = env;
+  d->has_env = true;
+  d->epoch = epoch_;
+  d->queue = qi;
+  d->slot = nullptr;
+  const auto& qcfg = cfg_.queues[qi];
+  const auto& body = d->env.message.body;
+  std::string_view rk = sv(d->env.routing_key);
+
+  auto& v = d->view_;
+  v.body = sv(body);
+  v.routing_key = rk;
+  v.exchange = sv(d->env.exchange);
+  v.queue = qcfg.name;
+  v.envelope = &d->envelope;
+  v.attempt = 1;
+  v.redelivered = d->env.redelivered != 0;
+
+  auto status = event::decode(static_cast<const char*>(body.bytes), body.len, rk, d->envelope, detail_);
+  if (status != event::DecodeStatus::Ok) {
+    dead_letter(d, event::reason_code(status), detail_, {});
+    return;
+  }
+  dispatch::HandlerSlot* slot = rt_->queues[qi].route(d->envelope.event_type);
+  if (!slot) {
+    if (qcfg.unhandled == config::Unhandled::Ack) {
+      log::info("unhandled event acked (unhandled: ack)",
+                {{"queue", qcfg.name}, {"event_type", d->envelope.event_type}, {"event_id", d->envelope.event_id}});
+      ack(d);
+    } else {
+      dead_letter(d, "unhandled", "no handler of queue '" + qcfg.name + "' takes event type '" +
+                                      d->envelope.event_type + "'", {});
+    }
+    return;
+  }
+  d->slot = slot;
+  if (slot->active < slot->limit) {
+    start_job(d);
+  } else {
+    slot->waiting.push_back(d);
+  }
+}
+
+void Session::start_job(Delivery* d) {
+  ++d->slot->active;
+  d->started = steady_clock::now();
+  d->slot->handler->start(*d);
+}
+
+void Session::start_waiting(dispatch::HandlerSlot* slot) {
+  while (slot->active < slot->limit && !slot->waiting.empty()) {
+    auto* d = static_cast<Delivery*>(slot->waiting.front());
+    slot->waiting.pop_front();
+    if (d->epoch != epoch_ || state_ != State::Running) {
+      release(d);
+      continue;
+    }
+    start_job(d);
+  }
+}
+
+void Session::on_finished(Delivery* d, dispatch::Outcome outcome) {
+  dispatch::HandlerSlot* slot = d->slot;
+  --slot->active;
+  const std::string& handler = slot->handler->name();
+  if (log::enabled(log::Level::Info)) {
+    auto ms = std::chrono::duration<double, std::milli>(steady_clock::now() - d->started).count();
+    char dur[32];
+    auto res = std::to_chars(dur, dur + sizeof dur, static_cast<long long>(ms + 0.5));
+    log::write(outcome.verdict == dispatch::Verdict::Ack ? log::Level::Info : log::Level::Warn, "handled",
+               {{"queue", d->view_.queue},
+                {"event_type", d->envelope.event_type},
+                {"event_id", d->envelope.event_id},
+                {"correlation_id", d->envelope.correlation_id},
+                {"handler", handler},
+                {"outcome", dispatch::verdict_name(outcome.verdict)},
+                {"duration_ms", std::string_view(dur, static_cast<size_t>(res.ptr - dur))},
+                {"detail", outcome.detail}});
+  }
+  if (d->epoch != epoch_ || !conn_) {
+    // Its channel is gone; the broker redelivers the event.
+    log::debug("dropping a result from a closed channel", {{"event_id", d->envelope.event_id}});
+    release(d);
+  } else if (outcome.verdict == dispatch::Verdict::Ack) {
+    ack(d);
+  } else {
+    // Until delayed retries exist, a retry is dead-lettered with its reason:
+    // never requeued in a loop, never dropped.
+    dead_letter(d, outcome.reason.empty() ? "handler_failed" : outcome.reason, outcome.detail, handler);
+  }
+  start_waiting(slot);
+}
+
+void Session::ack(Delivery* d) {
+  auto ch = static_cast<amqp_channel_t>(kFirstConsumerChannel + d->queue);
+  int rc = amqp_basic_ack(conn_->get(), ch, d->env.delivery_tag, 0);
+  release(d);
+  if (rc != AMQP_STATUS_OK) connection_lost(std::string("acknowledging: ") + amqp_error_string2(rc));
+}
+
+void Session::dead_letter(Delivery* d, std::string_view reason, std::string_view detail, std::string_view handler) {
+  const auto& qcfg = cfg_.queues[d->queue];
+  settle::DeadLetterInfo info;
+  info.reason = reason;
+  info.detail = detail;
+  info.handler = handler;
+  info.queue = qcfg.name;
+  info.exchange = d->view_.exchange;
+  info.routing_key = d->view_.routing_key;
+  info.attempts = d->view_.attempt;
+  settle::DeadLetterProperties props(d->env.message.properties, info);
+  int rc = amqp_basic_publish(conn_->get(), kPublishChannel, amqp_empty_bytes, amqp::bytes(qcfg.dead_letter_queue),
+                              0, 0, props.get(), d->env.message.body);
+  log::warn("dead-lettering",
+            {{"queue", qcfg.name}, {"event_type", d->envelope.event_type}, {"event_id", d->envelope.event_id},
+             {"handler", handler}, {"reason", reason}, {"detail", detail}, {"dlq", qcfg.dead_letter_queue}});
+  if (rc != AMQP_STATUS_OK) {
+    release(d);
+    connection_lost(std::string("publishing to the dead-letter queue: ") + amqp_error_string2(rc));
+    return;
+  }
+  // Acked only once the broker confirms the copy (on_confirm).
+  confirms_.add(d);
+}
+
+void Session::on_confirm(uint64_t tag, bool multiple, bool acked) {
+  confirms_.confirm(tag, multiple, acked, [this](Delivery* d, bool ok) {
+    if (d->epoch != epoch_ || !conn_) {
+      release(d);
+    } else if (ok) {
+      ack(d);
+    } else {
+      // The broker refused the copy: keep the original with the broker.
+      log::error("the broker refused the dead-letter copy; the event is returned to its queue",
+                 {{"queue", cfg_.queues[d->queue].name}, {"event_id", d->envelope.event_id}});
+      auto ch = static_cast<amqp_channel_t>(kFirstConsumerChannel + d->queue);
+      amqp_basic_nack(conn_->get(), ch, d->env.delivery_tag, 0, /*requeue*/ 1);
+      release(d);
+    }
+  });
+}
+
+void Session::connection_lost(const std::string& why) {
+  if (!conn_) return;
+  log::error("connection lost", {{"reason", why}});
+  ++epoch_;  // every result still out belongs to the dead connection now
+  if (socket_) {
+    socket_->release();
+    socket_.reset();
+  }
+  socket_armed_ = false;
+  heartbeat_timer_.cancel();
+  conn_.reset();
+  confirms_.fail_all([this](Delivery* d, bool) { release(d); });
+  drop_waiting();
+  if (state_ == State::Draining) {
+    // Nothing can be acked any more; what is unacked is redelivered.
+    maybe_finish_stop();
+    return;
+  }
+  schedule_reconnect(why);
+}
+
+void Session::drop_waiting() {
+  for (auto& q : rt_->queues) {
+    for (auto& slot : q.slots()) {
+      auto waiting = std::move(slot.waiting);
+      slot.waiting.clear();
+      for (auto* j : waiting) release(static_cast<Delivery*>(j));
+    }
+  }
+}
+
+void Session::stop() {
+  if (state_ == State::Draining || state_ == State::Stopped) return;
+  log::info("stopping", {{"in_flight", std::to_string(in_flight_)},
+                         {"shutdown_timeout_ms", std::to_string(cfg_.shutdown_timeout.count())}});
+  reconnect_timer_.cancel();
+  state_ = State::Draining;
+  if (conn_) {
+    for (size_t i = 0; i < consumer_tags_.size(); ++i) {
+      if (consumer_tags_[i].empty()) continue;
+      amqp_basic_cancel_t req{};
+      req.consumer_tag = amqp::bytes(consumer_tags_[i]);
+      req.nowait = 0;
+      amqp_send_method(conn_->get(), static_cast<amqp_channel_t>(kFirstConsumerChannel + i),
+                       AMQP_BASIC_CANCEL_METHOD, &req);
+    }
+  }
+  // Events waiting for a handler slot have not started: hand them back.
+  drop_waiting();
+  deadline_timer_.expires_after(cfg_.shutdown_timeout);
+  deadline_timer_.async_wait([this](boost::system::error_code ec) {
+    if (ec || state_ == State::Stopped) return;
+    log::warn("shutdown_timeout passed; abandoning in-flight events, the broker will redeliver them",
+              {{"in_flight", std::to_string(in_flight_)}});
+    aborted_ = true;
+    for (auto& q : rt_->queues)
+      for (auto& slot : q.slots()) slot.handler->abort_all();
+    finish_stop();
+  });
+  maybe_finish_stop();
+}
+
+void Session::maybe_finish_stop() {
+  if (state_ == State::Draining && in_flight_ == 0) finish_stop();
+}
+
+void Session::finish_stop() {
+  if (state_ == State::Stopped) return;
+  state_ = State::Stopped;
+  heartbeat_timer_.cancel();
+  reconnect_timer_.cancel();
+  deadline_timer_.cancel();
+  if (socket_) {
+    socket_->release();
+    socket_.reset();
+  }
+  if (conn_) {
+    conn_->close();
+    conn_.reset();
+  }
+  ++epoch_;
+  log::info("stopped", {{"unsettled", std::to_string(in_flight_)}});
+  if (on_stopped_) asio::post(io_, std::move(on_stopped_));
+}
+
+}  // namespace er::consume

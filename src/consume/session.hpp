@@ -1,0 +1,100 @@
+#pragma once
+// The broker session: one AMQP connection owned by the event loop thread,
+// channel 1 for declaring and (confirmed) publishing, one channel per queue
+// for consuming. Deliveries go to the router; outcomes come back as acks or
+// confirmed dead-letter copies. Reconnects by itself; drains on stop().
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/asio/steady_timer.hpp>
+
+#include <functional>
+#include <memory>
+#include <optional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "amqp/connection.hpp"
+#include "dispatch/router.hpp"
+#include "settle/settle.hpp"
+
+namespace er::consume {
+
+struct Delivery;
+
+class Session {
+ public:
+  Session(boost::asio::io_context& io, std::unique_ptr<dispatch::Runtime> runtime);
+  ~Session();
+  Session(const Session&) = delete;
+  Session& operator=(const Session&) = delete;
+
+  // Connects (retrying with backoff until stop()), declares, consumes.
+  // `on_ready` runs each time every queue is being consumed; `on_stopped`
+  // once, after stop() drained or after a fatal error (see exit_code()).
+  void start(std::function<void()> on_ready, std::function<void()> on_stopped);
+
+  // Stop consuming, let in-flight handlers finish (up to shutdown_timeout),
+  // settle them, close the connection, then call `on_stopped`.
+  void stop();
+
+  // Non-zero when the session gave up for a reason a restart will not fix
+  // (e.g. the broker's queue has different arguments than the config).
+  int exit_code() const { return exit_code_; }
+  // True if stop() had to abandon running handlers at the deadline.
+  bool aborted() const { return aborted_; }
+  size_t in_flight() const { return in_flight_; }
+
+ private:
+  friend struct Delivery;
+  enum class State { Idle, Connecting, Running, Draining, Stopped };
+
+  void connect();
+  void schedule_reconnect(const std::string& why);
+  void arm_socket();
+  void arm_heartbeat();
+  void pump();
+  void on_frame(const amqp_frame_t& frame);
+  void on_delivery(amqp_envelope_t& env);
+  void start_job(Delivery* d);
+  void start_waiting(dispatch::HandlerSlot* slot);
+  void on_finished(Delivery* d, dispatch::Outcome outcome);
+  void ack(Delivery* d);
+  void dead_letter(Delivery* d, std::string_view reason, std::string_view detail, std::string_view handler);
+  void on_confirm(uint64_t tag, bool multiple, bool acked);
+  void connection_lost(const std::string& why);
+  void drop_waiting();
+  void maybe_finish_stop();
+  void finish_stop();
+  Delivery* acquire();
+  void release(Delivery* d);
+
+  boost::asio::io_context& io_;
+  std::unique_ptr<dispatch::Runtime> rt_;
+  const config::Config& cfg_;
+  State state_ = State::Idle;
+
+  std::optional<amqp::Connection> conn_;
+  std::optional<boost::asio::posix::stream_descriptor> socket_;
+  bool socket_armed_ = false;
+  uint64_t epoch_ = 0;  // bumps per connection; results of older ones are stale
+  std::vector<std::string> consumer_tags_;
+
+  settle::ConfirmTracker<Delivery*> confirms_;
+  size_t in_flight_ = 0;
+  std::vector<std::unique_ptr<Delivery>> pool_;  // recycled Delivery objects
+  std::string detail_;                           // scratch for decode errors
+
+  boost::asio::steady_timer heartbeat_timer_;
+  boost::asio::steady_timer reconnect_timer_;
+  boost::asio::steady_timer deadline_timer_;
+  std::chrono::milliseconds backoff_{0};
+  std::mt19937 rng_{std::random_device{}()};
+
+  std::function<void()> on_ready_;
+  std::function<void()> on_stopped_;
+  int exit_code_ = 0;
+  bool aborted_ = false;
+};
+
+}  // namespace er::consume

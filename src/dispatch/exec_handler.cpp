@@ -1,0 +1,654 @@
+#include "dispatch/exec_handler.hpp"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+// glibc 2.36's <sys/pidfd.h> lacks __BEGIN_DECLS (fixed in 2.37).
+extern "C" {
+#include <sys/pidfd.h>
+}
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <charconv>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/write.hpp>
+
+#include "util/log.hpp"
+
+namespace er::dispatch {
+
+namespace {
+
+namespace asio = boost::asio;
+using boost::system::error_code;
+
+constexpr size_t kReadBuf = 8192;        // 2 * kMaxLine: a kept partial line always leaves room to read
+constexpr size_t kMaxLine = 4096;        // longer lines are split
+constexpr size_t kLogCap = 64 * 1024;    // logged bytes per stream per event
+constexpr size_t kTailLines = 10;
+constexpr size_t kTailBytes = 2048;
+constexpr auto kDrainGrace = std::chrono::milliseconds(100);  // pipes held by grandchildren
+constexpr size_t kMaxSpareBuffers = 16;
+constexpr const char* kDefaultPath = "/usr/local/bin:/usr/bin:/bin";
+
+std::string format_duration(std::chrono::milliseconds d) {
+  auto ms = d.count();
+  if (ms % 1000 == 0) return std::to_string(ms / 1000) + "s";
+  return std::to_string(ms) + "ms";
+}
+
+std::string describe_signal(int sig) {
+  std::string s = "signal " + std::to_string(sig);
+  if (const char* abbrev = sigabbrev_np(sig)) {
+    s += " (SIG";
+    s += abbrev;
+    s += ')';
+  }
+  return s;
+}
+
+// `timeout_note` is appended after "timed out" (e.g. " after 30s (sent SIGTERM)").
+Outcome exit_outcome(int status, bool timed_out, std::string_view timeout_note, std::string_view tail) {
+  std::string detail;
+  bool dead_letter = false;
+  if (timed_out) {
+    detail = "timed out";
+    detail += timeout_note;
+  } else if (WIFEXITED(status)) {
+    int code = WEXITSTATUS(status);
+    if (code == 0) return Outcome::ack();
+    detail = "exit code " + std::to_string(code);
+    if (code == 75) {
+      detail += " (EX_TEMPFAIL)";
+    } else if (code == 65) {
+      detail += " (EX_DATAERR)";
+      dead_letter = true;
+    }
+  } else if (WIFSIGNALED(status)) {
+    detail = "killed by " + describe_signal(WTERMSIG(status));
+    if (WCOREDUMP(status)) detail += " (core dumped)";
+  } else {
+    detail = "unexpected wait status " + std::to_string(status);
+  }
+  if (!tail.empty()) {
+    detail += "; stderr: ";
+    detail += tail;
+  }
+  if (dead_letter) return Outcome::dead_letter("handler_failed", std::move(detail));
+  return Outcome::retry("handler_failed", std::move(detail));
+}
+
+void close_fd(int& fd) {
+  if (fd >= 0) ::close(fd);
+  fd = -1;
+}
+
+// pipe2(O_CLOEXEC); both ends moved to >= 3 so the child-side dup2 onto 0/1/2
+// can never clobber another pipe end (matters only if the daemon closed 0/1/2).
+int make_pipe(int p[2]) {
+  if (::pipe2(p, O_CLOEXEC) != 0) return errno;
+  for (int i = 0; i < 2; ++i) {
+    if (p[i] >= 3) continue;
+    int moved = ::fcntl(p[i], F_DUPFD_CLOEXEC, 3);
+    int err = errno;
+    ::close(p[i]);
+    p[i] = moved;
+    if (moved < 0) {
+      close_fd(p[0]);
+      close_fd(p[1]);
+      return err;
+    }
+  }
+  return 0;
+}
+
+// Read buffers, recycled across runs by the handler (returned once a run is
+// done: its descriptors are closed by then, so nothing reads into them).
+struct Buffers {
+  std::array<char, kReadBuf> out;
+  std::array<char, kReadBuf> err;
+};
+
+struct Stream {
+  explicit Stream(asio::io_context& io) : sd(io) {}
+  asio::posix::stream_descriptor sd;
+  char* buf = nullptr;  // kReadBuf bytes, from Run::buffers
+  size_t have = 0;     // bytes of an unfinished line at the start of buf
+  size_t logged = 0;
+  size_t dropped = 0;
+  bool capped = false;
+  bool eof = false;
+};
+
+// One per running child; kept alive by the handler's list and by pending
+// completion handlers. `done` is set once (finished or aborted); every
+// completion handler checks it first.
+struct Run {
+  Run(asio::io_context& io, Job& j) : job(&j), in(io), out(io), err(io), pidfd(io), timer(io) {}
+  Job* job;
+  size_t index = 0;  // position in ExecHandler::runs_
+  pid_t pid = -1;
+  int status = 0;
+  bool status_known = false;
+  bool reaped = false;
+  bool timed_out = false;
+  bool sent_kill = false;
+  bool done = false;
+  unsigned timer_gen = 0;  // distinguishes timeout / kill-grace / drain waits on the one timer
+  asio::posix::stream_descriptor in;
+  Stream out;
+  Stream err;
+  asio::posix::stream_descriptor pidfd;
+  asio::steady_timer timer;
+  std::string tail;  // last stderr lines, '\n'-separated
+  size_t tail_lines = 0;
+  std::unique_ptr<Buffers> buffers;
+};
+
+std::string_view event_id(const Run& run) {
+  const event::Envelope* e = run.job->view().envelope;
+  return e ? std::string_view(e->event_id) : std::string_view();
+}
+
+class ExecHandler final : public Handler {
+ public:
+  ExecHandler(const config::HandlerConfig& cfg, asio::io_context& io);
+  ~ExecHandler() override;
+
+  void start(Job& job) override;
+  void abort_all() override;
+
+ private:
+  enum Dynamic { kEventType, kEventId, kCorrelationId, kAggregateId, kRoutingKey, kQueue, kAttempt,
+                 kRedelivered, kNone };
+  struct EnvSlot {
+    std::string text;  // "KEY=VALUE" when static, "KEY=" when dynamic
+    Dynamic dyn = kNone;
+  };
+
+  void build_env(const EventView& v);
+  void fail(Job& job, const char* what, int err);
+  void read_more(const std::shared_ptr<Run>& run, bool is_err);
+  void on_read(const std::shared_ptr<Run>& run, bool is_err, const error_code& ec, size_t n);
+  void wait_exit(const std::shared_ptr<Run>& run);
+  void on_exit(const std::shared_ptr<Run>& run, const error_code& ec);
+  void arm_timer(const std::shared_ptr<Run>& run, std::chrono::milliseconds after);
+  void on_timer(const std::shared_ptr<Run>& run, unsigned gen, const error_code& ec);
+  void signal_group(Run& run, int sig);
+  void consume(Run& run, bool is_err, bool at_eof);
+  void line(Run& run, bool is_err, std::string_view text, size_t nbytes);
+  void end_stream(Run& run, bool is_err);
+  void maybe_complete(const std::shared_ptr<Run>& run);
+  void complete(const std::shared_ptr<Run>& run);
+  void close_all(Run& run);  // also recycles the buffers
+  void remove(Run& run);
+
+  asio::io_context& io_;
+  std::vector<std::string> argv_;
+  std::vector<char*> argv_ptrs_;
+  std::chrono::milliseconds timeout_;
+  std::chrono::milliseconds kill_grace_;
+  posix_spawnattr_t attr_;
+  std::vector<EnvSlot> env_slots_;
+  // Reused per spawn; posix_spawn copies nothing, but the child has exec'd
+  // (or failed) before it returns, so these only need to live across the call.
+  std::string env_buf_;
+  std::vector<size_t> env_offsets_;
+  std::vector<char*> envp_;
+  std::vector<std::shared_ptr<Run>> runs_;
+  std::vector<std::unique_ptr<Buffers>> spare_buffers_;
+};
+
+ExecHandler::ExecHandler(const config::HandlerConfig& cfg, asio::io_context& io)
+    : Handler(cfg.name), io_(io), argv_(cfg.argv), timeout_(cfg.timeout), kill_grace_(cfg.kill_grace) {
+  for (auto& a : argv_) argv_ptrs_.push_back(a.data());
+  argv_ptrs_.push_back(nullptr);
+
+  // The daemon blocks signals and ignores SIGPIPE; the child must start clean,
+  // in its own process group (no terminal Ctrl-C, and a timeout kills the group).
+  posix_spawnattr_init(&attr_);
+  sigset_t empty;
+  sigemptyset(&empty);
+  posix_spawnattr_setsigmask(&attr_, &empty);
+  sigset_t defaults;
+  sigemptyset(&defaults);
+  for (int s : {SIGPIPE, SIGINT, SIGTERM, SIGHUP, SIGCHLD, SIGQUIT}) sigaddset(&defaults, s);
+#ifdef __GLIBC__
+  // glibc's posix_spawn sets its internal signals (32, 33) to SIG_IGN in the
+  // child, which survives exec, unless they are in sigdefault; sigaddset
+  // refuses them, so set the bits directly.
+  constexpr int kBits = 8 * sizeof(defaults.__val[0]);
+  for (int s = 32; s < SIGRTMIN; ++s) defaults.__val[(s - 1) / kBits] |= 1UL << ((s - 1) % kBits);
+#endif
+  posix_spawnattr_setsigdefault(&attr_, &defaults);
+  posix_spawnattr_setpgroup(&attr_, 0);
+  posix_spawnattr_setflags(&attr_, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETPGROUP);
+
+  auto add = [this](std::string key, std::string value, Dynamic dyn) {
+    std::string text = key + "=";
+    for (auto& s : env_slots_) {
+      if (s.text.compare(0, text.size(), text) == 0) {  // later sources override earlier ones
+        s.text = text + value;
+        s.dyn = dyn;
+        return;
+      }
+    }
+    env_slots_.push_back({text + value, dyn});
+  };
+  const char* path = std::getenv("PATH");
+  add("PATH", path ? path : kDefaultPath, kNone);
+  add("EVENT_TYPE", "", kEventType);
+  add("EVENT_ID", "", kEventId);
+  add("CORRELATION_ID", "", kCorrelationId);
+  add("AGGREGATE_ID", "", kAggregateId);
+  add("ROUTING_KEY", "", kRoutingKey);
+  add("QUEUE", "", kQueue);
+  add("ATTEMPT", "", kAttempt);
+  add("REDELIVERED", "", kRedelivered);
+  for (const auto& name : cfg.inherit_env) {
+    if (const char* v = std::getenv(name.c_str())) add(name, v, kNone);
+  }
+  for (const auto& [k, v] : cfg.env) add(k, v, kNone);
+}
+
+ExecHandler::~ExecHandler() {
+  abort_all();  // never leave children (or zombies) behind
+  posix_spawnattr_destroy(&attr_);
+}
+
+void ExecHandler::build_env(const EventView& v) {
+  env_buf_.clear();
+  env_offsets_.clear();
+  const event::Envelope* e = v.envelope;
+  char attempt[16];
+  auto [end, ec] = std::to_chars(attempt, attempt + sizeof attempt, v.attempt);
+  (void)ec;
+  for (const auto& slot : env_slots_) {
+    env_offsets_.push_back(env_buf_.size());
+    env_buf_ += slot.text;
+    switch (slot.dyn) {
+      case kEventType: if (e) env_buf_ += e->event_type; break;
+      case kEventId: if (e) env_buf_ += e->event_id; break;
+      case kCorrelationId: if (e) env_buf_ += e->correlation_id; break;
+      case kAggregateId: if (e) env_buf_ += e->aggregate_id; break;
+      case kRoutingKey: env_buf_ += v.routing_key; break;
+      case kQueue: env_buf_ += v.queue; break;
+      case kAttempt: env_buf_.append(attempt, end); break;
+      case kRedelivered: env_buf_ += v.redelivered ? '1' : '0'; break;
+      case kNone: break;
+    }
+    env_buf_ += '\0';
+  }
+  envp_.clear();
+  for (size_t off : env_offsets_) envp_.push_back(env_buf_.data() + off);
+  envp_.push_back(nullptr);
+}
+
+void ExecHandler::fail(Job& job, const char* what, int err) {
+  std::string detail = "cannot start ";
+  detail += argv_.empty() ? std::string("(no argv)") : argv_[0];
+  detail += ": ";
+  if (what) {
+    detail += what;
+    detail += ": ";
+  }
+  detail += std::strerror(err);
+  log::warn("exec handler failed to start", {{"handler", name()}, {"error", detail}});
+  job.finish(Outcome::retry("handler_failed", std::move(detail)));
+}
+
+void ExecHandler::start(Job& job) {
+  if (argv_.empty()) {
+    fail(job, nullptr, EINVAL);
+    return;
+  }
+  const EventView& v = job.view();
+  int in[2] = {-1, -1}, out[2] = {-1, -1}, err[2] = {-1, -1};
+  int rc = make_pipe(in);
+  if (rc == 0) rc = make_pipe(out);
+  if (rc == 0) rc = make_pipe(err);
+  if (rc != 0) {
+    for (int* p : {in, out, err}) { close_fd(p[0]); close_fd(p[1]); }
+    fail(job, "pipe", rc);
+    return;
+  }
+
+  build_env(v);
+  posix_spawn_file_actions_t fa;
+  pid_t pid = -1;
+  rc = posix_spawn_file_actions_init(&fa);
+  if (rc == 0) {
+    // dup2 clears FD_CLOEXEC on 0/1/2; closefrom drops anything else still open.
+    if (rc == 0) rc = posix_spawn_file_actions_adddup2(&fa, in[0], 0);
+    if (rc == 0) rc = posix_spawn_file_actions_adddup2(&fa, out[1], 1);
+    if (rc == 0) rc = posix_spawn_file_actions_adddup2(&fa, err[1], 2);
+    if (rc == 0) rc = posix_spawn_file_actions_addclosefrom_np(&fa, 3);
+    if (rc == 0) rc = posix_spawn(&pid, argv_ptrs_[0], &fa, &attr_, argv_ptrs_.data(), envp_.data());
+    posix_spawn_file_actions_destroy(&fa);
+  }
+  close_fd(in[0]);
+  close_fd(out[1]);
+  close_fd(err[1]);
+  if (rc != 0) {
+    close_fd(in[1]);
+    close_fd(out[0]);
+    close_fd(err[0]);
+    fail(job, nullptr, rc);
+    return;
+  }
+
+  auto run = std::make_shared<Run>(io_, job);
+  run->pid = pid;
+  if (spare_buffers_.empty()) {
+    run->buffers = std::make_unique<Buffers>();
+  } else {
+    run->buffers = std::move(spare_buffers_.back());
+    spare_buffers_.pop_back();
+  }
+  run->out.buf = run->buffers->out.data();
+  run->err.buf = run->buffers->err.data();
+  error_code ec;
+  int pfd = ::pidfd_open(pid, 0);
+  int watch_err = pfd < 0 ? errno : 0;
+  // assign() takes ownership only on success; close what was not taken.
+  if (!watch_err) { run->pidfd.assign(pfd, ec); if (ec) { close_fd(pfd); watch_err = ec.value(); } else pfd = -1; }
+  if (!watch_err) { run->in.assign(in[1], ec); if (ec) { close_fd(in[1]); watch_err = ec.value(); } else in[1] = -1; }
+  if (!watch_err) { run->out.sd.assign(out[0], ec); if (ec) { close_fd(out[0]); watch_err = ec.value(); } else out[0] = -1; }
+  if (!watch_err) { run->err.sd.assign(err[0], ec); if (ec) { close_fd(err[0]); watch_err = ec.value(); } else err[0] = -1; }
+  if (watch_err) {
+    // Cannot supervise it: kill it now rather than leave it unwatched.
+    close_fd(pfd);
+    close_fd(in[1]);
+    close_fd(out[0]);
+    close_fd(err[0]);
+    close_all(*run);
+    signal_group(*run, SIGKILL);
+    int st;
+    while (::waitpid(pid, &st, 0) < 0 && errno == EINTR) {}
+    fail(job, "cannot watch child", watch_err);
+    return;
+  }
+
+  run->index = runs_.size();
+  runs_.push_back(run);
+
+  if (v.body.empty()) {
+    run->in.close(ec);
+  } else {
+    // EPIPE (child did not read stdin) is fine; either way the write end is closed.
+    asio::async_write(run->in, asio::buffer(v.body.data(), v.body.size()),
+                      [run](const error_code&, size_t) {
+                        error_code ignored;
+                        run->in.close(ignored);
+                      });
+  }
+  read_more(run, false);
+  read_more(run, true);
+  wait_exit(run);
+  if (timeout_.count() > 0) arm_timer(run, timeout_);
+}
+
+void ExecHandler::read_more(const std::shared_ptr<Run>& run, bool is_err) {
+  Stream& s = is_err ? run->err : run->out;
+  s.sd.async_read_some(asio::buffer(s.buf + s.have, kReadBuf - s.have),
+                       [this, run, is_err](const error_code& ec, size_t n) { on_read(run, is_err, ec, n); });
+}
+
+void ExecHandler::on_read(const std::shared_ptr<Run>& run, bool is_err, const error_code& ec, size_t n) {
+  if (run->done) return;
+  Stream& s = is_err ? run->err : run->out;
+  if (!ec) {
+    s.have += n;
+    consume(*run, is_err, false);
+    read_more(run, is_err);
+    return;
+  }
+  end_stream(*run, is_err);  // EOF, or a read error: treat alike
+  maybe_complete(run);
+}
+
+void ExecHandler::consume(Run& run, bool is_err, bool at_eof) {
+  Stream& s = is_err ? run.err : run.out;
+  char* b = s.buf;
+  size_t start = 0;
+  while (start < s.have) {
+    auto* nl = static_cast<char*>(std::memchr(b + start, '\n', s.have - start));
+    if (!nl) break;
+    size_t end = static_cast<size_t>(nl - b);
+    line(run, is_err, std::string_view(b + start, end - start), end - start + 1);
+    start = end + 1;
+  }
+  while (s.have - start >= kMaxLine || (at_eof && s.have > start)) {
+    size_t len = std::min(kMaxLine, s.have - start);
+    line(run, is_err, std::string_view(b + start, len), len);
+    start += len;
+  }
+  if (start > 0) {
+    std::memmove(b, b + start, s.have - start);
+    s.have -= start;
+  }
+}
+
+void ExecHandler::line(Run& run, bool is_err, std::string_view text, size_t nbytes) {
+  Stream& s = is_err ? run.err : run.out;
+  if (!text.empty() && text.back() == '\r') text.remove_suffix(1);
+  if (is_err && !text.empty()) {
+    // The tail keeps going past the log cap: the last lines are the useful ones.
+    if (!run.tail.empty()) run.tail += '\n';
+    run.tail += text;
+    ++run.tail_lines;
+    if (run.tail.size() > kTailBytes) {  // keep the last bytes, even mid-line
+      size_t cut = run.tail.size() - kTailBytes;
+      size_t removed = static_cast<size_t>(std::count(run.tail.data(), run.tail.data() + cut, '\n'));
+      if (run.tail[cut] == '\n') {
+        ++cut;
+        ++removed;
+      }
+      run.tail.erase(0, cut);
+      run.tail_lines -= removed;
+    }
+    while (run.tail_lines > kTailLines) {
+      run.tail.erase(0, run.tail.find('\n') + 1);
+      --run.tail_lines;
+    }
+  }
+  if (s.capped || s.logged + nbytes > kLogCap) {
+    s.capped = true;  // once truncating, drop everything after so the log has no gaps
+    s.dropped += nbytes;
+    return;
+  }
+  s.logged += nbytes;
+  if (text.empty()) return;
+  std::string_view id = event_id(run);
+  if (is_err)
+    log::warn(text, {{"handler", name()}, {"event_id", id}, {"stream", "stderr"}});
+  else
+    log::info(text, {{"handler", name()}, {"event_id", id}, {"stream", "stdout"}});
+}
+
+void ExecHandler::end_stream(Run& run, bool is_err) {
+  Stream& s = is_err ? run.err : run.out;
+  if (s.eof) return;
+  consume(run, is_err, true);
+  if (s.dropped > 0) {
+    char msg[64];
+    std::snprintf(msg, sizeof msg, "output truncated: %zu bytes dropped", s.dropped);
+    std::string_view id = event_id(run);
+    const char* stream = is_err ? "stderr" : "stdout";
+    if (is_err)
+      log::warn(msg, {{"handler", name()}, {"event_id", id}, {"stream", stream}});
+    else
+      log::info(msg, {{"handler", name()}, {"event_id", id}, {"stream", stream}});
+  }
+  s.eof = true;
+  error_code ec;
+  s.sd.close(ec);
+}
+
+void ExecHandler::wait_exit(const std::shared_ptr<Run>& run) {
+  run->pidfd.async_wait(asio::posix::descriptor_base::wait_read,
+                        [this, run](const error_code& ec) { on_exit(run, ec); });
+}
+
+void ExecHandler::on_exit(const std::shared_ptr<Run>& run, const error_code& ec) {
+  if (run->done || ec == asio::error::operation_aborted) return;
+  int st = 0;
+  pid_t r;
+  do r = ::waitpid(run->pid, &st, WNOHANG);
+  while (r < 0 && errno == EINTR);
+  if (r == 0) {
+    if (!ec) {
+      wait_exit(run);  // not exited yet (spurious wakeup)
+      return;
+    }
+    // The pidfd wait itself failed: do not lose the child.
+    log::error("exec handler: waiting on child failed", {{"handler", name()}, {"error", ec.message()}});
+    signal_group(*run, SIGKILL);
+    do r = ::waitpid(run->pid, &st, 0);
+    while (r < 0 && errno == EINTR);
+  }
+  run->reaped = true;
+  run->status_known = r > 0;
+  run->status = st;
+  error_code ignored;
+  run->pidfd.close(ignored);
+  if (run->out.eof && run->err.eof) {
+    complete(run);
+    return;
+  }
+  // A grandchild may still hold the pipes; give them a moment, not forever.
+  arm_timer(run, kDrainGrace);
+}
+
+void ExecHandler::arm_timer(const std::shared_ptr<Run>& run, std::chrono::milliseconds after) {
+  unsigned gen = ++run->timer_gen;
+  run->timer.expires_after(after);
+  run->timer.async_wait([this, run, gen](const error_code& ec) { on_timer(run, gen, ec); });
+}
+
+void ExecHandler::signal_group(Run& run, int sig) {
+  // Only while unreaped: then the pid (and its group id) cannot have been reused.
+  if (run.reaped || run.pid <= 0) return;
+  if (::kill(-run.pid, sig) != 0) ::kill(run.pid, sig);  // it may have left its group
+}
+
+void ExecHandler::on_timer(const std::shared_ptr<Run>& run, unsigned gen, const error_code& ec) {
+  if (run->done || ec || gen != run->timer_gen) return;
+  if (run->reaped) {  // drain grace over
+    std::string_view id = event_id(*run);
+    log::warn("exec handler exited but its output is still open (background process?); not waiting",
+              {{"handler", name()}, {"event_id", id}});
+    complete(run);
+    return;
+  }
+  std::string_view id = event_id(*run);
+  if (!run->timed_out) {
+    run->timed_out = true;
+    log::warn("exec handler timed out, sending SIGTERM",
+              {{"handler", name()}, {"event_id", id}, {"timeout", format_duration(timeout_)}});
+    signal_group(*run, SIGTERM);
+    if (kill_grace_.count() > 0) {
+      arm_timer(run, kill_grace_);
+      return;
+    }
+  }
+  if (!run->sent_kill) {
+    run->sent_kill = true;
+    log::warn("exec handler ignored SIGTERM, sending SIGKILL", {{"handler", name()}, {"event_id", id}});
+    signal_group(*run, SIGKILL);
+  }
+}
+
+void ExecHandler::maybe_complete(const std::shared_ptr<Run>& run) {
+  if (run->reaped && run->out.eof && run->err.eof) complete(run);
+}
+
+void ExecHandler::close_all(Run& run) {
+  error_code ec;
+  run.in.close(ec);
+  run.out.sd.close(ec);
+  run.err.sd.close(ec);
+  run.pidfd.close(ec);
+  run.timer.cancel();
+  if (run.buffers && spare_buffers_.size() < kMaxSpareBuffers) spare_buffers_.push_back(std::move(run.buffers));
+  run.buffers.reset();
+  run.out.buf = run.err.buf = nullptr;
+}
+
+void ExecHandler::remove(Run& run) {
+  size_t i = run.index;
+  if (i >= runs_.size() || runs_[i].get() != &run) return;
+  if (i + 1 != runs_.size()) {
+    runs_[i] = std::move(runs_.back());
+    runs_[i]->index = i;
+  }
+  runs_.pop_back();
+}
+
+void ExecHandler::complete(const std::shared_ptr<Run>& run_ref) {
+  std::shared_ptr<Run> run = run_ref;  // outlives its removal from runs_
+  if (run->done) return;
+  end_stream(*run, false);  // no-op for streams already at EOF
+  end_stream(*run, true);
+  run->done = true;
+  close_all(*run);  // also stops the stdin write: the body is only valid until finish()
+  remove(*run);
+  Outcome outcome;
+  if (!run->status_known) {
+    std::string detail = "exit status unavailable (child reaped elsewhere)";
+    if (!run->tail.empty()) detail += "; stderr: " + run->tail;
+    outcome = Outcome::retry("handler_failed", std::move(detail));
+  } else {
+    std::string note;
+    if (run->timed_out) {
+      note = " after " + format_duration(timeout_) + (run->sent_kill ? " (sent SIGTERM, then SIGKILL)" : " (sent SIGTERM)");
+    }
+    outcome = exit_outcome(run->status, run->timed_out, note, run->tail);
+  }
+  run->job->finish(std::move(outcome));
+}
+
+void ExecHandler::abort_all() {
+  if (runs_.empty()) return;
+  auto runs = std::move(runs_);
+  runs_.clear();
+  for (auto& run : runs) {
+    if (run->done) continue;
+    run->done = true;
+    if (!run->reaped) {
+      signal_group(*run, SIGKILL);
+      // Blocking is acceptable here: shutdown, after the deadline, and SIGKILL is quick.
+      int st;
+      while (::waitpid(run->pid, &st, 0) < 0 && errno == EINTR) {}
+      run->reaped = true;
+    }
+    close_all(*run);
+  }
+  std::string n = std::to_string(runs.size());
+  log::warn("exec handler aborted running children", {{"handler", name()}, {"count", n}});
+}
+
+}  // namespace
+
+Outcome outcome_for_exit(int wait_status, bool timed_out, std::string_view stderr_tail) {
+  return exit_outcome(wait_status, timed_out, {}, stderr_tail);
+}
+
+std::unique_ptr<Handler> make_exec_handler(const config::HandlerConfig& cfg, boost::asio::io_context& io) {
+  return std::make_unique<ExecHandler>(cfg, io);
+}
+
+}  // namespace er::dispatch

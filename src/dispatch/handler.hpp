@@ -1,0 +1,79 @@
+#pragma once
+// The handler interface: every kind (plugin, exec, later worker) ends an
+// event with exactly one Outcome, delivered through Job::finish() on the
+// event loop thread. Nothing on this path throws.
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "event/envelope.hpp"
+
+namespace er::dispatch {
+
+enum class Verdict { Ack, Retry, DeadLetter };
+
+const char* verdict_name(Verdict v);  // "ack", "retry", "dead-letter"
+
+struct Outcome {
+  Verdict verdict = Verdict::Ack;
+  std::string reason;   // stable code for x-death-reason, e.g. "handler_failed"
+  std::string detail;   // human message: exit code and stderr tail, plugin's reason...
+  std::chrono::milliseconds retry_delay{0};  // plugin's requested minimum delay
+
+  static Outcome ack() { return {}; }
+  static Outcome retry(std::string reason, std::string detail, std::chrono::milliseconds delay = {}) {
+    return {Verdict::Retry, std::move(reason), std::move(detail), delay};
+  }
+  static Outcome dead_letter(std::string reason, std::string detail) {
+    return {Verdict::DeadLetter, std::move(reason), std::move(detail), {}};
+  }
+};
+
+// A read-only view of one event; valid until Job::finish() is called.
+struct EventView {
+  std::string_view body;
+  std::string_view routing_key;
+  std::string_view exchange;
+  std::string_view queue;
+  const event::Envelope* envelope = nullptr;
+  uint32_t attempt = 1;
+  bool redelivered = false;
+};
+
+// One in-flight event, owned by the consumer.
+class Job {
+ public:
+  virtual ~Job() = default;
+  virtual const EventView& view() const = 0;
+  // Exactly once per start(), on the event loop thread.
+  virtual void finish(Outcome outcome) = 0;
+};
+
+class Handler {
+ public:
+  explicit Handler(std::string name) : name_(std::move(name)) {}
+  virtual ~Handler() = default;
+  Handler(const Handler&) = delete;
+  Handler& operator=(const Handler&) = delete;
+
+  const std::string& name() const { return name_; }
+
+  // Begin handling. May call job.finish() before returning (inline plugins).
+  // Called on the event loop thread; never blocks it.
+  virtual void start(Job& job) = 0;
+
+  // Upper bound the handler itself imposes (e.g. a plugin that is not
+  // re-entrant says 1). The dispatcher uses min(this, configured concurrency).
+  virtual unsigned max_concurrency() const { return ~0u; }
+
+  // The shutdown deadline passed: stop in-flight work now (kill children).
+  // finish() is not called for the aborted jobs; their events stay unacked.
+  virtual void abort_all() {}
+
+ private:
+  std::string name_;
+};
+
+}  // namespace er::dispatch

@@ -1,0 +1,74 @@
+#include "dispatch/router.hpp"
+
+#include <algorithm>
+
+#include "dispatch/exec_handler.hpp"
+#include "dispatch/plugin_handler.hpp"
+#include "util/log.hpp"
+
+namespace er::dispatch {
+
+namespace {
+constexpr size_t kMaxCachedTypes = 4096;  // bounds memory against random event types
+}
+
+HandlerSlot* QueueRouter::route(std::string_view event_type) {
+  auto it = cache_.find(event_type);
+  if (it != cache_.end()) return it->second < 0 ? nullptr : &slots_[static_cast<size_t>(it->second)];
+  int found = -1;
+  for (size_t i = 0; i < slots_.size() && found < 0; ++i) {
+    for (const auto& p : slots_[i].cfg->events) {
+      if (p.matches(event_type)) { found = static_cast<int>(i); break; }
+    }
+  }
+  if (cache_.size() < kMaxCachedTypes) cache_.emplace(std::string(event_type), found);
+  return found < 0 ? nullptr : &slots_[static_cast<size_t>(found)];
+}
+
+std::unique_ptr<Runtime> build_runtime(std::shared_ptr<const config::Config> cfg, boost::asio::io_context& io,
+                                       boost::asio::thread_pool& pool) {
+  auto rt = std::make_unique<Runtime>();
+  rt->config = cfg;
+  rt->queues.reserve(cfg->queues.size());
+  for (const auto& q : cfg->queues) {
+    QueueRouter router(q);
+    router.slots().reserve(q.handlers.size());
+    for (const auto& h : q.handlers) {
+      HandlerSlot slot;
+      slot.cfg = &h;
+      slot.handler = h.kind == config::HandlerKind::Plugin ? make_plugin_handler(h, io, pool)
+                                                          : make_exec_handler(h, io);
+      slot.limit = std::max(1u, std::min(h.concurrency, slot.handler->max_concurrency()));
+      router.slots().push_back(std::move(slot));
+    }
+    rt->queues.push_back(std::move(router));
+  }
+  return rt;
+}
+
+void print_plan(const config::Config& cfg, std::ostream& out) {
+  out << "config " << cfg.path << " ok\n";
+  out << "broker " << log::mask_url(cfg.broker.url) << " heartbeat " << cfg.broker.heartbeat.count() << "ms\n";
+  out << "exchange " << cfg.exchange.name << " (" << cfg.exchange.type << ", durable)\n";
+  for (const auto& q : cfg.queues) {
+    out << "queue " << q.name << " (durable) prefetch " << q.prefetch << " dead-letter " << q.dead_letter_queue
+        << " unhandled " << (q.unhandled == config::Unhandled::Ack ? "ack" : "dead-letter") << "\n";
+    for (const auto& b : q.bindings) out << "  binding " << cfg.exchange.name << " -> " << q.name << " key " << b << "\n";
+    for (const auto& h : q.handlers) {
+      out << "  handler " << h.name << " events [";
+      for (size_t i = 0; i < h.events.size(); ++i) out << (i ? ", " : "") << h.events[i].text();
+      out << "] ";
+      if (h.kind == config::HandlerKind::Plugin) {
+        out << "plugin " << h.plugin_path;
+      } else {
+        out << "exec";
+        for (const auto& a : h.argv) out << " " << a;
+        out << " timeout " << h.timeout.count() << "ms";
+      }
+      out << " concurrency " << h.concurrency << "\n";
+    }
+    if (q.handlers.empty()) out << "  (no handlers: every event is unhandled)\n";
+  }
+}
+
+}  // namespace er::dispatch

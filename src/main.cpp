@@ -1,0 +1,49 @@
+#include <csignal>
+#include <cstdlib>
+#include <cstring>
+#include <iostream>
+#include <string>
+
+#include "daemon/daemon.hpp"
+
+namespace {
+const char* kUsage =
+    "usage: event-router [--config FILE] [--check] [--version] [--help]\n"
+    "\n"
+    "Consumes events from RabbitMQ and dispatches them to plugin and exec handlers.\n"
+    "\n"
+    "  -c, --config FILE  routing table (default: $EVENT_ROUTER_CONFIG, else\n"
+    "                     /etc/event-router/router.yaml)\n"
+    "  -t, --check        validate the config, load plugins, check executables,\n"
+    "                     print the topology and routing plan, and exit 0 or 1\n"
+    "  -V, --version      print the version and exit\n"
+    "  -h, --help         print this help and exit\n";
+}
+
+int main(int argc, char** argv) {
+  er::daemon::Options opts;
+  const char* env = std::getenv("EVENT_ROUTER_CONFIG");
+  opts.config_path = env && *env ? env : "/etc/event-router/router.yaml";
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a == "-h" || a == "--help") {
+      std::cout << kUsage;
+      return 0;
+    } else if (a == "-V" || a == "--version") {
+      std::cout << "event-router " << ER_VERSION << "\n";
+      return 0;
+    } else if (a == "-t" || a == "--check") {
+      opts.check = true;
+    } else if ((a == "-c" || a == "--config") && i + 1 < argc) {
+      opts.config_path = argv[++i];
+    } else if (a.rfind("--config=", 0) == 0) {
+      opts.config_path = a.substr(9);
+    } else {
+      std::cerr << "event-router: unknown argument '" << a << "'\n" << kUsage;
+      return 2;
+    }
+  }
+  // A handler that exits before reading its stdin must not kill the daemon.
+  std::signal(SIGPIPE, SIG_IGN);
+  return er::daemon::run(opts);
+}

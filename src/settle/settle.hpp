@@ -1,0 +1,101 @@
+#pragma once
+// Settling an event: the dead-letter copy (original body and properties plus
+// the x-death-* headers) and publisher-confirm bookkeeping. The original is
+// acked only after the broker confirmed the copy.
+#include <amqp.h>
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace er::settle {
+
+struct DeadLetterInfo {
+  std::string_view reason;        // stable code: handler_failed, invalid_json, unhandled...
+  std::string_view detail;        // human text
+  std::string_view handler;       // may be empty (decode errors, unhandled)
+  std::string_view queue;         // the queue it was consumed from
+  std::string_view exchange;      // as delivered
+  std::string_view routing_key;   // as delivered
+  uint32_t attempts = 1;
+};
+
+// ISO 8601 UTC with milliseconds, e.g. 2026-11-28T03:40:00.123Z.
+std::string now_iso8601();
+
+// Properties for the dead-letter copy. Keeps every original property and
+// header (except stale x-death-* / x-original-* ones it replaces), forces
+// delivery_mode 2 so the dead letter survives a broker restart, and keeps
+// x-first-failed-at from an earlier failure if there was one.
+class DeadLetterProperties {
+ public:
+  DeadLetterProperties(const amqp_basic_properties_t& original, const DeadLetterInfo& info);
+  DeadLetterProperties(const DeadLetterProperties&) = delete;
+  DeadLetterProperties& operator=(const DeadLetterProperties&) = delete;
+
+  const amqp_basic_properties_t* get() const { return &props_; }
+
+ private:
+  void add_string(const char* key, std::string value);
+  amqp_basic_properties_t props_;
+  std::vector<amqp_table_entry_t> entries_;
+  std::vector<std::string> strings_;  // owns the bytes the entries point to
+};
+
+// Header names, shared with the tests and the dlq tooling.
+inline constexpr const char* kReason = "x-death-reason";
+inline constexpr const char* kDetail = "x-death-detail";
+inline constexpr const char* kHandler = "x-death-handler";
+inline constexpr const char* kAttempts = "x-attempts";
+inline constexpr const char* kFirstFailedAt = "x-first-failed-at";
+inline constexpr const char* kLastFailedAt = "x-last-failed-at";
+inline constexpr const char* kOriginalExchange = "x-original-exchange";
+inline constexpr const char* kOriginalRoutingKey = "x-original-routing-key";
+inline constexpr const char* kOriginalQueue = "x-original-queue";
+
+// Publisher confirms on one channel: sequence numbers start at 1 and the
+// broker acks or nacks them, possibly several at once (`multiple`).
+template <class T>
+class ConfirmTracker {
+ public:
+  uint64_t add(T item) {
+    uint64_t seq = next_++;
+    pending_.emplace(seq, std::move(item));
+    return seq;
+  }
+  // Calls f(item, acked) for every sequence number the confirm covers.
+  template <class F>
+  void confirm(uint64_t tag, bool multiple, bool acked, F&& f) {
+    if (multiple) {
+      auto end = pending_.upper_bound(tag);
+      std::vector<T> done;
+      for (auto it = pending_.begin(); it != end; ++it) done.push_back(std::move(it->second));
+      pending_.erase(pending_.begin(), end);
+      for (auto& item : done) f(item, acked);
+    } else {
+      auto it = pending_.find(tag);
+      if (it == pending_.end()) return;
+      T item = std::move(it->second);
+      pending_.erase(it);
+      f(item, acked);
+    }
+  }
+  // The channel is gone: nothing pending will ever be confirmed.
+  template <class F>
+  void fail_all(F&& f) {
+    auto items = std::move(pending_);
+    pending_.clear();
+    for (auto& kv : items) f(kv.second, false);
+  }
+  void reset() { pending_.clear(); next_ = 1; }
+  size_t size() const { return pending_.size(); }
+  bool empty() const { return pending_.empty(); }
+
+ private:
+  uint64_t next_ = 1;
+  std::map<uint64_t, T> pending_;
+};
+
+}  // namespace er::settle

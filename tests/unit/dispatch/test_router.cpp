@@ -1,0 +1,42 @@
+#include <catch2/catch.hpp>
+
+#include "dispatch/router.hpp"
+
+using namespace er;
+
+namespace {
+struct NamedHandler : dispatch::Handler {
+  using Handler::Handler;
+  void start(dispatch::Job& job) override { job.finish(dispatch::Outcome::ack()); }
+};
+
+config::HandlerConfig handler(const std::string& name, std::vector<std::string> events) {
+  config::HandlerConfig h;
+  h.name = name;
+  for (auto& e : events) h.events.emplace_back(e);
+  return h;
+}
+}  // namespace
+
+TEST_CASE("router: the first handler whose pattern matches wins; unmatched types are unhandled", "[router]") {
+  config::QueueConfig q;
+  q.name = "speaker.events";
+  q.handlers.push_back(handler("onboarded", {"speaker.onboarded"}));
+  q.handlers.push_back(handler("speaker-any", {"speaker.*", "legacy.#"}));
+  dispatch::QueueRouter r(q);
+  for (const auto& h : q.handlers) {
+    dispatch::HandlerSlot s;
+    s.cfg = &h;
+    s.handler = std::make_unique<NamedHandler>(h.name);
+    r.slots().push_back(std::move(s));
+  }
+  for (int round = 0; round < 2; ++round) {  // second round is served by the cache
+    REQUIRE(r.route("speaker.onboarded")->handler->name() == "onboarded");
+    REQUIRE(r.route("speaker.updated")->handler->name() == "speaker-any");
+    REQUIRE(r.route("legacy")->handler->name() == "speaker-any");
+    REQUIRE(r.route("legacy.a.b")->handler->name() == "speaker-any");
+    REQUIRE(r.route("draft.ingested") == nullptr);
+    REQUIRE(r.route("speaker.a.b") == nullptr);
+    REQUIRE(r.route("") == nullptr);
+  }
+}
