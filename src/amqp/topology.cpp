@@ -2,6 +2,10 @@
 
 namespace er::amqp {
 
+std::string retry_queue_name(const std::string& queue, config::Duration step) {
+  return queue + ".retry." + std::to_string(step.count());
+}
+
 void declare_topology(Connection& conn, amqp_channel_t ch, const config::Config& cfg) {
   amqp_connection_state_t c = conn.get();
   const auto& ex = cfg.exchange;
@@ -14,6 +18,22 @@ void declare_topology(Connection& conn, amqp_channel_t ch, const config::Config&
     check_reply(amqp_get_rpc_reply(c), "declaring queue '" + q.name + "'");
     amqp_queue_declare(c, ch, bytes(q.dead_letter_queue), 0, 1, 0, 0, amqp_empty_table);
     check_reply(amqp_get_rpc_reply(c), "declaring dead-letter queue '" + q.dead_letter_queue + "'");
+    // One queue per delay step keeps FIFO expiry honest: per-message TTLs only
+    // expire at the head of a queue, so a short delay must never sit behind a
+    // long one. Within one step the delays differ only by the jitter.
+    for (auto step : q.retry_steps()) {
+      std::string name = retry_queue_name(q.name, step);
+      amqp_table_entry_t args[2];
+      args[0].key = amqp_cstring_bytes("x-dead-letter-exchange");
+      args[0].value.kind = AMQP_FIELD_KIND_UTF8;
+      args[0].value.value.bytes = amqp_empty_bytes;
+      args[1].key = amqp_cstring_bytes("x-dead-letter-routing-key");
+      args[1].value.kind = AMQP_FIELD_KIND_UTF8;
+      args[1].value.value.bytes = bytes(q.name);
+      amqp_table_t table{2, args};
+      amqp_queue_declare(c, ch, bytes(name), 0, 1, 0, 0, table);
+      check_reply(amqp_get_rpc_reply(c), "declaring retry delay queue '" + name + "'");
+    }
     for (const auto& key : q.bindings) {
       amqp_queue_bind(c, ch, bytes(q.name), bytes(ex.name), bytes(key), amqp_empty_table);
       check_reply(amqp_get_rpc_reply(c),

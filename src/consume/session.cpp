@@ -48,7 +48,13 @@ Session::Session(asio::io_context& io, std::unique_ptr<dispatch::Runtime> runtim
       cfg_(*rt_->config),
       heartbeat_timer_(io),
       reconnect_timer_(io),
-      deadline_timer_(io) {}
+      deadline_timer_(io) {
+  for (const auto& q : cfg_.queues) {
+    std::vector<RetryStep> steps;
+    for (auto d : q.retry_steps()) steps.push_back({d, amqp::retry_queue_name(q.name, d)});
+    retry_steps_.push_back(std::move(steps));
+  }
+}
 
 Session::~Session() {
   if (socket_) socket_->release();  // the fd belongs to rabbitmq-c
@@ -290,16 +296,29 @@ void Session::on_delivery(amqp_envelope_t& env) {
   d->slot = nullptr;
   const auto& qcfg = cfg_.queues[qi];
   const auto& body = d->env.message.body;
-  std::string_view rk = sv(d->env.routing_key);
+  // A retry copy comes back through the default exchange: its headers say
+  // which attempt it is and where it was first published.
+  settle::DeliveryHistory history = settle::read_history(d->env.message.properties);
+  std::string_view rk =
+      history.original_routing_key.empty() ? sv(d->env.routing_key) : history.original_routing_key;
 
   auto& v = d->view_;
   v.body = sv(body);
   v.routing_key = rk;
-  v.exchange = sv(d->env.exchange);
+  v.exchange = history.original_routing_key.empty() ? sv(d->env.exchange) : history.original_exchange;
   v.queue = qcfg.name;
   v.envelope = &d->envelope;
-  v.attempt = 1;
+  v.attempt = history.attempt;
   v.redelivered = d->env.redelivered != 0;
+
+  if (body.len > qcfg.max_message_bytes) {
+    d->envelope.clear();
+    dead_letter(d, "too_large",
+                "body of " + std::to_string(body.len) + " bytes exceeds max_message_bytes " +
+                    std::to_string(qcfg.max_message_bytes),
+                {});
+    return;
+  }
 
   auto status = event::decode(static_cast<const char*>(body.bytes), body.len, rk, d->envelope, detail_);
   if (status != event::DecodeStatus::Ok) {
@@ -368,9 +387,9 @@ void Session::on_finished(Delivery* d, dispatch::Outcome outcome) {
     release(d);
   } else if (outcome.verdict == dispatch::Verdict::Ack) {
     ack(d);
+  } else if (outcome.verdict == dispatch::Verdict::Retry) {
+    retry(d, outcome, handler, slot->cfg->retry);
   } else {
-    // Until delayed retries exist, a retry is dead-lettered with its reason:
-    // never requeued in a loop, never dropped.
     dead_letter(d, outcome.reason.empty() ? "handler_failed" : outcome.reason, outcome.detail, handler);
   }
   start_waiting(slot);
@@ -393,19 +412,66 @@ void Session::dead_letter(Delivery* d, std::string_view reason, std::string_view
   info.exchange = d->view_.exchange;
   info.routing_key = d->view_.routing_key;
   info.attempts = d->view_.attempt;
-  settle::DeadLetterProperties props(d->env.message.properties, info);
-  int rc = amqp_basic_publish(conn_->get(), kPublishChannel, amqp_empty_bytes, amqp::bytes(qcfg.dead_letter_queue),
-                              0, 0, props.get(), d->env.message.body);
+  settle::CopyProperties props(d->env.message.properties, info);
   log::warn("dead-lettering",
             {{"queue", qcfg.name}, {"event_type", d->envelope.event_type}, {"event_id", d->envelope.event_id},
              {"handler", handler}, {"reason", reason}, {"detail", detail}, {"dlq", qcfg.dead_letter_queue}});
-  if (rc != AMQP_STATUS_OK) {
-    release(d);
-    connection_lost(std::string("publishing to the dead-letter queue: ") + amqp_error_string2(rc));
+  publish_copy(d, qcfg.dead_letter_queue, props.get(), "publishing to the dead-letter queue");
+}
+
+void Session::retry(Delivery* d, const dispatch::Outcome& outcome, const std::string& handler,
+                    const config::RetryConfig& policy) {
+  const auto& qcfg = cfg_.queues[d->queue];
+  const std::string reason = outcome.reason.empty() ? "handler_failed" : outcome.reason;
+  const uint32_t attempt = d->view_.attempt;
+  const auto& steps = retry_steps_[d->queue];
+  if (attempt >= policy.max_attempts || steps.empty()) {
+    dead_letter(d, "max_attempts",
+                "gave up after " + std::to_string(attempt) + " attempt" + (attempt == 1 ? "" : "s") +
+                    "; last error: " + reason + (outcome.detail.empty() ? "" : ": " + outcome.detail),
+                handler);
     return;
   }
-  // Acked only once the broker confirms the copy (on_confirm).
+  // The policy's wait, or the handler's own request if that is longer; both
+  // land on a declared step, so no queue is ever created on the hot path.
+  config::Duration want = std::max(policy.delay_before(attempt + 1), outcome.retry_delay);
+  const RetryStep* step = &steps.back();
+  for (const auto& s : steps) {
+    if (s.delay >= want) { step = &s; break; }
+  }
+  // A little jitter (up to 10%, at most 1 s) spreads a burst of failures.
+  long long base = step->delay.count();
+  std::uniform_int_distribution<long long> jitter(0, std::min(base / 10, 1000LL));
+  uint64_t expiration = static_cast<uint64_t>(base + jitter(rng_));
+
+  settle::DeadLetterInfo info;
+  info.reason = reason;
+  info.detail = outcome.detail;
+  info.handler = handler;
+  info.queue = qcfg.name;
+  info.exchange = d->view_.exchange;
+  info.routing_key = d->view_.routing_key;
+  info.attempts = attempt;
+  settle::CopyProperties props(d->env.message.properties, info, attempt + 1, expiration);
+  log::warn("retrying later",
+            {{"queue", qcfg.name}, {"event_type", d->envelope.event_type}, {"event_id", d->envelope.event_id},
+             {"handler", handler}, {"attempt", std::to_string(attempt)},
+             {"next_attempt_in_ms", std::to_string(expiration)}, {"detail", outcome.detail}});
+  publish_copy(d, step->queue, props.get(), "publishing a retry copy");
+}
+
+bool Session::publish_copy(Delivery* d, const std::string& routing_key, const amqp_basic_properties_t* props,
+                           const char* what) {
+  int rc = amqp_basic_publish(conn_->get(), kPublishChannel, amqp_empty_bytes, amqp::bytes(routing_key), 0, 0,
+                              props, d->env.message.body);
+  if (rc != AMQP_STATUS_OK) {
+    release(d);
+    connection_lost(std::string(what) + ": " + amqp_error_string2(rc));
+    return false;
+  }
+  // The original is acked only once the broker confirms the copy (on_confirm).
   confirms_.add(d);
+  return true;
 }
 
 void Session::on_confirm(uint64_t tag, bool multiple, bool acked) {
@@ -416,11 +482,19 @@ void Session::on_confirm(uint64_t tag, bool multiple, bool acked) {
       ack(d);
     } else {
       // The broker refused the copy: keep the original with the broker.
-      log::error("the broker refused the dead-letter copy; the event is returned to its queue",
+      // The broker refused the copy (e.g. a full DLQ with reject-publish). The
+      // original stays unacked, so the broker still owns it; hand it back
+      // after a pause so a full DLQ does not turn into a hot redelivery loop.
+      log::error("the broker refused the copy (dead-letter or retry); the event goes back to its queue in 5s",
                  {{"queue", cfg_.queues[d->queue].name}, {"event_id", d->envelope.event_id}});
-      auto ch = static_cast<amqp_channel_t>(kFirstConsumerChannel + d->queue);
-      amqp_basic_nack(conn_->get(), ch, d->env.delivery_tag, 0, /*requeue*/ 1);
-      release(d);
+      auto timer = std::make_shared<asio::steady_timer>(io_, std::chrono::seconds(5));
+      timer->async_wait([this, d, timer](boost::system::error_code) {
+        if (d->epoch == epoch_ && conn_) {
+          auto ch = static_cast<amqp_channel_t>(kFirstConsumerChannel + d->queue);
+          amqp_basic_nack(conn_->get(), ch, d->env.delivery_tag, 0, /*requeue*/ 1);
+        }
+        release(d);
+      });
     }
   });
 }

@@ -61,6 +61,10 @@ class Session {
   void on_finished(Delivery* d, dispatch::Outcome outcome);
   void ack(Delivery* d);
   void dead_letter(Delivery* d, std::string_view reason, std::string_view detail, std::string_view handler);
+  void retry(Delivery* d, const dispatch::Outcome& outcome, const std::string& handler,
+             const config::RetryConfig& policy);
+  bool publish_copy(Delivery* d, const std::string& routing_key, const amqp_basic_properties_t* props,
+                    const char* what);
   void on_confirm(uint64_t tag, bool multiple, bool acked);
   void connection_lost(const std::string& why);
   void drop_waiting();
@@ -84,6 +88,12 @@ class Session {
   size_t in_flight_ = 0;
   std::vector<std::unique_ptr<Delivery>> pool_;  // recycled Delivery objects
   std::string detail_;                           // scratch for decode errors
+
+  struct RetryStep {
+    config::Duration delay;
+    std::string queue;  // its delay queue
+  };
+  std::vector<std::vector<RetryStep>> retry_steps_;  // per queue, ascending
 
   boost::asio::steady_timer heartbeat_timer_;
   boost::asio::steady_timer reconnect_timer_;

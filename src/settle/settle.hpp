@@ -25,24 +25,44 @@ struct DeadLetterInfo {
 // ISO 8601 UTC with milliseconds, e.g. 2026-11-28T03:40:00.123Z.
 std::string now_iso8601();
 
-// Properties for the dead-letter copy. Keeps every original property and
-// header (except stale x-death-* / x-original-* ones it replaces), forces
-// delivery_mode 2 so the dead letter survives a broker restart, and keeps
+// Properties for a copy the daemon publishes on the event's behalf: the
+// dead-letter copy, or the retry copy that waits in a delay queue. Keeps every
+// original property and header (except stale ones of ours it replaces),
+// forces delivery_mode 2 so the copy survives a broker restart, and keeps
 // x-first-failed-at from an earlier failure if there was one.
-class DeadLetterProperties {
+class CopyProperties {
  public:
-  DeadLetterProperties(const amqp_basic_properties_t& original, const DeadLetterInfo& info);
-  DeadLetterProperties(const DeadLetterProperties&) = delete;
-  DeadLetterProperties& operator=(const DeadLetterProperties&) = delete;
+  // The dead-letter copy: x-death-*, x-attempts, x-*-failed-at, x-original-*.
+  CopyProperties(const amqp_basic_properties_t& original, const DeadLetterInfo& info);
+  // The retry copy: x-attempt (the next attempt), x-last-error, x-*-failed-at,
+  // x-original-*, and a per-message expiration of `expiration_ms`.
+  CopyProperties(const amqp_basic_properties_t& original, const DeadLetterInfo& info, uint32_t next_attempt,
+                 uint64_t expiration_ms);
+  CopyProperties(const CopyProperties&) = delete;
+  CopyProperties& operator=(const CopyProperties&) = delete;
 
   const amqp_basic_properties_t* get() const { return &props_; }
 
  private:
+  void copy_original(const amqp_basic_properties_t& original);
+  void add_common(const DeadLetterInfo& info);
   void add_string(const char* key, std::string value);
+  void add_int(const char* key, int64_t value);
+  void finish();
   amqp_basic_properties_t props_;
   std::vector<amqp_table_entry_t> entries_;
   std::vector<std::string> strings_;  // owns the bytes the entries point to
+  std::string first_failed_;
 };
+
+// What a delivery says about its own history, read from our headers: set on
+// retry copies, absent on a fresh event (attempt 1, as delivered).
+struct DeliveryHistory {
+  uint32_t attempt = 1;
+  std::string_view original_exchange;     // empty = as delivered
+  std::string_view original_routing_key;  // empty = as delivered
+};
+DeliveryHistory read_history(const amqp_basic_properties_t& props);
 
 // Header names, shared with the tests and the dlq tooling.
 inline constexpr const char* kReason = "x-death-reason";
@@ -54,6 +74,8 @@ inline constexpr const char* kLastFailedAt = "x-last-failed-at";
 inline constexpr const char* kOriginalExchange = "x-original-exchange";
 inline constexpr const char* kOriginalRoutingKey = "x-original-routing-key";
 inline constexpr const char* kOriginalQueue = "x-original-queue";
+inline constexpr const char* kAttempt = "x-attempt";        // retry copies: the attempt they will be
+inline constexpr const char* kLastError = "x-last-error";   // retry copies: why the last attempt failed
 
 // Publisher confirms on one channel: sequence numbers start at 1 and the
 // broker acks or nacks them, possibly several at once (`multiple`).

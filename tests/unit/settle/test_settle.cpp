@@ -79,7 +79,7 @@ TEST_CASE("dead-letter properties keep the original and add the reason headers",
   info.exchange = "draft-genie.events";
   info.routing_key = "draft.ingested";
   info.attempts = 2;
-  DeadLetterProperties dl(orig, info);
+  CopyProperties dl(orig, info);
   const amqp_basic_properties_t* p = dl.get();
 
   CHECK(std::string(static_cast<const char*>(p->content_type.bytes), p->content_type.len) == "application/json");
@@ -109,7 +109,7 @@ TEST_CASE("dead-letter properties on a message without headers or handler", "[se
   info.reason = "invalid_json";
   info.detail = "invalid JSON at offset 0";
   info.queue = "q";
-  DeadLetterProperties dl(orig, info);
+  CopyProperties dl(orig, info);
   auto h = headers_of(dl.get());
   CHECK(h.count(kHandler) == 0);
   CHECK(str(h.at(kReason)) == "invalid_json");
