@@ -5,10 +5,12 @@
 #include <string>
 
 #include "daemon/daemon.hpp"
+#include "dlq/dlq.hpp"
 
 namespace {
 const char* kUsage =
     "usage: event-router [--config FILE] [--check] [--version] [--help]\n"
+    "       event-router dlq list|replay --queue Q [options]   (see: event-router dlq --help)\n"
     "\n"
     "Consumes events from RabbitMQ and dispatches them to plugin and exec handlers.\n"
     "\n"
@@ -21,6 +23,7 @@ const char* kUsage =
 }
 
 int main(int argc, char** argv) {
+  if (argc > 1 && std::strcmp(argv[1], "dlq") == 0) return er::dlq::main(argc - 1, argv + 1);
   er::daemon::Options opts;
   const char* env = std::getenv("EVENT_ROUTER_CONFIG");
   opts.config_path = env && *env ? env : "/etc/event-router/router.yaml";

@@ -1,0 +1,526 @@
+#include "dlq/dlq.hpp"
+
+#include <amqp.h>
+
+#include <algorithm>
+#include <csignal>
+#include <cstdlib>
+#include <cstring>
+#include <iostream>
+#include <map>
+#include <optional>
+#include <stdexcept>
+#include <vector>
+
+#include "amqp/connection.hpp"
+#include "config/config.hpp"
+#include "event/envelope.hpp"
+#include "settle/settle.hpp"
+#include "util/log.hpp"
+
+namespace er::dlq {
+
+namespace {
+
+using amqp::bytes;
+using amqp::view;
+
+const char* kUsage =
+    "usage: event-router dlq list   --queue Q [--config FILE] [--count N]\n"
+    "       event-router dlq replay --queue Q [--config FILE] [--event-id ID] [--count N]\n"
+    "\n"
+    "Inspect and replay the dead-letter queue of a work queue.\n"
+    "\n"
+    "  list     print the dead-lettered events, oldest first, without removing\n"
+    "           them: event id, type, reason, attempts, last failure, detail\n"
+    "  replay   republish dead-lettered events to their original exchange and\n"
+    "           routing key without the failure headers (the attempt count\n"
+    "           starts again at 1), and remove them from the dead-letter queue\n"
+    "\n"
+    "  -q, --queue Q        a work queue of the config (its dead_letter_queue is\n"
+    "                       used), or the dead-letter queue's own name\n"
+    "  -c, --config FILE    the daemon's config, for the broker URL and queues\n"
+    "                       (default: $EVENT_ROUTER_CONFIG, else\n"
+    "                       /etc/event-router/router.yaml)\n"
+    "  -n, --count N        list: at most N events (default all, up to 10000);\n"
+    "                       replay: at most N events (default all)\n"
+    "  -e, --event-id ID    replay: only events with this id (envelope event id,\n"
+    "                       else the message_id property); others stay in place\n"
+    "  -h, --help           print this help and exit\n"
+    "\n"
+    "Exit status: 0 ok, 1 failure (or not every requested event replayed), 2 usage.\n";
+
+constexpr size_t kListCap = 10000;
+constexpr size_t kDetailWidth = 80;
+constexpr amqp_channel_t kCheckChannel = 1;  // passive declares (a 404 closes it)
+constexpr amqp_channel_t kWorkChannel = 2;   // basic.get (list) / the transaction (replay)
+
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+struct Failure : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct Args {
+  std::string command;
+  std::string queue;
+  std::string config_path;
+  std::string event_id;
+  bool has_event_id = false;
+  size_t count = 0;  // 0 = no limit given
+};
+
+size_t parse_count(const std::string& s) {
+  size_t pos = 0;
+  unsigned long long n = 0;
+  try {
+    if (s.empty() || s[0] == '-' || s[0] == '+') throw std::invalid_argument(s);
+    n = std::stoull(s, &pos);
+  } catch (const std::exception&) {
+    pos = 0;
+  }
+  if (pos != s.size() || n == 0) throw UsageError("--count wants a positive whole number, got '" + s + "'");
+  return static_cast<size_t>(n);
+}
+
+// Returns nullopt for --help.
+std::optional<Args> parse_args(int argc, char** argv) {
+  Args a;
+  const char* env = std::getenv("EVENT_ROUTER_CONFIG");
+  a.config_path = env && *env ? env : "/etc/event-router/router.yaml";
+  bool has_queue = false;
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    if (arg == "-h" || arg == "--help") return std::nullopt;
+    if (i == 1 && !arg.empty() && arg[0] != '-') {
+      if (arg != "list" && arg != "replay") throw UsageError("unknown command '" + arg + "' (list or replay)");
+      a.command = arg;
+      continue;
+    }
+    std::string name = arg, value;
+    bool inline_value = false;
+    if (arg.rfind("--", 0) == 0) {
+      if (auto eq = arg.find('='); eq != std::string::npos) {
+        name = arg.substr(0, eq);
+        value = arg.substr(eq + 1);
+        inline_value = true;
+      }
+    }
+    auto take = [&]() -> std::string {
+      if (inline_value) return value;
+      if (i + 1 >= argc) throw UsageError(name + " needs a value");
+      return argv[++i];
+    };
+    if (name == "-q" || name == "--queue") {
+      a.queue = take();
+      has_queue = true;
+    } else if (name == "-c" || name == "--config") {
+      a.config_path = take();
+    } else if (name == "-n" || name == "--count") {
+      a.count = parse_count(take());
+    } else if (name == "-e" || name == "--event-id") {
+      a.event_id = take();
+      a.has_event_id = true;
+    } else {
+      throw UsageError("unknown argument '" + arg + "'");
+    }
+  }
+  if (a.command.empty()) throw UsageError("missing command (list or replay)");
+  if (!has_queue || a.queue.empty()) throw UsageError("missing --queue Q");
+  if (a.has_event_id && a.command != "replay") throw UsageError("--event-id is only for replay");
+  if (a.has_event_id && a.event_id.empty()) throw UsageError("--event-id must not be empty");
+  return a;
+}
+
+// --- what to work on --------------------------------------------------------
+
+struct Target {
+  std::string work_queue;
+  std::string dlq;
+  std::string fallback_exchange;  // the config's exchange
+  std::string masked_url;
+};
+
+Target resolve(const config::Config& cfg, const std::string& q) {
+  Target t;
+  t.fallback_exchange = cfg.exchange.name;
+  t.masked_url = log::mask_url(cfg.broker.url);
+  for (const auto& qc : cfg.queues) {
+    if (qc.name == q || qc.dead_letter_queue == q) {
+      t.work_queue = qc.name;
+      t.dlq = qc.dead_letter_queue;
+      return t;
+    }
+  }
+  std::string known;
+  for (const auto& qc : cfg.queues) known += (known.empty() ? "" : ", ") + qc.name + " (" + qc.dead_letter_queue + ")";
+  throw Failure("queue '" + q + "' is not in " + cfg.path + "; its queues (dead-letter queues) are: " +
+                (known.empty() ? "none" : known));
+}
+
+// --- small AMQP helpers -------------------------------------------------------
+
+int server_code(const amqp_rpc_reply_t& r) {
+  if (r.reply_type != AMQP_RESPONSE_SERVER_EXCEPTION) return 0;
+  if (r.reply.id == AMQP_CHANNEL_CLOSE_METHOD) return static_cast<amqp_channel_close_t*>(r.reply.decoded)->reply_code;
+  if (r.reply.id == AMQP_CONNECTION_CLOSE_METHOD)
+    return static_cast<amqp_connection_close_t*>(r.reply.decoded)->reply_code;
+  return 0;
+}
+
+// Passive declares on kCheckChannel. A 404 closes that channel; it is
+// acknowledged and reopened so the next check can use it.
+class Checker {
+ public:
+  explicit Checker(amqp::Connection& conn) : conn_(conn) { conn_.open_channel(kCheckChannel); }
+
+  // Ready messages, or nullopt when the queue does not exist.
+  std::optional<uint32_t> queue_depth(const std::string& name) {
+    auto* ok = amqp_queue_declare(conn_.get(), kCheckChannel, bytes(name), /*passive*/ 1, 0, 0, 0, amqp_empty_table);
+    amqp_rpc_reply_t r = amqp_get_rpc_reply(conn_.get());
+    if (not_found(r, "checking queue '" + name + "'")) return std::nullopt;
+    return ok->message_count;
+  }
+
+  bool exchange_exists(const std::string& name) {
+    if (name.empty()) return true;  // the default exchange always exists
+    auto it = exchanges_.find(name);
+    if (it != exchanges_.end()) return it->second;
+    amqp_exchange_declare(conn_.get(), kCheckChannel, bytes(name), bytes("topic"), /*passive*/ 1, 0, 0, 0,
+                          amqp_empty_table);
+    bool exists = !not_found(amqp_get_rpc_reply(conn_.get()), "checking exchange '" + name + "'");
+    exchanges_[name] = exists;
+    return exists;
+  }
+
+ private:
+  // True for a 404 (after reopening the channel); throws on other errors.
+  bool not_found(const amqp_rpc_reply_t& r, const std::string& context) {
+    if (r.reply_type == AMQP_RESPONSE_NORMAL) return false;
+    if (server_code(r) == AMQP_NOT_FOUND && r.reply.id == AMQP_CHANNEL_CLOSE_METHOD) {
+      amqp_channel_close_ok_t close_ok;
+      if (amqp_send_method(conn_.get(), kCheckChannel, AMQP_CHANNEL_CLOSE_OK_METHOD, &close_ok) != AMQP_STATUS_OK)
+        throw Failure(context + ": connection lost");
+      conn_.open_channel(kCheckChannel);
+      return true;
+    }
+    throw Failure(amqp::describe_reply(r, context));
+  }
+
+  amqp::Connection& conn_;
+  std::map<std::string, bool> exchanges_;
+};
+
+struct MessageGuard {
+  amqp_message_t msg{};
+  bool owned = false;
+  ~MessageGuard() {
+    if (owned) amqp_destroy_message(&msg);
+  }
+};
+
+// basic.get (no_ack=0) of one message on `ch`: false when the queue is empty.
+bool get_one(amqp::Connection& conn, amqp_channel_t ch, const std::string& queue, uint64_t* tag, MessageGuard& m) {
+  amqp_rpc_reply_t r = amqp_basic_get(conn.get(), ch, bytes(queue), /*no_ack*/ 0);
+  amqp::check_reply(r, "getting a message from '" + queue + "'");
+  if (r.reply.id == AMQP_BASIC_GET_EMPTY_METHOD) return false;
+  *tag = static_cast<amqp_basic_get_ok_t*>(r.reply.decoded)->delivery_tag;
+  amqp::check_reply(amqp_read_message(conn.get(), ch, &m.msg, 0), "reading a message from '" + queue + "'");
+  m.owned = true;
+  return true;
+}
+
+const amqp_field_value_t* header(const amqp_basic_properties_t& p, std::string_view key) {
+  if (!(p._flags & AMQP_BASIC_HEADERS_FLAG)) return nullptr;
+  for (int i = 0; i < p.headers.num_entries; ++i)
+    if (view(p.headers.entries[i].key) == key) return &p.headers.entries[i].value;
+  return nullptr;
+}
+
+std::optional<std::string> header_text(const amqp_basic_properties_t& p, std::string_view key) {
+  const amqp_field_value_t* v = header(p, key);
+  if (!v) return std::nullopt;
+  switch (v->kind) {
+    case AMQP_FIELD_KIND_UTF8:
+    case AMQP_FIELD_KIND_BYTES: return std::string(view(v->value.bytes));
+    case AMQP_FIELD_KIND_I8: return std::to_string(v->value.i8);
+    case AMQP_FIELD_KIND_U8: return std::to_string(v->value.u8);
+    case AMQP_FIELD_KIND_I16: return std::to_string(v->value.i16);
+    case AMQP_FIELD_KIND_U16: return std::to_string(v->value.u16);
+    case AMQP_FIELD_KIND_I32: return std::to_string(v->value.i32);
+    case AMQP_FIELD_KIND_U32: return std::to_string(v->value.u32);
+    case AMQP_FIELD_KIND_I64: return std::to_string(v->value.i64);
+    case AMQP_FIELD_KIND_U64: return std::to_string(v->value.u64);
+    case AMQP_FIELD_KIND_TIMESTAMP: return std::to_string(v->value.u64);
+    default: return std::string("?");
+  }
+}
+
+struct Identity {
+  std::string id;
+  std::string type;
+};
+
+// The envelope's id and type; else the message_id / type properties.
+Identity identify(const amqp_message_t& m) {
+  Identity out;
+  std::string rk = header_text(m.properties, settle::kOriginalRoutingKey).value_or("");
+  event::Envelope env;
+  std::string detail;
+  if (event::decode(static_cast<const char*>(m.body.bytes), m.body.len, rk, env, detail) == event::DecodeStatus::Ok) {
+    out.id = env.event_id;
+    out.type = env.event_type;
+  }
+  const auto& p = m.properties;
+  if (out.id.empty() && (p._flags & AMQP_BASIC_MESSAGE_ID_FLAG)) out.id = std::string(view(p.message_id));
+  if (out.type.empty() && (p._flags & AMQP_BASIC_TYPE_FLAG)) out.type = std::string(view(p.type));
+  if (out.type.empty()) out.type = rk;
+  return out;
+}
+
+// The properties of the replayed copy: all of the original's, minus the
+// failure headers.
+class ReplayProperties {
+ public:
+  explicit ReplayProperties(const amqp_basic_properties_t& p) : props_(p) {
+    if (!(p._flags & AMQP_BASIC_HEADERS_FLAG)) return;
+    for (int i = 0; i < p.headers.num_entries; ++i)
+      if (!is_failure_header(view(p.headers.entries[i].key))) entries_.push_back(p.headers.entries[i]);
+    props_.headers.num_entries = static_cast<int>(entries_.size());
+    props_.headers.entries = entries_.data();
+    if (entries_.empty()) props_._flags &= ~AMQP_BASIC_HEADERS_FLAG;
+  }
+  const amqp_basic_properties_t* get() const { return &props_; }
+
+ private:
+  amqp_basic_properties_t props_;
+  std::vector<amqp_table_entry_t> entries_;
+};
+
+std::string or_dash(const std::string& s) { return s.empty() ? "-" : s; }
+
+amqp::Connection connect(const config::Config& cfg) {
+  amqp::ConnectOptions o;
+  o.url = cfg.broker.url;
+  o.heartbeat = cfg.broker.heartbeat;
+  try {
+    return amqp::Connection::open(o);
+  } catch (const amqp::AmqpError& e) {
+    throw Failure(e.what());
+  }
+}
+
+// --- list ----------------------------------------------------------------------
+
+int run_list(const Args& args, const config::Config& cfg) {
+  Target t = resolve(cfg, args.queue);
+  amqp::Connection conn = connect(cfg);
+  Checker checker(conn);
+  auto depth = checker.queue_depth(t.dlq);
+  if (!depth) {
+    std::cerr << "event-router dlq: dead-letter queue '" << t.dlq << "' (of queue '" << t.work_queue
+              << "') does not exist on " << t.masked_url << "; the daemon declares it when it starts\n";
+    return 1;
+  }
+  if (*depth == 0) {
+    std::cout << "dead-letter queue '" << t.dlq << "' is empty\n";
+    return 0;
+  }
+  size_t want = std::min<size_t>(*depth, args.count ? args.count : kListCap);
+
+  struct Row {
+    std::string id, type, reason, attempts, when, detail;
+  };
+  std::vector<Row> rows;
+  // A dedicated channel: nothing is acked, and closing it hands every message
+  // back to the broker, which requeues them at their old positions.
+  conn.open_channel(kWorkChannel);
+  while (rows.size() < want) {
+    uint64_t tag = 0;
+    MessageGuard m;
+    if (!get_one(conn, kWorkChannel, t.dlq, &tag, m)) break;
+    const auto& p = m.msg.properties;
+    Identity who = identify(m.msg);
+    rows.push_back({or_dash(who.id), or_dash(who.type), header_text(p, settle::kReason).value_or("-"),
+                    header_text(p, settle::kAttempts).value_or("-"), header_text(p, settle::kLastFailedAt).value_or("-"),
+                    one_line(header_text(p, settle::kDetail).value_or(""), kDetailWidth)});
+    amqp_maybe_release_buffers(conn.get());
+  }
+  amqp::check_reply(amqp_channel_close(conn.get(), kWorkChannel, AMQP_REPLY_SUCCESS),
+                    "closing the listing channel");
+
+  const char* heads[] = {"EVENT ID", "TYPE", "REASON", "ATTEMPTS", "LAST FAILED AT", "DETAIL"};
+  size_t w[5];
+  for (int i = 0; i < 5; ++i) w[i] = std::strlen(heads[i]);
+  for (const auto& r : rows) {
+    const std::string* cols[] = {&r.id, &r.type, &r.reason, &r.attempts, &r.when};
+    for (int i = 0; i < 5; ++i) w[i] = std::max(w[i], cols[i]->size());
+  }
+  auto print = [&](const std::string* cols[6]) {
+    std::string line;
+    for (int i = 0; i < 5; ++i) line += *cols[i] + std::string(w[i] - cols[i]->size() + 2, ' ');
+    line += *cols[5];
+    while (!line.empty() && line.back() == ' ') line.pop_back();
+    std::cout << line << "\n";
+  };
+  std::string hs[6];
+  const std::string* hp[6];
+  for (int i = 0; i < 6; ++i) {
+    hs[i] = heads[i];
+    hp[i] = &hs[i];
+  }
+  print(hp);
+  for (const auto& r : rows) {
+    const std::string* cols[] = {&r.id, &r.type, &r.reason, &r.attempts, &r.when, &r.detail};
+    print(cols);
+  }
+  std::cout << "total: " << *depth << " dead-lettered event(s) in '" << t.dlq << "'";
+  if (rows.size() < *depth) std::cout << ", " << rows.size() << " listed";
+  std::cout << "\n";
+  return 0;
+}
+
+// --- replay --------------------------------------------------------------------
+
+// Why replay is safe (never loses or duplicates an event, wherever it stops):
+// each event is moved in its own AMQP transaction on one channel:
+//   tx.select; basic.get (no_ack=0) -> basic.publish -> basic.ack -> tx.commit.
+// The publish and the ack are both transactional: the broker applies neither
+// until it has processed tx.commit, then both. If we stop before commit-ok
+// (crash, kill, connection loss, channel error), the broker discards the
+// uncommitted publish and ack, and requeues the unacked message at its old
+// position in the DLQ: nothing was published, nothing removed. So an event is
+// counted as replayed only after commit-ok. (If commit-ok itself is lost, the
+// event was moved but is reported as failed: `dlq list` shows the truth.)
+// Events skipped by --event-id are never acked; closing the channel requeues
+// them in order.
+int run_replay(const Args& args, const config::Config& cfg) {
+  Target t = resolve(cfg, args.queue);
+  amqp::Connection conn = connect(cfg);
+  Checker checker(conn);
+  auto depth = checker.queue_depth(t.dlq);
+  if (!depth) {
+    std::cerr << "event-router dlq: dead-letter queue '" << t.dlq << "' (of queue '" << t.work_queue
+              << "') does not exist on " << t.masked_url << "; nothing to replay\n";
+    return 1;
+  }
+  if (*depth == 0) {
+    std::cout << "dead-letter queue '" << t.dlq << "' is empty: nothing to replay\n";
+    return args.has_event_id ? 1 : 0;
+  }
+
+  conn.open_channel(kWorkChannel);
+  amqp_tx_select(conn.get(), kWorkChannel);
+  amqp::check_reply(amqp_get_rpc_reply(conn.get()), "starting a transaction (tx.select)");
+
+  size_t seen = 0, selected = 0, replayed = 0, failed = 0;
+  std::string stopped;  // why the run ended early
+  try {
+    // Only the `depth` messages there at the start: events that fail again
+    // while we run are dead-lettered behind them and are not picked up again.
+    while (seen < *depth && (args.count == 0 || selected < args.count)) {
+      uint64_t tag = 0;
+      MessageGuard m;
+      if (!get_one(conn, kWorkChannel, t.dlq, &tag, m)) break;
+      ++seen;
+      Identity who = identify(m.msg);
+      if (args.has_event_id && who.id != args.event_id) continue;  // left unacked: requeued in place
+      ++selected;
+      const auto& p = m.msg.properties;
+      std::string exchange = header_text(p, settle::kOriginalExchange).value_or(t.fallback_exchange);
+      auto rk = header_text(p, settle::kOriginalRoutingKey);
+      std::string name = "event " + or_dash(who.id) + " (" + or_dash(who.type) + ")";
+      if (!rk) {
+        std::cerr << "not replayed: " << name << ": no " << settle::kOriginalRoutingKey
+                  << " header, so its routing key is unknown; left in the dead-letter queue\n";
+        ++failed;
+        continue;
+      }
+      if (!checker.exchange_exists(exchange)) {
+        std::cerr << "not replayed: " << name << ": exchange '" << exchange << "' does not exist on "
+                  << t.masked_url << "; left in the dead-letter queue\n";
+        ++failed;
+        continue;
+      }
+      ReplayProperties props(p);
+      int rc = amqp_basic_publish(conn.get(), kWorkChannel, bytes(exchange), bytes(*rk), /*mandatory*/ 0,
+                                  /*immediate*/ 0, props.get(), m.msg.body);
+      if (rc != AMQP_STATUS_OK) throw Failure("publishing " + name + ": " + amqp_error_string2(rc));
+      rc = amqp_basic_ack(conn.get(), kWorkChannel, tag, 0);
+      if (rc != AMQP_STATUS_OK) throw Failure("acknowledging " + name + ": " + amqp_error_string2(rc));
+      amqp_tx_commit(conn.get(), kWorkChannel);
+      amqp::check_reply(amqp_get_rpc_reply(conn.get()), "committing the replay of " + name);
+      ++replayed;
+      std::cout << "replayed " << name << " to exchange '" << exchange << "' with routing key '" << *rk << "'\n";
+      amqp_maybe_release_buffers(conn.get());
+    }
+    // Hands back the messages skipped by --event-id (requeued in order).
+    amqp::check_reply(amqp_channel_close(conn.get(), kWorkChannel, AMQP_REPLY_SUCCESS),
+                      "closing the replay channel");
+  } catch (const std::exception& e) {
+    // Nothing uncommitted takes effect: see above.
+    stopped = e.what();
+  }
+
+  if (!stopped.empty()) std::cerr << "event-router dlq: replay stopped: " << stopped << "\n";
+  bool found_all = true;
+  if (args.has_event_id && selected == 0 && stopped.empty()) {
+    std::cerr << "event-router dlq: no event with id '" << args.event_id << "' among the " << seen
+              << " event(s) in '" << t.dlq << "'\n";
+    found_all = false;
+  }
+  std::cout << "replayed " << replayed << " event(s) from '" << t.dlq << "'";
+  if (failed) std::cout << ", " << failed << " failed (left in the dead-letter queue)";
+  std::cout << "\n";
+  return (stopped.empty() && failed == 0 && found_all) ? 0 : 1;
+}
+
+}  // namespace
+
+bool is_failure_header(std::string_view k) {
+  for (const char* exact : {settle::kAttempts, settle::kFirstFailedAt, settle::kLastFailedAt,
+                            "x-attempt", "x-last-error", "x-death"}) {
+    if (k == exact) return true;
+  }
+  for (std::string_view prefix : {"x-death-", "x-original-", "x-first-death-", "x-last-death-"}) {
+    if (k.substr(0, prefix.size()) == prefix) return true;
+  }
+  return false;
+}
+
+std::string one_line(std::string_view text, size_t max) {
+  std::string s;
+  s.reserve(std::min(text.size(), max));
+  for (char c : text) s += (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) ? ' ' : c;
+  if (s.size() <= max) return s;
+  size_t cut = max >= 3 ? max - 3 : 0;
+  while (cut > 0 && (static_cast<unsigned char>(s[cut]) & 0xC0) == 0x80) --cut;  // not inside a UTF-8 sequence
+  s.resize(cut);
+  return s + "...";
+}
+
+int main(int argc, char** argv) {
+  std::optional<Args> args;
+  try {
+    args = parse_args(argc, argv);
+  } catch (const UsageError& e) {
+    std::cerr << "event-router dlq: " << e.what() << "\n" << kUsage;
+    return 2;
+  }
+  if (!args) {
+    std::cout << kUsage;
+    return 0;
+  }
+  std::signal(SIGPIPE, SIG_IGN);
+  try {
+    config::Config cfg = config::load_config(args->config_path);
+    return args->command == "list" ? run_list(*args, cfg) : run_replay(*args, cfg);
+  } catch (const std::exception& e) {
+    // ConfigError is "file:line:column: message"; AMQP errors mask the password.
+    std::cerr << "event-router dlq: " << e.what() << "\n";
+    return 1;
+  }
+}
+
+}  // namespace er::dlq
