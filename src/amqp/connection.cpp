@@ -109,8 +109,26 @@ Connection Connection::open(const ConnectOptions& opts) {
 
   int heartbeat_s = static_cast<int>((opts.heartbeat.count() + 999) / 1000);
   // rabbitmq-c's default is 128 KiB frames; 131072 matches RabbitMQ's default.
-  amqp_rpc_reply_t r = amqp_login(c.conn_.get(), info.vhost, AMQP_DEFAULT_MAX_CHANNELS, AMQP_DEFAULT_FRAME_SIZE,
-                                  heartbeat_s, AMQP_SASL_METHOD_PLAIN, info.user, info.password);
+  // Without these capabilities the broker neither tells us that a consumer
+  // was cancelled (queue deleted) nor that publishing is blocked.
+  amqp_table_entry_t caps[2];
+  caps[0].key = amqp_cstring_bytes("consumer_cancel_notify");
+  caps[0].value.kind = AMQP_FIELD_KIND_BOOLEAN;
+  caps[0].value.value.boolean = 1;
+  caps[1].key = amqp_cstring_bytes("connection.blocked");
+  caps[1].value.kind = AMQP_FIELD_KIND_BOOLEAN;
+  caps[1].value.value.boolean = 1;
+  amqp_table_entry_t client_props[2];
+  client_props[0].key = amqp_cstring_bytes("capabilities");
+  client_props[0].value.kind = AMQP_FIELD_KIND_TABLE;
+  client_props[0].value.value.table = amqp_table_t{2, caps};
+  client_props[1].key = amqp_cstring_bytes("connection_name");
+  client_props[1].value.kind = AMQP_FIELD_KIND_UTF8;
+  client_props[1].value.value.bytes = amqp_cstring_bytes("event-router");
+  amqp_table_t props_table{2, client_props};
+  amqp_rpc_reply_t r =
+      amqp_login_with_properties(c.conn_.get(), info.vhost, AMQP_DEFAULT_MAX_CHANNELS, AMQP_DEFAULT_FRAME_SIZE,
+                                 heartbeat_s, &props_table, AMQP_SASL_METHOD_PLAIN, info.user, info.password);
   if (r.reply_type != AMQP_RESPONSE_NORMAL) {
     if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION && r.library_error == AMQP_STATUS_CONNECTION_CLOSED)
       throw AmqpError("login to " + masked + " refused: wrong user or password, or no access to vhost '" +

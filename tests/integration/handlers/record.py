@@ -1,0 +1,120 @@
+#!/usr/bin/python3
+"""Recording exec handler for the event-router integration tests.
+
+usage: record.py RECORD_FILE [--exit N] [--sleep SECONDS] [--stderr TEXT]
+                 [--stdout TEXT] [--ignore-payload-sleep]
+
+Reads the event body from stdin and appends one JSON line to RECORD_FILE:
+  {"phase": "start", "env": {...}, "body": "...", "argv": [...], "pid": N, "time": T}
+The environment is read from /proc/self/environ, i.e. exactly what the daemon
+passed to execve (Python's own locale coercion would otherwise add LC_CTYPE).
+
+Then it optionally sleeps and exits. The body's payload may override the
+arguments: payload.exit_code, payload.sleep, payload.stderr, payload.stdout.
+After a sleep it appends a second line {"phase": "done", "pid": N, ...}.
+payload.kill_signal: the handler then kills itself with that signal.
+"""
+import fcntl
+import json
+import os
+import sys
+import time
+
+
+def read_environ():
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            raw = f.read()
+        env = {}
+        for item in raw.split(b"\0"):
+            if not item:
+                continue
+            key, _, value = item.partition(b"=")
+            env[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+        return env
+    except OSError:
+        return dict(os.environ)
+
+
+def append(path, record):
+    line = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def main(argv):
+    if len(argv) < 2:
+        sys.stderr.write("usage: record.py RECORD_FILE [--exit N] [--sleep S] [--stderr TEXT]\n")
+        return 2
+    path = argv[1]
+    exit_code = 0
+    sleep = 0.0
+    err_text = None
+    out_text = None
+    ignore_payload_sleep = False
+    args = argv[2:]
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--exit":
+            exit_code = int(args[i + 1]); i += 2
+        elif a == "--sleep":
+            sleep = float(args[i + 1]); i += 2
+        elif a == "--stderr":
+            err_text = args[i + 1]; i += 2
+        elif a == "--stdout":
+            out_text = args[i + 1]; i += 2
+        elif a == "--ignore-payload-sleep":
+            ignore_payload_sleep = True; i += 1
+        else:
+            i += 1  # unknown extra args are just recorded
+
+    body_bytes = sys.stdin.buffer.read()
+    body = body_bytes.decode("utf-8", "replace")
+    payload = {}
+    try:
+        doc = json.loads(body_bytes)
+        if isinstance(doc, dict) and isinstance(doc.get("payload"), dict):
+            payload = doc["payload"]
+    except ValueError:
+        pass
+    if "exit_code" in payload:
+        exit_code = int(payload["exit_code"])
+    if "sleep" in payload and not ignore_payload_sleep:
+        sleep = float(payload["sleep"])
+    if "stderr" in payload:
+        err_text = str(payload["stderr"])
+    if "stdout" in payload:
+        out_text = str(payload["stdout"])
+
+    append(path, {
+        "phase": "start",
+        "env": read_environ(),
+        "body": body,
+        "argv": argv,
+        "pid": os.getpid(),
+        "time": time.time(),
+    })
+    if out_text:
+        sys.stdout.write(out_text + "\n")
+        sys.stdout.flush()
+    if err_text:
+        sys.stderr.write(err_text + "\n")
+        sys.stderr.flush()
+    if sleep > 0:
+        time.sleep(sleep)
+        append(path, {"phase": "done", "pid": os.getpid(), "time": time.time()})
+    if "kill_signal" in payload:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), int(payload["kill_signal"]))
+        time.sleep(5)
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
