@@ -2,6 +2,33 @@
 
 namespace er::amqp {
 
+namespace {
+// Points into `args`; valid while it lives.
+amqp_table_t to_table(const std::vector<config::QueueArgument>& args, std::vector<amqp_table_entry_t>& storage) {
+  storage.clear();
+  for (const auto& a : args) {
+    amqp_table_entry_t e;
+    e.key = bytes(a.key);
+    switch (a.kind) {
+      case config::QueueArgument::Kind::Int:
+        e.value.kind = AMQP_FIELD_KIND_I64;
+        e.value.value.i64 = a.i;
+        break;
+      case config::QueueArgument::Kind::Bool:
+        e.value.kind = AMQP_FIELD_KIND_BOOLEAN;
+        e.value.value.boolean = a.b;
+        break;
+      case config::QueueArgument::Kind::String:
+        e.value.kind = AMQP_FIELD_KIND_UTF8;
+        e.value.value.bytes = bytes(a.s);
+        break;
+    }
+    storage.push_back(e);
+  }
+  return amqp_table_t{static_cast<int>(storage.size()), storage.empty() ? nullptr : storage.data()};
+}
+}  // namespace
+
 std::string retry_queue_name(const std::string& queue, config::Duration step) {
   return queue + ".retry." + std::to_string(step.count());
 }
@@ -13,10 +40,11 @@ void declare_topology(Connection& conn, amqp_channel_t ch, const config::Config&
                         /*auto_delete*/ 0, /*internal*/ 0, amqp_empty_table);
   check_reply(amqp_get_rpc_reply(c), "declaring exchange '" + ex.name + "' (type " + ex.type + ")");
 
+  std::vector<amqp_table_entry_t> storage;
   for (const auto& q : cfg.queues) {
-    amqp_queue_declare(c, ch, bytes(q.name), 0, /*durable*/ 1, 0, 0, amqp_empty_table);
+    amqp_queue_declare(c, ch, bytes(q.name), 0, /*durable*/ 1, 0, 0, to_table(q.arguments, storage));
     check_reply(amqp_get_rpc_reply(c), "declaring queue '" + q.name + "'");
-    amqp_queue_declare(c, ch, bytes(q.dead_letter_queue), 0, 1, 0, 0, amqp_empty_table);
+    amqp_queue_declare(c, ch, bytes(q.dead_letter_queue), 0, 1, 0, 0, to_table(q.dead_letter_arguments, storage));
     check_reply(amqp_get_rpc_reply(c), "declaring dead-letter queue '" + q.dead_letter_queue + "'");
     // One queue per delay step keeps FIFO expiry honest: per-message TTLs only
     // expire at the head of a queue, so a short delay must never sit behind a

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstdlib>
 #include <cmath>
 #include <cstring>
@@ -13,9 +14,12 @@
 #include <initializer_list>
 #include <set>
 
+#include <amqp.h>
 #include <rapidjson/stringbuffer.h>
 #include <rapidjson/writer.h>
 #include <yaml-cpp/yaml.h>
+
+#include "util/log.hpp"
 
 #ifndef ER_PLUGIN_INSTALL_DIR
 #define ER_PLUGIN_INSTALL_DIR "/usr/lib/event-router/plugins"
@@ -73,6 +77,37 @@ const char* describe(const YAML::Node& n) {
     case YAML::NodeType::Scalar: return "a scalar";
     default: return "nothing";
   }
+}
+
+// "500ms", "10s", "5m", "1h": the largest unit that divides evenly.
+std::string format_duration(Duration d) {
+  long long ms = d.count();
+  if (ms != 0 && ms % 3600000 == 0) return std::to_string(ms / 3600000) + "h";
+  if (ms != 0 && ms % 60000 == 0) return std::to_string(ms / 60000) + "m";
+  if (ms % 1000 == 0) return std::to_string(ms / 1000) + "s";
+  return std::to_string(ms) + "ms";
+}
+
+// YAML 1.2 core schema float syntax (no .inf/.nan):
+// [-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?
+bool float_syntax(const std::string& s) {
+  const char* p = s.c_str() + (!s.empty() && (s[0] == '-' || s[0] == '+'));
+  bool mant = false;
+  while (*p >= '0' && *p <= '9') ++p, mant = true;
+  if (*p == '.') {
+    ++p;
+    while (*p >= '0' && *p <= '9') ++p, mant = true;
+  }
+  if (mant && (*p == 'e' || *p == 'E')) {
+    ++p;
+    if (*p == '-' || *p == '+') ++p;
+    if (*p >= '0' && *p <= '9') {
+      while (*p >= '0' && *p <= '9') ++p;
+    } else {
+      mant = false;
+    }
+  }
+  return mant && p == s.c_str() + s.size();
 }
 
 bool regular_file(const std::string& p, int* err = nullptr) {
@@ -200,6 +235,21 @@ class Loader {
     return d;
   }
 
+  // A real number >= lo, e.g. 2 or 1.5.
+  double number(const Val& v, double lo) const {
+    char lo_text[32];
+    std::snprintf(lo_text, sizeof lo_text, "%g", lo);
+    if (!v.node.IsScalar())
+      fail(v, std::string("expected a number >= ") + lo_text + ", got " + describe(v.node));
+    std::string s = subst(v, v.node.Scalar());
+    double d = float_syntax(s) ? std::strtod(s.c_str(), nullptr) : NAN;
+    if (!std::isfinite(d)) fail(v, std::string("expected a number >= ") + lo_text + ", got '" + s + "'");
+    if (d < lo) fail(v, s + " is out of range (must be >= " + lo_text + ")");
+    return d;
+  }
+
+  size_t size_bytes(const Val& v) const;
+
   template <typename E>
   E choice(const Val& v, std::initializer_list<std::pair<const char*, E>> options,
            std::initializer_list<const char*> names) const {
@@ -222,9 +272,12 @@ class Loader {
   void load_exchange(const Val& v, ExchangeConfig& e) const;
   void load_queue(const Val& v, QueueConfig& q);
   void load_handler(const Val& v, const QueueConfig& q, HandlerConfig& h);
+  void load_retry(const Val& v, RetryConfig& r) const;
+  std::string resolve_dir(const Val& v) const;
   std::string resolve_plugin(const Val& v) const;
   std::string resolve_program(const Val& v) const;
   void write_json(const Val& v, rapidjson::Writer<rapidjson::StringBuffer>& w) const;
+  std::vector<QueueArgument> queue_arguments(const Val& v) const;
 
   static Mark to_mark(const YAML::Mark& m) { return Mark{m.line + 1, m.column + 1}; }
 
@@ -277,7 +330,8 @@ Config Loader::load(const std::string& text) {
   if (root.node.Mark().line >= 0) root.mark = root.node.Mark();
   if (!root.node.IsMap())
     fail(root, std::string("expected a mapping at the top level, got ") + describe(root.node));
-  check_keys(root, {"broker", "exchange", "queues", "shutdown_timeout", "workers", "log"});
+  check_keys(root, {"broker", "exchange", "queues", "shutdown_timeout", "workers", "max_message_bytes",
+                    "schemas", "log"});
 
   Config c;
   c.path = file_;
@@ -287,6 +341,8 @@ Config Loader::load(const std::string& text) {
 
   if (Val v = child(root, "shutdown_timeout"); v.present) c.shutdown_timeout = duration(v, true);
   if (Val v = child(root, "workers"); v.present) c.workers = integer(v, 1, 65535);
+  if (Val v = child(root, "max_message_bytes"); v.present) c.max_message_bytes = size_bytes(v);
+  if (Val v = child(root, "schemas"); v.present) c.schemas_dir = resolve_dir(v);
   if (Val v = child(root, "log"); v.present) {
     expect_map(v);
     check_keys(v, {"level"});
@@ -305,6 +361,7 @@ Config Loader::load(const std::string& text) {
   std::map<std::string, YAML::Mark> queue_names;
   for (auto& item : items) {
     QueueConfig q;
+    q.max_message_bytes = c.max_message_bytes;  // unless the queue sets its own
     load_queue(item, q);
     auto [it, fresh] = queue_names.emplace(q.name, child(item, "name").mark);
     if (!fresh)
@@ -315,9 +372,56 @@ Config Loader::load(const std::string& text) {
   return c;
 }
 
+// Broker-side x-arguments: plain integers and booleans keep their type (the
+// broker compares types: x-max-length must be a number), the rest are strings.
+std::vector<QueueArgument> Loader::queue_arguments(const Val& v) const {
+  expect_map(v);
+  check_duplicates(v);
+  std::vector<QueueArgument> out;
+  for (auto it = v.node.begin(); it != v.node.end(); ++it) {
+    Val k = v;
+    k.mark = it->first.Mark();
+    if (!it->first.IsScalar()) fail(k, "keys must be plain strings");
+    Val item = make_val(it->second, it->first.Mark(), child_path(v.path, it->first.Scalar().c_str()));
+    QueueArgument a;
+    a.key = it->first.Scalar();
+    if (!item.node.IsScalar()) fail(item, std::string("expected a number, boolean or string, got ") + describe(item.node));
+    std::string text = str(item);
+    bool plain = item.node.Tag() != "!";
+    if (plain && (text == "true" || text == "false")) {
+      a.kind = QueueArgument::Kind::Bool;
+      a.b = text == "true";
+    } else if (plain && !text.empty() &&
+               text.find_first_not_of("0123456789", text[0] == '-' ? 1 : 0) == std::string::npos &&
+               text != "-") {
+      a.kind = QueueArgument::Kind::Int;
+      try {
+        a.i = std::stoll(text);
+      } catch (const std::exception&) {
+        fail(item, "integer '" + text + "' is out of range");
+      }
+    } else {
+      a.s = text;
+    }
+    out.push_back(std::move(a));
+  }
+  return out;
+}
+
 void Loader::load_broker(const Val& v, BrokerConfig& b) const {
   check_keys(v, {"url", "heartbeat"});
-  b.url = nonempty_str(required(v, "url"));
+  Val url = required(v, "url");
+  b.url = nonempty_str(url);
+  {
+    // Refuse here what the connection could never use, instead of retrying it forever.
+    std::vector<char> buf(b.url.begin(), b.url.end());
+    buf.push_back('\0');
+    amqp_connection_info info;
+    if (amqp_parse_url(buf.data(), &info) != AMQP_STATUS_OK)
+      fail(url, "'" + log::mask_url(b.url) +
+                    "' is not a valid broker URL (expected amqp://user:password@host:port/vhost)");
+    if (info.ssl) fail(url, "amqps:// (TLS) is not supported yet; use amqp://");
+  }
   if (Val h = child(v, "heartbeat"); h.present) {
     b.heartbeat = duration(h, true);
     // AMQP negotiates heartbeats as a 16-bit number of seconds.
@@ -341,7 +445,9 @@ void Loader::load_exchange(const Val& v, ExchangeConfig& e) const {
 
 void Loader::load_queue(const Val& v, QueueConfig& q) {
   expect_map(v);
-  check_keys(v, {"name", "bindings", "prefetch", "unhandled", "dead_letter_queue", "handlers"});
+  check_keys(v, {"name", "bindings", "prefetch", "unhandled", "dead_letter_queue", "arguments",
+                 "dead_letter_arguments", "retry",
+                 "max_message_bytes", "handlers"});
   q.mark = to_mark(v.mark);
   q.name = nonempty_str(required(v, "name"));
   if (Val b = child(v, "bindings"); b.present) {
@@ -361,6 +467,10 @@ void Loader::load_queue(const Val& v, QueueConfig& q) {
     if (q.dead_letter_queue == q.name)
       fail(d, "the dead-letter queue must differ from the queue itself");
   }
+  if (Val a = child(v, "arguments"); a.present) q.arguments = queue_arguments(a);
+  if (Val a = child(v, "dead_letter_arguments"); a.present) q.dead_letter_arguments = queue_arguments(a);
+  if (Val r = child(v, "retry"); r.present) load_retry(r, q.retry);
+  if (Val m = child(v, "max_message_bytes"); m.present) q.max_message_bytes = size_bytes(m);
   if (Val h = child(v, "handlers"); h.present) {
     for (auto& item : list(h, "handlers")) {
       HandlerConfig hc;
@@ -372,7 +482,7 @@ void Loader::load_queue(const Val& v, QueueConfig& q) {
 
 void Loader::load_handler(const Val& v, const QueueConfig& q, HandlerConfig& h) {
   expect_map(v);
-  check_keys(v, {"name", "events", "plugin", "config", "concurrency", "exec", "timeout",
+  check_keys(v, {"name", "events", "plugin", "config", "concurrency", "retry", "exec", "timeout",
                  "kill_grace", "env", "inherit_env"});
   h.mark = to_mark(v.mark);
   Val name = required(v, "name");
@@ -403,6 +513,8 @@ void Loader::load_handler(const Val& v, const QueueConfig& q, HandlerConfig& h) 
 
   h.concurrency = q.prefetch;
   if (Val c = child(v, "concurrency"); c.present) h.concurrency = static_cast<unsigned>(integer(c, 1, 65535));
+  h.retry = q.retry;
+  if (Val r = child(v, "retry"); r.present) load_retry(r, h.retry);
 
   static const char* const kExecOnly[] = {"timeout", "kill_grace", "env", "inherit_env"};
   if (plugin.present) {
@@ -450,6 +562,63 @@ void Loader::load_handler(const Val& v, const QueueConfig& q, HandlerConfig& h) 
       h.inherit_env.push_back(s);
     }
   }
+}
+
+// `r` holds the inherited values (defaults, or the queue's); each key given
+// here replaces one of them.
+void Loader::load_retry(const Val& v, RetryConfig& r) const {
+  expect_map(v);
+  check_keys(v, {"max_attempts", "delay", "multiplier", "max_delay"});
+  if (Val m = child(v, "max_attempts"); m.present) r.max_attempts = static_cast<unsigned>(integer(m, 1, 1000));
+  Val delay = child(v, "delay");
+  if (delay.present) r.delay = duration(delay, false);
+  if (Val m = child(v, "multiplier"); m.present) r.multiplier = number(m, 1);
+  Val max_delay = child(v, "max_delay");
+  if (max_delay.present) r.max_delay = duration(max_delay, true);
+  if (r.max_delay >= r.delay) return;
+  if (max_delay.present)
+    fail(max_delay, "max_delay " + format_duration(r.max_delay) + " is shorter than delay " +
+                        format_duration(r.delay));
+  // Only `delay` is set here: the max_delay it exceeds is inherited.
+  fail(delay, "delay " + format_duration(r.delay) + " is longer than max_delay " +
+                  format_duration(r.max_delay) + " (set max_delay too)");
+}
+
+// Bytes, or a whole number with a unit: 512KiB, 1MiB, 2MB.
+size_t Loader::size_bytes(const Val& v) const {
+  constexpr uint64_t kMax = uint64_t{128} << 20;  // RabbitMQ's largest allowed max_message_size
+  static const std::pair<const char*, uint64_t> kUnits[] = {
+      {"B", 1},         {"KB", 1000},      {"kB", 1000},       {"KiB", 1 << 10},
+      {"MB", 1000000},  {"MiB", 1 << 20},  {"GB", 1000000000}, {"GiB", 1 << 30}};
+  if (!v.node.IsScalar()) fail(v, std::string("expected a size, got ") + describe(v.node));
+  std::string s = subst(v, v.node.Scalar());
+  size_t p = 0;
+  while (p < s.size() && s[p] >= '0' && s[p] <= '9') ++p;
+  if (p == 0)
+    fail(v, "invalid size '" + s + "' (expected a number of bytes or e.g. 512KiB, 1MiB, 2MB)");
+  if (s[p] == '.') fail(v, "invalid size '" + s + "': use a whole number (e.g. 1536KiB for 1.5MiB)");
+  bool overflow = p > 19;
+  uint64_t n = overflow ? 0 : std::stoull(s.substr(0, p));
+  while (p < s.size() && s[p] == ' ') ++p;
+  std::string unit = s.substr(p);
+  uint64_t scale = unit.empty() ? 1 : 0;
+  for (auto& [name, bytes] : kUnits)
+    if (unit == name) scale = bytes;
+  if (scale == 0)
+    fail(v, "invalid size '" + s + "': unknown unit '" + unit + "' (use B, KB, KiB, MB or MiB)" +
+                did_you_mean(unit, {"B", "KB", "KiB", "MB", "MiB"}));
+  if (!overflow && n == 0) fail(v, "size must be at least 1 byte");
+  if (overflow || n > kMax / scale)
+    fail(v, "size '" + s + "' is larger than 128MiB (RabbitMQ's maximum message size)");
+  return static_cast<size_t>(n * scale);
+}
+
+std::string Loader::resolve_dir(const Val& v) const {
+  std::string abs = absolute_in(dir_, nonempty_str(v));
+  struct stat st;
+  if (::stat(abs.c_str(), &st) != 0) fail(v, "folder '" + abs + "': " + std::strerror(errno));
+  if (!S_ISDIR(st.st_mode)) fail(v, "folder '" + abs + "': not a directory");
+  return abs;
 }
 
 std::string Loader::resolve_plugin(const Val& v) const {
@@ -542,28 +711,7 @@ void Loader::write_json(const Val& v, rapidjson::Writer<rapidjson::StringBuffer>
         if (errno == 0) return (void)w.Uint64(x);
       }
     }
-    bool is_float = false;
-    {
-      // [-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?
-      const char* p = digits;
-      bool mant = false;
-      while (*p >= '0' && *p <= '9') ++p, mant = true;
-      if (*p == '.') {
-        ++p;
-        while (*p >= '0' && *p <= '9') ++p, mant = true;
-      }
-      if (mant && (*p == 'e' || *p == 'E')) {
-        ++p;
-        if (*p == '-' || *p == '+') ++p;
-        if (*p >= '0' && *p <= '9') {
-          while (*p >= '0' && *p <= '9') ++p;
-        } else {
-          mant = false;
-        }
-      }
-      is_float = mant && p == b + s.size();
-    }
-    if (is_float) {
+    if (float_syntax(s)) {
       double d = std::strtod(b, nullptr);
       if (std::isfinite(d)) return (void)w.Double(d);
     }
@@ -574,6 +722,28 @@ void Loader::write_json(const Val& v, rapidjson::Writer<rapidjson::StringBuffer>
 }
 
 }  // namespace
+
+Duration RetryConfig::delay_before(unsigned next_attempt) const {
+  if (next_attempt < 2) return Duration(0);
+  // In double: multiplier^k may overflow to inf, which the clamp absorbs.
+  double ms = static_cast<double>(delay.count()) * std::pow(multiplier, next_attempt - 2.0);
+  if (!(ms < static_cast<double>(max_delay.count()))) return max_delay;
+  return Duration(std::llround(ms));
+}
+
+std::vector<Duration> QueueConfig::retry_steps() const {
+  std::set<Duration> steps;
+  auto add = [&](const RetryConfig& r) {
+    for (unsigned n = 2; n <= r.max_attempts; ++n) {
+      Duration d = r.delay_before(n);
+      steps.insert(d);
+      if (d == r.max_delay) break;  // every later attempt waits the same
+    }
+  };
+  add(retry);
+  for (const auto& h : handlers) add(h.retry);
+  return {steps.begin(), steps.end()};
+}
 
 std::vector<std::string> plugin_search_dirs() {
   std::vector<std::string> dirs;

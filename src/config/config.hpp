@@ -35,6 +35,22 @@ struct ExchangeConfig {
   std::string type = "topic";            // topic | direct | fanout | headers
 };
 
+// Delayed retries: attempt n (n >= 2) waits min(delay * multiplier^(n-2), max_delay),
+// so the first retry waits `delay`.
+struct RetryConfig {
+  unsigned max_attempts = 5;             // >= 1; 1 = never retry
+  Duration delay{std::chrono::seconds(1)};
+  double multiplier = 2.0;               // >= 1
+  Duration max_delay{std::chrono::minutes(5)};
+
+  // The wait before attempt `next_attempt` (>= 2), without jitter.
+  Duration delay_before(unsigned next_attempt) const;
+  bool operator==(const RetryConfig& o) const {
+    return max_attempts == o.max_attempts && delay == o.delay && multiplier == o.multiplier &&
+           max_delay == o.max_delay;
+  }
+};
+
 enum class HandlerKind { Plugin, Exec };
 
 struct HandlerConfig {
@@ -43,6 +59,7 @@ struct HandlerConfig {
   std::vector<TopicPattern> events;      // empty in YAML = not allowed; "#" matches all
   HandlerKind kind = HandlerKind::Plugin;
   unsigned concurrency = 0;              // resolved: never 0 after load (default = queue prefetch)
+  RetryConfig retry;                     // resolved: the handler's `retry`, else the queue's
 
   // plugin
   std::string plugin_path;               // absolute, exists
@@ -56,6 +73,15 @@ struct HandlerConfig {
   std::vector<std::string> inherit_env;
 };
 
+// One x-argument of a queue declare (x-max-length, x-queue-type, ...).
+struct QueueArgument {
+  enum class Kind { Int, String, Bool } kind = Kind::String;
+  std::string key;
+  int64_t i = 0;
+  std::string s;
+  bool b = false;
+};
+
 enum class Unhandled { DeadLetter, Ack };
 
 struct QueueConfig {
@@ -65,7 +91,15 @@ struct QueueConfig {
   uint16_t prefetch = 10;
   Unhandled unhandled = Unhandled::DeadLetter;
   std::string dead_letter_queue;         // default "<name>.dlq"
+  std::vector<QueueArgument> arguments;              // `arguments:` of the work queue
+  std::vector<QueueArgument> dead_letter_arguments;  // `dead_letter_arguments:` of its DLQ
   std::vector<HandlerConfig> handlers;   // tried in order
+  RetryConfig retry;                     // `retry:` of the queue (defaults above)
+  size_t max_message_bytes = 1024 * 1024;  // resolved: the queue's, else the top-level value
+
+  // Every distinct delay any handler of this queue can wait, ascending: one
+  // delay queue per step.
+  std::vector<Duration> retry_steps() const;
 };
 
 enum class LogLevel { Debug = 0, Info = 1, Warn = 2, Error = 3 };
@@ -82,6 +116,8 @@ struct Config {
   std::vector<QueueConfig> queues;
   Duration shutdown_timeout{std::chrono::seconds(30)};
   unsigned workers = 4;                  // threads for blocking plugin handlers
+  size_t max_message_bytes = 1024 * 1024;  // top-level default for queues; sizes like 1MiB, 512KiB or bytes
+  std::string schemas_dir;               // `schemas:` (absolute; empty = no validation)
   LogConfig log;
 };
 

@@ -325,6 +325,11 @@ void Session::on_delivery(amqp_envelope_t& env) {
     dead_letter(d, event::reason_code(status), detail_, {});
     return;
   }
+  if (rt_->schemas &&
+      !rt_->schemas->validate(static_cast<const char*>(body.bytes), body.len, d->envelope.event_type, detail_)) {
+    dead_letter(d, "schema_violation", detail_, {});
+    return;
+  }
   dispatch::HandlerSlot* slot = rt_->queues[qi].route(d->envelope.event_type);
   if (!slot) {
     if (qcfg.unhandled == config::Unhandled::Ack) {

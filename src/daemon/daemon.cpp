@@ -38,8 +38,9 @@ int run(const Options& opts) {
     std::cerr << cfg->path << ": " << e.what() << "\n";
     return 1;
   }
+  for (const auto& w : dispatch::plan_warnings(*cfg)) std::cerr << cfg->path << ": warning: " << w << "\n";
   if (opts.check) {
-    dispatch::print_plan(*cfg, std::cout);
+    dispatch::print_plan(*rt, std::cout);
     return 0;
   }
 

@@ -29,6 +29,7 @@ std::unique_ptr<Runtime> build_runtime(std::shared_ptr<const config::Config> cfg
                                        boost::asio::thread_pool& pool) {
   auto rt = std::make_unique<Runtime>();
   rt->config = cfg;
+  if (!cfg->schemas_dir.empty()) rt->schemas = event::SchemaSet::load(cfg->schemas_dir);
   rt->queues.reserve(cfg->queues.size());
   for (const auto& q : cfg->queues) {
     QueueRouter router(q);
@@ -46,7 +47,25 @@ std::unique_ptr<Runtime> build_runtime(std::shared_ptr<const config::Config> cfg
   return rt;
 }
 
-void print_plan(const config::Config& cfg, std::ostream& out) {
+std::vector<std::string> plan_warnings(const config::Config& cfg) {
+  // RabbitMQ closes the channel of a delivery left unacked longer than its
+  // consumer_timeout (30 min by default), which would redeliver the event.
+  constexpr auto kAckTimeout = std::chrono::minutes(30);
+  std::vector<std::string> out;
+  for (const auto& q : cfg.queues) {
+    for (const auto& h : q.handlers) {
+      if (h.kind == config::HandlerKind::Exec && h.timeout + h.kill_grace >= kAckTimeout)
+        out.push_back("handler '" + h.name + "': timeout + kill_grace (" +
+                      std::to_string((h.timeout + h.kill_grace).count() / 1000) +
+                      "s) is not below the broker's consumer acknowledgement timeout (30 min by default); "
+                      "the broker would close the channel and redeliver the event while it still runs");
+    }
+  }
+  return out;
+}
+
+void print_plan(const Runtime& rt, std::ostream& out) {
+  const config::Config& cfg = *rt.config;
   out << "config " << cfg.path << " ok\n";
   out << "broker " << log::mask_url(cfg.broker.url) << " heartbeat " << cfg.broker.heartbeat.count() << "ms\n";
   out << "exchange " << cfg.exchange.name << " (" << cfg.exchange.type << ", durable)\n";
@@ -68,6 +87,14 @@ void print_plan(const config::Config& cfg, std::ostream& out) {
       out << " concurrency " << h.concurrency << "\n";
     }
     if (q.handlers.empty()) out << "  (no handlers: every event is unhandled)\n";
+    out << "  retry max_attempts " << q.retry.max_attempts << " delay queues";
+    for (auto step : q.retry_steps()) out << " " << q.name << ".retry." << step.count();
+    out << "\n  max_message_bytes " << q.max_message_bytes << "\n";
+  }
+  if (rt.schemas) {
+    out << "schemas " << cfg.schemas_dir << " (" << rt.schemas->size() << " loaded):";
+    for (const auto& t : rt.schemas->event_types()) out << " " << t;
+    out << "\n";
   }
 }
 

@@ -15,6 +15,7 @@
 
 #include "config/config.hpp"
 #include "dispatch/handler.hpp"
+#include "event/schema.hpp"
 
 namespace er::dispatch {
 
@@ -47,6 +48,7 @@ class QueueRouter {
 struct Runtime {
   std::shared_ptr<const config::Config> config;
   std::vector<QueueRouter> queues;  // same order as config->queues
+  std::shared_ptr<const event::SchemaSet> schemas;  // null = no validation
 };
 
 // Loads every handler (plugins are dlopened and initialised). Throws
@@ -55,6 +57,10 @@ std::unique_ptr<Runtime> build_runtime(std::shared_ptr<const config::Config> cfg
                                        boost::asio::io_context& io, boost::asio::thread_pool& pool);
 
 // Human-readable topology and routing plan, for --check.
-void print_plan(const config::Config& cfg, std::ostream& out);
+void print_plan(const Runtime& rt, std::ostream& out);
+
+// Problems that are not errors, e.g. a handler timeout that the broker's
+// consumer acknowledgement timeout would cut short.
+std::vector<std::string> plan_warnings(const config::Config& cfg);
 
 }  // namespace er::dispatch

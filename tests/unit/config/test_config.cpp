@@ -239,7 +239,7 @@ TEST_CASE("load_config reports files it cannot open", "[config]") {
 TEST_CASE("absolute plugin and exec paths are kept (normalized)", "[config]") {
   TempDir tmp;
   Config c = load_config_string(
-      "broker: {url: u}\nexchange: {name: ex}\nqueues:\n  - name: q\n    handlers:\n"
+      "broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues:\n  - name: q\n    handlers:\n"
       "      - {name: p, events: ['#'], plugin: " + tmp.path + "/plugins/./libp.so}\n"
       "      - {name: e, events: ['#'], exec: [" + tmp.path + "//bin/tool]}\n",
       "t.yaml", "/");
@@ -249,7 +249,7 @@ TEST_CASE("absolute plugin and exec paths are kept (normalized)", "[config]") {
 
 TEST_CASE("bare exec names are searched in PATH", "[config]") {
   TempDir tmp;
-  const char* yaml = "broker: {url: u}\nexchange: {name: ex}\nqueues:\n  - name: q\n    handlers:\n"
+  const char* yaml = "broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues:\n  - name: q\n    handlers:\n"
                      "      - {name: e, events: ['#'], exec: [\"true\", x]}\n";
   SECTION("system PATH") {
     Config c = load_config_string(yaml, "t.yaml", tmp.path);
@@ -284,7 +284,7 @@ TEST_CASE("bare plugin names are searched in plugin_search_dirs()", "[config]") 
   CHECK(d[3] == ER_PLUGIN_INSTALL_DIR);
 
   const std::string head =
-      "broker: {url: u}\nexchange: {name: ex}\nqueues:\n  - name: q\n    handlers:\n"
+      "broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues:\n  - name: q\n    handlers:\n"
       "      - name: p\n        events: ['#']\n";
   Config c = load_config_string(head + "        plugin: libbare.so\n", "t.yaml", "/");
   CHECK(c.queues[0].handlers[0].plugin_path == tmp.path + "/second/libbare.so");
@@ -319,9 +319,9 @@ TEST_CASE("missing required keys point at the parent mapping", "[config][errors]
   TempDir tmp;
   CHECK(error_of("exchange: {name: ex}\nqueues: [{name: q}]\n", "/") ==
         "t.yaml:1:1: missing required key 'broker'");
-  CHECK(error_of("broker: {url: u}\nqueues: [{name: q}]\n", "/") ==
+  CHECK(error_of("broker: {url: 'amqp://h'}\nqueues: [{name: q}]\n", "/") ==
         "t.yaml:1:1: missing required key 'exchange'");
-  CHECK(error_of("broker: {url: u}\nexchange: {name: ex}\n", "/") ==
+  CHECK(error_of("broker: {url: 'amqp://h'}\nexchange: {name: ex}\n", "/") ==
         "t.yaml:1:1: missing required key 'queues'");
   CHECK(error_of(Y(R"(
 broker:
@@ -330,10 +330,10 @@ exchange: {name: ex}
 queues: [{name: q}]
 )"),
                  "/") == "t.yaml:2:3: broker: missing required key 'url'");
-  CHECK(error_of("broker: {url: u}\nexchange: {type: topic}\nqueues: [{name: q}]\n", "/") ==
+  CHECK(error_of("broker: {url: 'amqp://h'}\nexchange: {type: topic}\nqueues: [{name: q}]\n", "/") ==
         "t.yaml:2:11: exchange: missing required key 'name'");
   CHECK(error_of(Y(R"(
-broker: {url: u}
+broker: {url: 'amqp://h'}
 exchange: {name: ex}
 queues:
   - name: q
@@ -341,7 +341,7 @@ queues:
 )"),
                  "/") == "t.yaml:5:5: queues[1]: missing required key 'name'");
   CHECK(error_of(Y(R"(
-broker: {url: u}
+broker: {url: 'amqp://h'}
 exchange: {name: ex}
 queues:
   - name: q
@@ -351,7 +351,7 @@ queues:
 )"),
                  tmp.path) == "t.yaml:6:9: queues[0].handlers[0]: missing required key 'name'");
   CHECK(error_of(Y(R"(
-broker: {url: u}
+broker: {url: 'amqp://h'}
 exchange: {name: ex}
 queues:
   - name: q
@@ -364,14 +364,14 @@ queues:
 
 TEST_CASE("unknown keys are reported at every level", "[config][errors]") {
   TempDir tmp;
-  CHECK(error_of("broker: {url: u}\nexchange: {name: ex}\nquues: []\n", "/") ==
+  CHECK(error_of("broker: {url: 'amqp://h'}\nexchange: {name: ex}\nquues: []\n", "/") ==
         "t.yaml:3:1: unknown key 'quues' (did you mean 'queues'?)");
   CHECK(error_of("broker: {ulr: u}\nexchange: {name: ex}\nqueues: [{name: q}]\n", "/") ==
         "t.yaml:1:10: broker: unknown key 'ulr' (did you mean 'url'?)");
-  CHECK(error_of("broker: {url: u}\nexchange: {name: ex, durable: true}\nqueues: [{name: q}]\n",
+  CHECK(error_of("broker: {url: 'amqp://h'}\nexchange: {name: ex, durable: true}\nqueues: [{name: q}]\n",
                  "/") == "t.yaml:2:22: exchange: unknown key 'durable'");
   CHECK(error_of(Y(R"(
-broker: {url: u}
+broker: {url: 'amqp://h'}
 exchange: {name: ex}
 queues:
   - name: q
@@ -379,7 +379,7 @@ queues:
 )"),
                  "/") == "t.yaml:5:5: queues[0]: unknown key 'prefech' (did you mean 'prefetch'?)");
   CHECK(error_of(Y(R"(
-broker: {url: u}
+broker: {url: 'amqp://h'}
 exchange: {name: ex}
 queues:
   - name: q
@@ -393,7 +393,7 @@ queues:
 )"),
                  tmp.path) ==
         "t.yaml:10:9: queues[0].handlers[1]: unknown key 'evnts' (did you mean 'events'?)");
-  CHECK(error_of("broker: {url: u}\nexchange: {name: ex}\nqueues: [{name: q}]\nlog: {levl: info}\n",
+  CHECK(error_of("broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues: [{name: q}]\nlog: {levl: info}\n",
                  "/") == "t.yaml:4:7: log: unknown key 'levl' (did you mean 'level'?)");
 }
 
@@ -406,13 +406,13 @@ exchange: {name: ex}
 queues: [{name: q}]
 )"),
                  "/") == "t.yaml:3:3: broker: duplicate key 'url'");
-  CHECK(error_of("broker: {url: u}\nexchange: {name: ex}\nqueues: [{name: q}]\nworkers: 1\nworkers: 2\n",
+  CHECK(error_of("broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues: [{name: q}]\nworkers: 1\nworkers: 2\n",
                  "/") == "t.yaml:5:1: duplicate key 'workers'");
 }
 
 TEST_CASE("wrong value types", "[config][errors]") {
   TempDir tmp;
-  const std::string head = "broker: {url: u}\nexchange: {name: ex}\nqueues:\n  - name: q\n";
+  const std::string head = "broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues:\n  - name: q\n";
   CHECK(error_of(head + "    prefetch: \"ten\"\n", "/") ==
         "t.yaml:5:15: queues[0].prefetch: expected an integer 1..65535, got 'ten'");
   CHECK(error_of(head + "    prefetch: [1]\n", "/") ==
@@ -434,9 +434,9 @@ TEST_CASE("wrong value types", "[config][errors]") {
         "t.yaml:1:9: broker: expected a mapping, got a scalar");
   CHECK(error_of("broker: {url: [a]}\nexchange: {name: ex}\nqueues: [{name: q}]\n", "/") ==
         "t.yaml:1:15: broker.url: expected a string, got a list");
-  CHECK(error_of("broker: {url: u}\nexchange: {name: ex}\nqueues: {name: q}\n", "/") ==
+  CHECK(error_of("broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues: {name: q}\n", "/") ==
         "t.yaml:3:9: queues: expected a list of queues, got a mapping");
-  CHECK(error_of("broker: {url: u}\nexchange: {name: ex}\nqueues: [{name: q}]\nworkers: -1\n", "/") ==
+  CHECK(error_of("broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues: [{name: q}]\nworkers: -1\n", "/") ==
         "t.yaml:4:10: workers: expected an integer 1..65535, got '-1'");
   CHECK(error_of(head + "    handlers:\n      - {name: h, events: [a], exec: [bin/tool], env: {A: [1]}}\n",
                  tmp.path) ==
@@ -448,7 +448,7 @@ TEST_CASE("wrong value types", "[config][errors]") {
 
 TEST_CASE("numbers out of range", "[config][errors]") {
   TempDir tmp;
-  const std::string head = "broker: {url: u}\nexchange: {name: ex}\nqueues:\n  - name: q\n";
+  const std::string head = "broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues:\n  - name: q\n";
   CHECK(error_of(head + "    prefetch: 0\n", "/") == "t.yaml:5:15: queues[0].prefetch: 0 is out of range 1..65535");
   CHECK(error_of(head + "    prefetch: 65536\n", "/") ==
         "t.yaml:5:15: queues[0].prefetch: 65536 is out of range 1..65535");
@@ -456,14 +456,14 @@ TEST_CASE("numbers out of range", "[config][errors]") {
   CHECK(error_of(head + "    handlers:\n      - {name: h, events: [a], exec: [bin/tool], concurrency: 0}\n",
                  tmp.path) ==
         "t.yaml:6:63: queues[0].handlers[0].concurrency: 0 is out of range 1..65535");
-  CHECK(error_of("broker: {url: u}\nexchange: {name: ex}\nqueues: [{name: q}]\nworkers: 0\n", "/") ==
+  CHECK(error_of("broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues: [{name: q}]\nworkers: 0\n", "/") ==
         "t.yaml:4:10: workers: 0 is out of range 1..65535");
 }
 
 TEST_CASE("bad durations", "[config][errors]") {
   TempDir tmp;
   const std::string head =
-      "broker: {url: u}\nexchange: {name: ex}\nqueues:\n  - name: q\n    handlers:\n"
+      "broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues:\n  - name: q\n    handlers:\n"
       "      - name: h\n        events: [a]\n        exec: [bin/tool]\n";
   CHECK(error_of(head + "        timeout: 5x\n", tmp.path) ==
         "t.yaml:9:18: queues[0].handlers[0].timeout: invalid duration '5x': unknown unit 'x' (use ms, s, m or h)");
@@ -471,20 +471,20 @@ TEST_CASE("bad durations", "[config][errors]") {
         "t.yaml:9:18: queues[0].handlers[0].timeout: duration must be greater than 0");
   CHECK(error_of(head + "        kill_grace: -1s\n", tmp.path) ==
         "t.yaml:9:21: queues[0].handlers[0].kill_grace: negative duration '-1s'");
-  CHECK(error_of("broker: {url: u, heartbeat: 1.5s}\nexchange: {name: ex}\nqueues: [{name: q}]\n", "/") ==
-        "t.yaml:1:29: broker.heartbeat: heartbeat must be a whole number of seconds");
-  CHECK(error_of("broker: {url: u, heartbeat: 65536}\nexchange: {name: ex}\nqueues: [{name: q}]\n", "/") ==
-        "t.yaml:1:29: broker.heartbeat: heartbeat must be at most 65535s");
-  CHECK(error_of("broker: {url: u}\nexchange: {name: ex}\nqueues: [{name: q}]\nshutdown_timeout: soon\n",
+  CHECK(error_of("broker: {url: 'amqp://h', heartbeat: 1.5s}\nexchange: {name: ex}\nqueues: [{name: q}]\n", "/") ==
+        "t.yaml:1:38: broker.heartbeat: heartbeat must be a whole number of seconds");
+  CHECK(error_of("broker: {url: 'amqp://h', heartbeat: 65536}\nexchange: {name: ex}\nqueues: [{name: q}]\n", "/") ==
+        "t.yaml:1:38: broker.heartbeat: heartbeat must be at most 65535s");
+  CHECK(error_of("broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues: [{name: q}]\nshutdown_timeout: soon\n",
                  "/") ==
         "t.yaml:4:19: shutdown_timeout: invalid duration 'soon' (expected e.g. 500ms, 30s, 5m, 1h or seconds)");
-  CHECK(error_of("broker: {url: u}\nexchange: {name: ex}\nqueues: [{name: q}]\nshutdown_timeout: {a: 1}\n",
+  CHECK(error_of("broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues: [{name: q}]\nshutdown_timeout: {a: 1}\n",
                  "/") == "t.yaml:4:19: shutdown_timeout: expected a duration, got a mapping");
 }
 
 TEST_CASE("bad topic patterns in bindings and events", "[config][errors]") {
   TempDir tmp;
-  const std::string head = "broker: {url: u}\nexchange: {name: ex}\nqueues:\n  - name: q\n";
+  const std::string head = "broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues:\n  - name: q\n";
   CHECK(error_of(head + "    bindings: [\"ok.*\", \"a..b\"]\n", "/") ==
         "t.yaml:5:24: queues[0].bindings[1]: invalid topic pattern 'a..b': empty word");
   CHECK(error_of(head + "    bindings:\n      - speaker.*\n      - speaker.x*\n", "/") ==
@@ -499,7 +499,7 @@ TEST_CASE("bad topic patterns in bindings and events", "[config][errors]") {
 TEST_CASE("handler kinds: neither, both, misplaced keys", "[config][errors]") {
   TempDir tmp;
   const std::string head =
-      "broker: {url: u}\nexchange: {name: ex}\nqueues:\n  - name: q\n    handlers:\n"
+      "broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues:\n  - name: q\n    handlers:\n"
       "      - name: h\n        events: [a]\n";
   CHECK(error_of(head, tmp.path) ==
         "t.yaml:6:9: queues[0].handlers[0]: handler needs either 'plugin' or 'exec'");
@@ -517,7 +517,7 @@ TEST_CASE("plugin files and exec programs must exist", "[config][errors]") {
   TempDir tmp;
   fs::create_directories(tmp.path + "/dir");
   const std::string head =
-      "broker: {url: u}\nexchange: {name: ex}\nqueues:\n  - name: q\n    handlers:\n"
+      "broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues:\n  - name: q\n    handlers:\n"
       "      - name: h\n        events: [a]\n";
   CHECK(error_of(head + "        plugin: plugins/libmissing.so\n", tmp.path) ==
         "t.yaml:8:17: queues[0].handlers[0].plugin: plugin file '" + tmp.path +
@@ -541,7 +541,7 @@ TEST_CASE("duplicate queue and handler names", "[config][errors]") {
   TempDir tmp;
   EnvGuard q("ER_T_QUEUE", "speaker.events");
   CHECK(error_of(Y(R"(
-broker: {url: u}
+broker: {url: 'amqp://h'}
 exchange: {name: ex}
 queues:
   - name: speaker.events
@@ -550,7 +550,7 @@ queues:
                  "/") ==
         "t.yaml:5:11: queues[1].name: duplicate queue name 'speaker.events' (first defined at line 4)");
   CHECK(error_of(Y(R"(
-broker: {url: u}
+broker: {url: 'amqp://h'}
 exchange: {name: ex}
 queues:
   - name: a
@@ -562,27 +562,27 @@ queues:
 )"),
                  tmp.path) ==
         "t.yaml:9:16: queues[1].handlers[0].name: duplicate handler name 'h' (first defined at line 6)");
-  CHECK(error_of("broker: {url: u}\nexchange: {name: ex}\nqueues: [{name: q, dead_letter_queue: q}]\n", "/") ==
+  CHECK(error_of("broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues: [{name: q, dead_letter_queue: q}]\n", "/") ==
         "t.yaml:3:39: queues[0].dead_letter_queue: the dead-letter queue must differ from the queue itself");
 }
 
 TEST_CASE("bad enum values", "[config][errors]") {
   const std::string tail = "exchange: {name: ex}\nqueues: [{name: q}]\n";
-  CHECK(error_of("broker: {url: u}\nexchange: {name: ex, type: topc}\nqueues: [{name: q}]\n", "/") ==
+  CHECK(error_of("broker: {url: 'amqp://h'}\nexchange: {name: ex, type: topc}\nqueues: [{name: q}]\n", "/") ==
         "t.yaml:2:28: exchange.type: invalid value 'topc' (expected one of: topic, direct, fanout, headers)"
         " (did you mean 'topic'?)");
-  CHECK(error_of("broker: {url: u}\n" + tail + "log: {level: verbose}\n", "/") ==
+  CHECK(error_of("broker: {url: 'amqp://h'}\n" + tail + "log: {level: verbose}\n", "/") ==
         "t.yaml:4:14: log.level: invalid value 'verbose' (expected one of: debug, info, warn, error)");
-  CHECK(error_of("broker: {url: u}\nexchange: {name: ex}\nqueues:\n  - name: q\n    unhandled: foo\n", "/") ==
+  CHECK(error_of("broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues:\n  - name: q\n    unhandled: foo\n", "/") ==
         "t.yaml:5:16: queues[0].unhandled: invalid value 'foo' (expected one of: dead-letter, ack)");
 }
 
 TEST_CASE("empty values are rejected", "[config][errors]") {
-  CHECK(error_of("broker: {url: u}\nexchange: {name: ex}\nqueues: []\n", "/") ==
+  CHECK(error_of("broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues: []\n", "/") ==
         "t.yaml:3:9: queues: at least one queue is required");
   CHECK(error_of("broker: {url: \"\"}\nexchange: {name: ex}\nqueues: [{name: q}]\n", "/") ==
         "t.yaml:1:15: broker.url: must not be empty");
-  CHECK(error_of("broker: {url: u}\nexchange: {name: ex}\nqueues:\n", "/") ==
+  CHECK(error_of("broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues:\n", "/") ==
         "t.yaml:3:1: queues: expected a list of queues, got nothing");
 }
 
@@ -615,22 +615,22 @@ queues: [{name: "${ER_T_EMPTY}q$$"}]
     CHECK(c.queues[0].name == "q$");
   }
   SECTION("substituted text cannot change the YAML structure") {
-    EnvGuard set("ER_T_URL", "amqp://u:p#w: x@h/");
-    Config c = load_config_string("broker:\n  url: ${ER_T_URL}\nexchange: {name: ex}\nqueues: [{name: q}]\n",
+    EnvGuard set("ER_T_URL", "ex #w: x");
+    Config c = load_config_string("broker: {url: 'amqp://h'}\nexchange:\n  name: ${ER_T_URL}\nqueues: [{name: q}]\n",
                                   "t.yaml", "/");
-    CHECK(c.broker.url == "amqp://u:p#w: x@h/");
+    CHECK(c.exchange.name == "ex #w: x");
   }
   SECTION("unterminated reference") {
-    CHECK(error_of("broker: {url: u}\nexchange: {name: \"${ER_T_URL:-x\"}\nqueues: [{name: q}]\n", "/") ==
+    CHECK(error_of("broker: {url: 'amqp://h'}\nexchange: {name: \"${ER_T_URL:-x\"}\nqueues: [{name: q}]\n", "/") ==
           "t.yaml:2:18: key 'exchange.name': unterminated '${' (missing '}') in '${ER_T_URL:-x'");
   }
   SECTION("inside list items") {
     EnvGuard topic("ER_T_TOPIC", "speaker");
     Config c = load_config_string(
-        "broker: {url: u}\nexchange: {name: ex}\nqueues:\n  - name: q\n    bindings: [\"${ER_T_TOPIC}.*\"]\n",
+        "broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues:\n  - name: q\n    bindings: [\"${ER_T_TOPIC}.*\"]\n",
         "t.yaml", "/");
     CHECK(c.queues[0].bindings.at(0) == "speaker.*");
-    CHECK(error_of("broker: {url: u}\nexchange: {name: ex}\nqueues:\n  - name: q\n    bindings:\n"
+    CHECK(error_of("broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues:\n  - name: q\n    bindings:\n"
                    "      - a\n      - ${ER_T_PASS}\n",
                    "/") ==
           "t.yaml:7:9: key 'queues[0].bindings[1]': environment variable ER_T_PASS is not set and has no default");
@@ -639,7 +639,7 @@ queues: [{name: "${ER_T_EMPTY}q$$"}]
     EnvGuard set("ER_T_PASS", "pw");
     EnvGuard num("ER_T_NUM", "42");
     Config c = load_config_string(Y(R"(
-broker: {url: u}
+broker: {url: 'amqp://h'}
 exchange: {name: ex}
 queues:
   - name: q
@@ -663,7 +663,7 @@ queues:
     CHECK(c.queues[0].handlers[1].plugin_config_json ==
           R"({"auth":{"password":"pw"},"port":42,"quoted":"42","items":["a","pw"]})");
     CHECK(error_of(Y(R"(
-broker: {url: u}
+broker: {url: 'amqp://h'}
 exchange: {name: ex}
 queues:
   - name: q
@@ -685,7 +685,7 @@ TEST_CASE("plugin config renders any YAML as JSON", "[config]") {
   TempDir tmp;
   auto json = [&](const std::string& cfg) {
     Config c = load_config_string(
-        "broker: {url: u}\nexchange: {name: ex}\nqueues:\n  - name: q\n    handlers:\n"
+        "broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues:\n  - name: q\n    handlers:\n"
         "      - name: p\n        events: ['#']\n        plugin: plugins/libp.so\n" + cfg,
         "t.yaml", tmp.path);
     return c.queues[0].handlers[0].plugin_config_json;
@@ -703,4 +703,336 @@ TEST_CASE("plugin config renders any YAML as JSON", "[config]") {
   CHECK(json("        config:\n          text: |\n            line1\n            line2\n") ==
         R"({"text":"line1\nline2\n"})");
   CHECK(json("        config: {quote: 'say \"hi\"'}\n") == R"({"quote":"say \"hi\""})");
+}
+
+TEST_CASE("retry: queue values, and handler keys override the queue's one by one", "[config][retry]") {
+  TempDir tmp;
+  Config c = load_config_string(Y(R"(
+broker: {url: 'amqp://h'}
+exchange: {name: ex}
+queues:
+  - name: q
+    retry: {max_attempts: 4, delay: 500ms, multiplier: 1.5, max_delay: 2s}
+    handlers:
+      - name: inherits
+        events: ["#"]
+        exec: [bin/tool]
+      - name: overrides
+        events: ["#"]
+        plugin: plugins/libp.so
+        retry:
+          max_attempts: 1
+          max_delay: 10s
+  - name: plain
+    handlers:
+      - {name: p, events: ["#"], exec: [bin/tool], retry: {delay: 2s, multiplier: 3}}
+)"),
+                                "t.yaml", tmp.path);
+  const QueueConfig& q = c.queues.at(0);
+  CHECK(q.retry.max_attempts == 4);
+  CHECK(q.retry.delay == 500ms);
+  CHECK(q.retry.multiplier == 1.5);
+  CHECK(q.retry.max_delay == 2s);
+  CHECK(q.handlers.at(0).retry == q.retry);
+  const RetryConfig& o = q.handlers.at(1).retry;
+  CHECK(o.max_attempts == 1);
+  CHECK(o.delay == 500ms);
+  CHECK(o.multiplier == 1.5);
+  CHECK(o.max_delay == 10s);
+
+  const QueueConfig& plain = c.queues.at(1);
+  CHECK(plain.retry == RetryConfig{});
+  CHECK(plain.retry.max_attempts == 5);
+  CHECK(plain.retry.delay == 1s);
+  CHECK(plain.retry.multiplier == 2.0);
+  CHECK(plain.retry.max_delay == 5min);
+  const RetryConfig& p = plain.handlers.at(0).retry;
+  CHECK(p.max_attempts == 5);
+  CHECK(p.delay == 2s);
+  CHECK(p.multiplier == 3.0);
+  CHECK(p.max_delay == 5min);
+}
+
+TEST_CASE("retry: delay_before grows by the multiplier and stops at max_delay", "[config][retry]") {
+  RetryConfig r;  // 1s, x2, at most 5m
+  CHECK(r.delay_before(0) == 0ms);
+  CHECK(r.delay_before(1) == 0ms);
+  CHECK(r.delay_before(2) == 1s);
+  CHECK(r.delay_before(3) == 2s);
+  CHECK(r.delay_before(4) == 4s);
+  CHECK(r.delay_before(10) == 256s);
+  CHECK(r.delay_before(11) == 300s);  // 512s, clamped
+  CHECK(r.delay_before(1000) == 5min);
+  CHECK(r.delay_before(~0u) == 5min);
+
+  r.multiplier = 1e300;  // overflows a double from the 4th attempt on
+  CHECK(r.delay_before(3) == 5min);
+  CHECK(r.delay_before(1000) == 5min);
+
+  r.delay = 100ms;
+  r.multiplier = 1.5;
+  CHECK(r.delay_before(2) == 100ms);
+  CHECK(r.delay_before(3) == 150ms);
+  CHECK(r.delay_before(4) == 225ms);
+  CHECK(r.delay_before(5) == 338ms);  // 337.5, rounded
+  r.multiplier = 1.1;
+  CHECK(r.delay_before(4) == 121ms);  // 121.00000000000001
+
+  r.multiplier = 1;
+  CHECK(r.delay_before(2) == 100ms);
+  CHECK(r.delay_before(1000) == 100ms);
+}
+
+TEST_CASE("retry: retry_steps lists every distinct wait of a queue, ascending", "[config][retry]") {
+  QueueConfig q;
+  q.retry.max_attempts = 4;  // 1s 2s 4s
+  q.handlers.resize(3);
+  q.handlers[0].retry = q.retry;
+  q.handlers[1].retry.max_attempts = 1;  // never retries
+  RetryConfig& r = q.handlers[2].retry;  // 1s 3s 9s 20s 20s
+  r.max_attempts = 6;
+  r.multiplier = 3;
+  r.max_delay = 20s;
+  CHECK(q.retry_steps() == std::vector<Duration>{1s, 2s, 3s, 4s, 9s, 20s});
+
+  QueueConfig once;
+  once.retry.max_attempts = 1;
+  CHECK(once.retry_steps().empty());
+
+  QueueConfig flat;
+  flat.retry.max_attempts = 1000;
+  flat.retry.multiplier = 1;
+  CHECK(flat.retry_steps() == std::vector<Duration>{1s});
+
+  QueueConfig many;
+  many.retry.max_attempts = 1000;  // reaches 5m at attempt 11
+  CHECK(many.retry_steps().size() == 10);
+  CHECK(many.retry_steps().back() == 5min);
+}
+
+TEST_CASE("retry: bad values", "[config][retry][errors]") {
+  TempDir tmp;
+  const std::string head = "broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues:\n  - name: q\n";
+  CHECK(error_of(head + "    retry: {max_attempts: 0}\n", "/") ==
+        "t.yaml:5:27: queues[0].retry.max_attempts: 0 is out of range 1..1000");
+  CHECK(error_of(head + "    retry: {max_attempts: 1001}\n", "/") ==
+        "t.yaml:5:27: queues[0].retry.max_attempts: 1001 is out of range 1..1000");
+  CHECK(error_of(head + "    retry: {max_attempts: 2.5}\n", "/") ==
+        "t.yaml:5:27: queues[0].retry.max_attempts: expected an integer 1..1000, got '2.5'");
+  CHECK(error_of(head + "    retry: {delay: 0s}\n", "/") ==
+        "t.yaml:5:20: queues[0].retry.delay: duration must be greater than 0");
+  CHECK(error_of(head + "    retry: {delay: soon}\n", "/") ==
+        "t.yaml:5:20: queues[0].retry.delay: invalid duration 'soon' (expected e.g. 500ms, 30s, 5m, 1h or seconds)");
+  CHECK(error_of(head + "    retry: {multiplier: 0.5}\n", "/") ==
+        "t.yaml:5:25: queues[0].retry.multiplier: 0.5 is out of range (must be >= 1)");
+  CHECK(error_of(head + "    retry: {multiplier: -2}\n", "/") ==
+        "t.yaml:5:25: queues[0].retry.multiplier: -2 is out of range (must be >= 1)");
+  CHECK(error_of(head + "    retry: {multiplier: fast}\n", "/") ==
+        "t.yaml:5:25: queues[0].retry.multiplier: expected a number >= 1, got 'fast'");
+  CHECK(error_of(head + "    retry: {multiplier: .inf}\n", "/") ==
+        "t.yaml:5:25: queues[0].retry.multiplier: expected a number >= 1, got '.inf'");
+  CHECK(error_of(head + "    retry: {multiplier: 1e999}\n", "/") ==
+        "t.yaml:5:25: queues[0].retry.multiplier: expected a number >= 1, got '1e999'");
+  CHECK(error_of(head + "    retry: {multiplier: [2]}\n", "/") ==
+        "t.yaml:5:25: queues[0].retry.multiplier: expected a number >= 1, got a list");
+  CHECK(error_of(head + "    retry: {delay: 1m, max_delay: 30s}\n", "/") ==
+        "t.yaml:5:35: queues[0].retry.max_delay: max_delay 30s is shorter than delay 1m");
+  CHECK(error_of(head + "    retry: {delay: 10m}\n", "/") ==
+        "t.yaml:5:20: queues[0].retry.delay: delay 10m is longer than max_delay 5m (set max_delay too)");
+  CHECK(error_of(head + "    retry: 5\n", "/") ==
+        "t.yaml:5:12: queues[0].retry: expected a mapping, got a scalar");
+  CHECK(error_of(head + "    retry:\n", "/") ==
+        "t.yaml:5:5: queues[0].retry: expected a mapping, got nothing");
+  CHECK(error_of(head + "    retry: {max_attempt: 3}\n", "/") ==
+        "t.yaml:5:13: queues[0].retry: unknown key 'max_attempt' (did you mean 'max_attempts'?)");
+  CHECK(error_of(head + "    retry: {delay: 1s, delay: 2s}\n", "/") ==
+        "t.yaml:5:24: queues[0].retry: duplicate key 'delay'");
+
+  // At handler level, against the values inherited from the queue.
+  CHECK(error_of(Y(R"(
+broker: {url: 'amqp://h'}
+exchange: {name: ex}
+queues:
+  - name: q
+    retry: {max_delay: 10s}
+    handlers:
+      - name: h
+        events: ["#"]
+        exec: [bin/tool]
+        retry:
+          delay: 20s
+)"),
+                 tmp.path) ==
+        "t.yaml:11:18: queues[0].handlers[0].retry.delay: delay 20s is longer than max_delay 10s (set max_delay too)");
+  CHECK(error_of(Y(R"(
+broker: {url: 'amqp://h'}
+exchange: {name: ex}
+queues:
+  - name: q
+    handlers:
+      - name: h
+        events: ["#"]
+        exec: [bin/tool]
+        retry:
+          dealy: 1s
+)"),
+                 tmp.path) ==
+        "t.yaml:10:11: queues[0].handlers[0].retry: unknown key 'dealy' (did you mean 'delay'?)");
+  CHECK(error_of(head + "    handlers:\n      - {name: h, events: [a], exec: [bin/tool], retry: {max_delay: 1500ms, delay: 2s}}\n",
+                 tmp.path) ==
+        "t.yaml:6:69: queues[0].handlers[0].retry.max_delay: max_delay 1500ms is shorter than delay 2s");
+}
+
+TEST_CASE("max_message_bytes: top level, per queue, bytes or sizes with units", "[config]") {
+  Config c = load_config_string(Y(R"(
+broker: {url: 'amqp://h'}
+exchange: {name: ex}
+max_message_bytes: 512KiB
+queues:
+  - name: a
+  - name: b
+    max_message_bytes: 2MB
+  - name: c
+    max_message_bytes: 1000
+)"),
+                                "t.yaml", "/");
+  CHECK(c.max_message_bytes == 524288);
+  CHECK(c.queues.at(0).max_message_bytes == 524288);
+  CHECK(c.queues.at(1).max_message_bytes == 2000000);
+  CHECK(c.queues.at(2).max_message_bytes == 1000);
+
+  Config d = load_config_string("broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues: [{name: q}]\n", "t.yaml", "/");
+  CHECK(d.max_message_bytes == 1048576);
+  CHECK(d.queues.at(0).max_message_bytes == 1048576);
+
+  auto size = [](const std::string& text) {
+    return load_config_string("broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues: [{name: q}]\nmax_message_bytes: " +
+                                  text + "\n",
+                              "t.yaml", "/")
+        .queues.at(0)
+        .max_message_bytes;
+  };
+  CHECK(size("1") == 1);
+  CHECK(size("7B") == 7);
+  CHECK(size("3KB") == 3000);
+  CHECK(size("3kB") == 3000);
+  CHECK(size("3KiB") == 3072);
+  CHECK(size("1MiB") == 1048576);
+  CHECK(size("\"64 MiB\"") == 64 * 1048576);
+  CHECK(size("128MiB") == 134217728);
+  CHECK(size("134217728") == 134217728);
+  CHECK(size("0000128MiB") == 134217728);
+}
+
+TEST_CASE("max_message_bytes: bad sizes", "[config][errors]") {
+  const std::string head = "broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues: [{name: q}]\nmax_message_bytes: ";
+  CHECK(error_of(head + "0\n", "/") == "t.yaml:4:20: max_message_bytes: size must be at least 1 byte");
+  CHECK(error_of(head + "0MiB\n", "/") == "t.yaml:4:20: max_message_bytes: size must be at least 1 byte");
+  CHECK(error_of(head + "129MiB\n", "/") ==
+        "t.yaml:4:20: max_message_bytes: size '129MiB' is larger than 128MiB (RabbitMQ's maximum message size)");
+  CHECK(error_of(head + "134217729\n", "/") ==
+        "t.yaml:4:20: max_message_bytes: size '134217729' is larger than 128MiB (RabbitMQ's maximum message size)");
+  CHECK(error_of(head + "1GB\n", "/") ==
+        "t.yaml:4:20: max_message_bytes: size '1GB' is larger than 128MiB (RabbitMQ's maximum message size)");
+  CHECK(error_of(head + "99999999999999999999999\n", "/") ==
+        "t.yaml:4:20: max_message_bytes: size '99999999999999999999999' is larger than 128MiB (RabbitMQ's maximum message size)");
+  CHECK(error_of(head + "1.5MiB\n", "/") ==
+        "t.yaml:4:20: max_message_bytes: invalid size '1.5MiB': use a whole number (e.g. 1536KiB for 1.5MiB)");
+  CHECK(error_of(head + "1Mib\n", "/") ==
+        "t.yaml:4:20: max_message_bytes: invalid size '1Mib': unknown unit 'Mib' (use B, KB, KiB, MB or MiB)"
+        " (did you mean 'MiB'?)");
+  CHECK(error_of(head + "2 bytes\n", "/") ==
+        "t.yaml:4:20: max_message_bytes: invalid size '2 bytes': unknown unit 'bytes' (use B, KB, KiB, MB or MiB)");
+  CHECK(error_of(head + "lots\n", "/") ==
+        "t.yaml:4:20: max_message_bytes: invalid size 'lots' (expected a number of bytes or e.g. 512KiB, 1MiB, 2MB)");
+  CHECK(error_of(head + "-1\n", "/") ==
+        "t.yaml:4:20: max_message_bytes: invalid size '-1' (expected a number of bytes or e.g. 512KiB, 1MiB, 2MB)");
+  CHECK(error_of(head + "[1]\n", "/") == "t.yaml:4:20: max_message_bytes: expected a size, got a list");
+  CHECK(error_of("broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues:\n  - name: q\n    max_message_bytes: 200MB\n",
+                 "/") ==
+        "t.yaml:5:24: queues[0].max_message_bytes: size '200MB' is larger than 128MiB (RabbitMQ's maximum message size)");
+  CHECK(error_of("broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues:\n  - name: q\n    max_msg_bytes: 1\n", "/") ==
+        "t.yaml:5:5: queues[0]: unknown key 'max_msg_bytes'");
+  CHECK(error_of("broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues: [{name: q}]\nmax_message_byte: 1\n", "/") ==
+        "t.yaml:4:1: unknown key 'max_message_byte' (did you mean 'max_message_bytes'?)");
+}
+
+TEST_CASE("schemas: a folder relative to the config file's folder", "[config]") {
+  TempDir tmp;
+  fs::create_directories(tmp.path + "/etc/schemas/events");
+  const std::string head = "broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues: [{name: q}]\n";
+  CHECK(load_config_string(head, "t.yaml", tmp.path).schemas_dir.empty());
+  CHECK(load_config_string(head + "schemas: etc/schemas/events\n", "t.yaml", tmp.path).schemas_dir ==
+        tmp.path + "/etc/schemas/events");
+  CHECK(load_config_string(head + "schemas: ./etc/../etc/schemas/events/\n", "t.yaml", tmp.path).schemas_dir ==
+        tmp.path + "/etc/schemas/events");
+  CHECK(load_config_string(head + "schemas: " + tmp.path + "/etc/schemas\n", "t.yaml", "/").schemas_dir ==
+        tmp.path + "/etc/schemas");
+
+  std::string file = tmp.file("etc/router.yaml", 0644, head + "schemas: schemas/events\n");
+  CHECK(load_config(file).schemas_dir == tmp.path + "/etc/schemas/events");
+}
+
+TEST_CASE("schemas: the folder must exist", "[config][errors]") {
+  TempDir tmp;
+  const std::string head = "broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues: [{name: q}]\n";
+  CHECK(error_of(head + "schemas: nope\n", tmp.path) ==
+        "t.yaml:4:10: schemas: folder '" + tmp.path + "/nope': No such file or directory");
+  CHECK(error_of(head + "schemas: bin/tool\n", tmp.path) ==
+        "t.yaml:4:10: schemas: folder '" + tmp.path + "/bin/tool': not a directory");
+  CHECK(error_of(head + "schemas: \"\"\n", tmp.path) == "t.yaml:4:10: schemas: must not be empty");
+  CHECK(error_of(head + "schemas: [a]\n", tmp.path) == "t.yaml:4:10: schemas: expected a string, got a list");
+  CHECK(error_of(head + "schema: x\n", tmp.path) == "t.yaml:4:1: unknown key 'schema' (did you mean 'schemas'?)");
+}
+
+TEST_CASE("queue arguments keep their YAML types", "[config]") {
+  TempDir d;
+  auto c = load_config_string(Y(R"(
+broker: {url: "amqp://guest:guest@localhost:5672/"}
+exchange: {name: ex}
+queues:
+  - name: q
+    arguments: {x-queue-type: quorum, x-delivery-limit: 20}
+    dead_letter_arguments: {x-max-length: 1, x-overflow: reject-publish, x-single-active-consumer: true, x-note: "42"}
+)"),
+                              "t.yaml", d.path);
+  const auto& q = c.queues.at(0);
+  REQUIRE(q.arguments.size() == 2);
+  CHECK(q.arguments[0].key == "x-queue-type");
+  CHECK(q.arguments[0].kind == QueueArgument::Kind::String);
+  CHECK(q.arguments[0].s == "quorum");
+  CHECK(q.arguments[1].kind == QueueArgument::Kind::Int);
+  CHECK(q.arguments[1].i == 20);
+  REQUIRE(q.dead_letter_arguments.size() == 4);
+  CHECK(q.dead_letter_arguments[0].kind == QueueArgument::Kind::Int);
+  CHECK(q.dead_letter_arguments[0].i == 1);
+  CHECK(q.dead_letter_arguments[1].s == "reject-publish");
+  CHECK(q.dead_letter_arguments[2].kind == QueueArgument::Kind::Bool);
+  CHECK(q.dead_letter_arguments[2].b);
+  CHECK(q.dead_letter_arguments[3].kind == QueueArgument::Kind::String);  // quoted: stays a string
+  CHECK(q.dead_letter_arguments[3].s == "42");
+
+  CHECK(error_of(Y(R"(
+broker: {url: "amqp://guest:guest@localhost:5672/"}
+exchange: {name: ex}
+queues:
+  - name: q
+    arguments: {x-max-length: [1]}
+)"),
+                 d.path) == "t.yaml:5:31: queues[0].arguments.x-max-length: expected a number, boolean or string, got a list");
+}
+
+TEST_CASE("a broker URL that can never connect is refused at load", "[config]") {
+  TempDir d;
+  auto cfg = [](const char* url) {
+    return std::string("broker:\n  url: \"") + url + "\"\nexchange: {name: ex}\nqueues: [{name: q}]\n";
+  };
+  CHECK(error_of(cfg("http://guest:secret@localhost:5672/"), d.path) ==
+        "t.yaml:2:8: broker.url: 'http://guest:****@localhost:5672/' is not a valid broker URL (expected "
+        "amqp://user:password@host:port/vhost)");
+  CHECK(error_of(cfg("amqp://guest:guest@localhost:notaport/"), d.path).find("not a valid broker URL") !=
+        std::string::npos);
+  CHECK(error_of(cfg("amqps://guest:guest@localhost/"), d.path) ==
+        "t.yaml:2:8: broker.url: amqps:// (TLS) is not supported yet; use amqp://");
+  CHECK(error_of(cfg("amqp://guest:guest@localhost:5672/"), d.path) == "<no error>");
 }
