@@ -299,13 +299,12 @@ void Session::on_delivery(amqp_envelope_t& env) {
   // A retry copy comes back through the default exchange: its headers say
   // which attempt it is and where it was first published.
   settle::DeliveryHistory history = settle::read_history(d->env.message.properties);
-  std::string_view rk =
-      history.original_routing_key.empty() ? sv(d->env.routing_key) : history.original_routing_key;
+  std::string_view rk = history.has_original ? history.original_routing_key : sv(d->env.routing_key);
 
   auto& v = d->view_;
   v.body = sv(body);
   v.routing_key = rk;
-  v.exchange = history.original_routing_key.empty() ? sv(d->env.exchange) : history.original_exchange;
+  v.exchange = history.has_original ? history.original_exchange : sv(d->env.exchange);
   v.queue = qcfg.name;
   v.envelope = &d->envelope;
   v.attempt = history.attempt;

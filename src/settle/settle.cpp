@@ -144,6 +144,7 @@ DeliveryHistory read_history(const amqp_basic_properties_t& props) {
       h.original_exchange = string_value(e.value);
     } else if (key_is(e, kOriginalRoutingKey)) {
       h.original_routing_key = string_value(e.value);
+      h.has_original = true;
     }
   }
   return h;

@@ -59,8 +59,9 @@ class CopyProperties {
 // retry copies, absent on a fresh event (attempt 1, as delivered).
 struct DeliveryHistory {
   uint32_t attempt = 1;
-  std::string_view original_exchange;     // empty = as delivered
-  std::string_view original_routing_key;  // empty = as delivered
+  bool has_original = false;               // x-original-routing-key present (it may be empty)
+  std::string_view original_exchange;
+  std::string_view original_routing_key;
 };
 DeliveryHistory read_history(const amqp_basic_properties_t& props);
 

@@ -116,3 +116,43 @@ TEST_CASE("dead-letter properties on a message without headers or handler", "[se
   CHECK(str(h.at(kFirstFailedAt)) == str(h.at(kLastFailedAt)));
   CHECK(dl.get()->delivery_mode == AMQP_DELIVERY_PERSISTENT);
 }
+
+TEST_CASE("a retry copy carries its attempt and original routing, and reads back", "[settle]") {
+  amqp_basic_properties_t orig{};
+  orig._flags = AMQP_BASIC_CONTENT_TYPE_FLAG;
+  orig.content_type = amqp_cstring_bytes("application/json");
+  DeadLetterInfo info;
+  info.reason = "handler_failed";
+  info.detail = "exit code 75 (EX_TEMPFAIL)";
+  info.handler = "h";
+  info.queue = "q";
+  info.exchange = "ex";
+  info.routing_key = "";  // an empty original key must survive as empty, not as "unknown"
+  info.attempts = 1;
+  CopyProperties copy(orig, info, 2, 1500);
+  const amqp_basic_properties_t* p = copy.get();
+  REQUIRE((p->_flags & AMQP_BASIC_EXPIRATION_FLAG));
+  CHECK(std::string(static_cast<const char*>(p->expiration.bytes), p->expiration.len) == "1500");
+  auto h = headers_of(p);
+  CHECK(h.at(kAttempt).value.i64 == 2);
+  CHECK(str(h.at(kLastError)) == "handler_failed: exit code 75 (EX_TEMPFAIL)");
+  CHECK(h.count(kReason) == 0);
+
+  DeliveryHistory hist = read_history(*p);
+  CHECK(hist.attempt == 2);
+  CHECK(hist.has_original);
+  CHECK(hist.original_exchange == "ex");
+  CHECK(hist.original_routing_key.empty());
+
+  // The dead-letter copy of a retried event drops the retry bookkeeping and the expiration.
+  CopyProperties dl(*p, info);
+  CHECK((dl.get()->_flags & AMQP_BASIC_EXPIRATION_FLAG) == 0);
+  auto h2 = headers_of(dl.get());
+  CHECK(h2.count(kAttempt) == 0);
+  CHECK(h2.count(kLastError) == 0);
+  CHECK(str(h2.at(kFirstFailedAt)) == str(h.at(kFirstFailedAt)));
+
+  amqp_basic_properties_t fresh{};
+  CHECK(read_history(fresh).attempt == 1);
+  CHECK_FALSE(read_history(fresh).has_original);
+}
