@@ -35,18 +35,18 @@ if ! command -v clang++ >/dev/null 2>&1 || ! command -v clang >/dev/null 2>&1; t
   skip "clang/clang++ not found (apt-get install -y clang libclang-rt-14-dev)"
 fi
 command -v cmake >/dev/null 2>&1 || skip "cmake not found"
-probe="$(mktemp -d "${TMPDIR:-/tmp}/er-fuzz-probe.XXXXXX")"
-trap 'rm -rf "$probe"' EXIT
+work="$(mktemp -d "${TMPDIR:-/tmp}/er-fuzz.XXXXXX")"
+trap 'rm -rf "$work"' EXIT
 printf 'extern "C" int LLVMFuzzerTestOneInput(const unsigned char*, unsigned long) { return 0; }\n' \
-  >"$probe/p.cpp"
-clang++ -fsanitize=fuzzer,address,undefined "$probe/p.cpp" -o "$probe/p" >"$probe/log" 2>&1 \
-  || { cat "$probe/log" >&2; skip "clang cannot link -fsanitize=fuzzer (apt-get install -y libclang-rt-14-dev)"; }
+  >"$work/probe.cpp"
+clang++ -fsanitize=fuzzer,address,undefined "$work/probe.cpp" -o "$work/probe" >"$work/probe.log" 2>&1 \
+  || { cat "$work/probe.log" >&2; skip "clang cannot link -fsanitize=fuzzer (apt-get install -y libclang-rt-14-dev)"; }
 
 build="${ER_FUZZ_BUILD_DIR:-$repo/build-fuzz}"
 echo "fuzz.sh: building in $build"
 if ! cmake -S "$repo/fuzz" -B "$build" -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_C_COMPILER=clang \
-       -DCMAKE_BUILD_TYPE= >"$probe/cmake.log" 2>&1; then
-  cat "$probe/cmake.log" >&2
+       -DCMAKE_BUILD_TYPE= >"$work/cmake.log" 2>&1; then
+  cat "$work/cmake.log" >&2
   echo "fuzz.sh: cmake configure failed" >&2
   exit 1
 fi
@@ -62,7 +62,7 @@ status=0
 summary=()
 for t in "${targets[@]}"; do
   bin="$build/fuzz_$t"
-  corpus="$probe/corpus-$t"
+  corpus="$work/corpus-$t"
   artifacts="$build/artifacts/$t/"
   mkdir -p "$corpus" "$artifacts"
   cp -R "$repo/fuzz/corpus/$t/." "$corpus/" 2>/dev/null || true
@@ -79,8 +79,8 @@ for t in "${targets[@]}"; do
   # shellcheck disable=SC2206
   args+=(${ER_FUZZ_ARGS:-})
   echo "fuzz.sh: running fuzz_$t for ${seconds}s ($seeds seeds)"
-  log="$probe/$t.log"
-  "$bin" "${args[@]}" "$corpus" 2>&1 | tee "$log" \
+  log="$work/$t.log"
+  TMPDIR="$work" "$bin" "${args[@]}" "$corpus" 2>&1 | tee "$log" \
     | grep -v -E '^#[0-9]+[[:space:]]+(NEW|REDUCE|pulse|INITED)|^[[:space:]]+NEW_FUNC|# Uses: [0-9]+$'
   rc=${PIPESTATUS[0]}
   runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)

@@ -13,10 +13,12 @@
 #include <filesystem>
 #include <initializer_list>
 #include <set>
+#include <sstream>
 
 #include <amqp.h>
 #include <rapidjson/stringbuffer.h>
 #include <rapidjson/writer.h>
+#include <yaml-cpp/eventhandler.h>
 #include <yaml-cpp/yaml.h>
 
 #include "util/log.hpp"
@@ -118,6 +120,79 @@ bool regular_file(const std::string& p, int* err = nullptr) {
   }
   if (err) *err = S_ISREG(st.st_mode) ? 0 : EISDIR;
   return S_ISREG(st.st_mode);
+}
+
+// Runs before YAML::LoadAll, which yaml-cpp 0.7 cannot be trusted with: a stray
+// ',' makes it loop forever, allocating (jbeder/yaml-cpp#1040); aliases may be
+// cyclic (`&a [*a]`) or expand exponentially, and write_json would follow them.
+// Syntax errors are left for LoadAll to report.
+void check_yaml_limits(const std::string& text, const std::string& file) {
+  constexpr size_t kMaxDepth = 64, kMaxNodes = 100000;  // nodes counted with aliases expanded
+  struct Limits : YAML::EventHandler {
+    struct Open { YAML::anchor_t anchor; size_t nodes; YAML::Mark mark; };
+    const std::string& text;
+    const std::string& file;
+    std::vector<Open> open;
+    std::map<YAML::anchor_t, size_t> sizes;  // anchor -> nodes, expanded
+    bool started = false;
+    YAML::Mark doc;
+    Limits(const std::string& t, const std::string& f) : text(t), file(f) {}
+    [[noreturn]] void fail(const YAML::Mark& m, const std::string& msg) const {
+      throw ConfigError(file + ":" + std::to_string(m.line + 1) + ":" +
+                        std::to_string(m.column + 1) + ": " + msg);
+    }
+    void add(size_t n, const YAML::Mark& m) {
+      if (open.empty()) return;
+      open.back().nodes = std::min(open.back().nodes + n, kMaxNodes + 1);
+      if (open.back().nodes > kMaxNodes)
+        fail(m, "more than " + std::to_string(kMaxNodes) + " YAML nodes (aliases expanded)");
+    }
+    void leaf(const YAML::Mark& m, YAML::anchor_t a) {
+      if (a) sizes[a] = 1;
+      add(1, m);
+    }
+    void start(const YAML::Mark& m, YAML::anchor_t a) {
+      if (open.size() >= kMaxDepth)
+        fail(m, "nesting deeper than " + std::to_string(kMaxDepth) + " levels");
+      open.push_back({a, 1, m});
+    }
+    void end() {
+      Open o = open.back();
+      open.pop_back();
+      if (o.anchor) sizes[o.anchor] = o.nodes;
+      add(o.nodes, o.mark);
+    }
+    void OnDocumentStart(const YAML::Mark& m) override {
+      // yaml-cpp made no progress: LoadAll would loop here forever.
+      if (started && m.pos == doc.pos)
+        fail(m, "unexpected '" + text.substr(static_cast<size_t>(m.pos), 1) + "'");
+      started = true, doc = m;
+      open.clear(), sizes.clear();  // anchor ids restart per document
+    }
+    void OnDocumentEnd() override {}
+    void OnNull(const YAML::Mark& m, YAML::anchor_t a) override { leaf(m, a); }
+    void OnScalar(const YAML::Mark& m, const std::string&, YAML::anchor_t a,
+                  const std::string&) override { leaf(m, a); }
+    void OnAlias(const YAML::Mark& m, YAML::anchor_t a) override {
+      for (const Open& o : open)
+        if (o.anchor == a) fail(m, "alias refers to a node that contains it");
+      auto it = sizes.find(a);
+      add(it == sizes.end() ? 1 : it->second, m);
+    }
+    void OnSequenceStart(const YAML::Mark& m, const std::string&, YAML::anchor_t a,
+                         YAML::EmitterStyle::value) override { start(m, a); }
+    void OnSequenceEnd() override { end(); }
+    void OnMapStart(const YAML::Mark& m, const std::string&, YAML::anchor_t a,
+                    YAML::EmitterStyle::value) override { start(m, a); }
+    void OnMapEnd() override { end(); }
+  } limits(text, file);
+  std::istringstream in(text);
+  YAML::Parser parser(in);
+  try {
+    while (parser.HandleNextDocument(limits)) {
+    }
+  } catch (const YAML::Exception&) {
+  }
 }
 
 // A node plus where to report problems with it. `mark` falls back to the key
@@ -278,6 +353,7 @@ class Loader {
   std::string resolve_program(const Val& v) const;
   void write_json(const Val& v, rapidjson::Writer<rapidjson::StringBuffer>& w) const;
   std::vector<QueueArgument> queue_arguments(const Val& v) const;
+  void check_url(const Val& v, const std::string& url) const;
 
   static Mark to_mark(const YAML::Mark& m) { return Mark{m.line + 1, m.column + 1}; }
 
@@ -312,6 +388,7 @@ void Loader::check_keys(const Val& map, std::initializer_list<const char*> allow
 }
 
 Config Loader::load(const std::string& text) {
+  check_yaml_limits(text, file_);
   std::vector<YAML::Node> docs;
   try {
     docs = YAML::LoadAll(text);
@@ -331,7 +408,7 @@ Config Loader::load(const std::string& text) {
   if (!root.node.IsMap())
     fail(root, std::string("expected a mapping at the top level, got ") + describe(root.node));
   check_keys(root, {"broker", "exchange", "queues", "shutdown_timeout", "workers", "max_message_bytes",
-                    "schemas", "log"});
+                    "schemas", "log", "state_dir", "http"});
 
   Config c;
   c.path = file_;
@@ -343,9 +420,23 @@ Config Loader::load(const std::string& text) {
   if (Val v = child(root, "workers"); v.present) c.workers = integer(v, 1, 65535);
   if (Val v = child(root, "max_message_bytes"); v.present) c.max_message_bytes = size_bytes(v);
   if (Val v = child(root, "schemas"); v.present) c.schemas_dir = resolve_dir(v);
+  if (Val v = child(root, "state_dir"); v.present) c.state_dir = absolute_in(dir_, nonempty_str(v));
+  if (Val v = child(root, "http"); v.present) {
+    expect_map(v);
+    check_keys(v, {"listen"});
+    Val l = required(v, "listen");
+    c.http_listen = nonempty_str(l);
+    auto colon = c.http_listen.rfind(':');
+    bool ok = colon != std::string::npos && colon + 1 < c.http_listen.size() &&
+              c.http_listen.find_first_not_of("0123456789", colon + 1) == std::string::npos &&
+              c.http_listen.size() - colon - 1 <= 5 && std::stoul(c.http_listen.substr(colon + 1)) <= 65535;
+    if (!ok) fail(l, "expected host:port (e.g. 127.0.0.1:9090), got '" + c.http_listen + "'");
+  }
   if (Val v = child(root, "log"); v.present) {
     expect_map(v);
-    check_keys(v, {"level"});
+    check_keys(v, {"level", "format"});
+    if (Val f = child(v, "format"); f.present)
+      c.log.format = choice<LogFormat>(f, {{"text", LogFormat::Text}, {"json", LogFormat::Json}}, {"text", "json"});
     if (Val l = child(v, "level"); l.present)
       c.log.level = choice<LogLevel>(l,
                                      {{"debug", LogLevel::Debug},
@@ -408,26 +499,49 @@ std::vector<QueueArgument> Loader::queue_arguments(const Val& v) const {
   return out;
 }
 
+void Loader::check_url(const Val& v, const std::string& url) const {
+  // Refuse here what the connection could never use, instead of retrying it forever.
+  std::vector<char> buf(url.begin(), url.end());
+  buf.push_back('\0');
+  amqp_connection_info info;
+  if (amqp_parse_url(buf.data(), &info) != AMQP_STATUS_OK)
+    fail(v, "'" + log::mask_url(url) + "' is not a valid broker URL (expected amqp://user:password@host:port/vhost)");
+  if (info.ssl) fail(v, "amqps:// (TLS) is not supported yet; use amqp://");
+}
+
 void Loader::load_broker(const Val& v, BrokerConfig& b) const {
-  check_keys(v, {"url", "heartbeat"});
-  Val url = required(v, "url");
-  b.url = nonempty_str(url);
-  {
-    // Refuse here what the connection could never use, instead of retrying it forever.
-    std::vector<char> buf(b.url.begin(), b.url.end());
-    buf.push_back('\0');
-    amqp_connection_info info;
-    if (amqp_parse_url(buf.data(), &info) != AMQP_STATUS_OK)
-      fail(url, "'" + log::mask_url(b.url) +
-                    "' is not a valid broker URL (expected amqp://user:password@host:port/vhost)");
-    if (info.ssl) fail(url, "amqps:// (TLS) is not supported yet; use amqp://");
+  check_keys(v, {"url", "urls", "heartbeat", "reconnect"});
+  Val url = child(v, "url");
+  Val urls = child(v, "urls");
+  if (url.present && urls.present) fail(urls, "set either 'url' or 'urls', not both");
+  if (!url.present && !urls.present) fail(v, "missing required key 'url' (or 'urls')");
+  if (url.present) {
+    b.urls.push_back(nonempty_str(url));
+    check_url(url, b.urls.back());
+  } else {
+    auto items = list(urls, "broker URLs");
+    if (items.empty()) fail(urls, "at least one URL is required");
+    for (auto& item : items) {
+      b.urls.push_back(nonempty_str(item));
+      check_url(item, b.urls.back());
+    }
   }
+  b.url = b.urls.front();
   if (Val h = child(v, "heartbeat"); h.present) {
     b.heartbeat = duration(h, true);
     // AMQP negotiates heartbeats as a 16-bit number of seconds.
     if (b.heartbeat.count() % 1000 != 0)
       fail(h, "heartbeat must be a whole number of seconds");
     if (b.heartbeat > std::chrono::seconds(65535)) fail(h, "heartbeat must be at most 65535s");
+  }
+  if (Val r = child(v, "reconnect"); r.present) {
+    expect_map(r);
+    check_keys(r, {"initial", "max"});
+    if (Val i = child(r, "initial"); i.present) b.reconnect_initial = duration(i, false);
+    if (Val m = child(r, "max"); m.present) {
+      b.reconnect_max = duration(m, false);
+      if (b.reconnect_max < b.reconnect_initial) fail(m, "max must be at least initial");
+    }
   }
 }
 
@@ -446,7 +560,7 @@ void Loader::load_exchange(const Val& v, ExchangeConfig& e) const {
 void Loader::load_queue(const Val& v, QueueConfig& q) {
   expect_map(v);
   check_keys(v, {"name", "bindings", "prefetch", "unhandled", "dead_letter_queue", "arguments",
-                 "dead_letter_arguments", "retry",
+                 "dead_letter_arguments", "dedupe", "retry",
                  "max_message_bytes", "handlers"});
   q.mark = to_mark(v.mark);
   q.name = nonempty_str(required(v, "name"));
@@ -468,6 +582,12 @@ void Loader::load_queue(const Val& v, QueueConfig& q) {
       fail(d, "the dead-letter queue must differ from the queue itself");
   }
   if (Val a = child(v, "arguments"); a.present) q.arguments = queue_arguments(a);
+  if (Val dd = child(v, "dedupe"); dd.present) {
+    expect_map(dd);
+    check_keys(dd, {"ttl"});
+    q.dedupe_ttl = duration(required(dd, "ttl"), false);
+    if (q.dedupe_ttl < std::chrono::seconds(1)) fail(child(dd, "ttl"), "ttl must be at least 1s");
+  }
   if (Val a = child(v, "dead_letter_arguments"); a.present) q.dead_letter_arguments = queue_arguments(a);
   if (Val r = child(v, "retry"); r.present) load_retry(r, q.retry);
   if (Val m = child(v, "max_message_bytes"); m.present) q.max_message_bytes = size_bytes(m);

@@ -26,8 +26,11 @@ struct Mark {
 };
 
 struct BrokerConfig {
-  std::string url;                       // amqp://user:pass@host:port/vhost
+  std::string url;                       // amqp://user:pass@host:port/vhost (= urls[0])
+  std::vector<std::string> urls;         // `url`, or the `urls:` list tried in turn; never empty after load
   Duration heartbeat{std::chrono::seconds(30)};
+  Duration reconnect_initial{std::chrono::seconds(1)};  // `reconnect: {initial, max}`
+  Duration reconnect_max{std::chrono::seconds(30)};
 };
 
 struct ExchangeConfig {
@@ -96,6 +99,7 @@ struct QueueConfig {
   std::vector<HandlerConfig> handlers;   // tried in order
   RetryConfig retry;                     // `retry:` of the queue (defaults above)
   size_t max_message_bytes = 1024 * 1024;  // resolved: the queue's, else the top-level value
+  Duration dedupe_ttl{0};                // `dedupe: {ttl: 24h}`; 0 = off
 
   // Every distinct delay any handler of this queue can wait, ascending: one
   // delay queue per step.
@@ -104,8 +108,11 @@ struct QueueConfig {
 
 enum class LogLevel { Debug = 0, Info = 1, Warn = 2, Error = 3 };
 
+enum class LogFormat { Text, Json };
+
 struct LogConfig {
   LogLevel level = LogLevel::Info;
+  LogFormat format = LogFormat::Text;
 };
 
 struct Config {
@@ -118,6 +125,8 @@ struct Config {
   unsigned workers = 4;                  // threads for blocking plugin handlers
   size_t max_message_bytes = 1024 * 1024;  // top-level default for queues; sizes like 1MiB, 512KiB or bytes
   std::string schemas_dir;               // `schemas:` (absolute; empty = no validation)
+  std::string state_dir = "/var/lib/event-router";  // `state_dir:` (dedupe store)
+  std::string http_listen;               // `http: {listen: 127.0.0.1:9090}`; empty = no HTTP server
   LogConfig log;
 };
 

@@ -329,7 +329,7 @@ broker:
 exchange: {name: ex}
 queues: [{name: q}]
 )"),
-                 "/") == "t.yaml:2:3: broker: missing required key 'url'");
+                 "/") == "t.yaml:2:3: broker: missing required key 'url' (or 'urls')");
   CHECK(error_of("broker: {url: 'amqp://h'}\nexchange: {type: topic}\nqueues: [{name: q}]\n", "/") ==
         "t.yaml:2:11: exchange: missing required key 'name'");
   CHECK(error_of(Y(R"(
@@ -1035,4 +1035,42 @@ TEST_CASE("a broker URL that can never connect is refused at load", "[config]") 
   CHECK(error_of(cfg("amqps://guest:guest@localhost/"), d.path) ==
         "t.yaml:2:8: broker.url: amqps:// (TLS) is not supported yet; use amqp://");
   CHECK(error_of(cfg("amqp://guest:guest@localhost:5672/"), d.path) == "<no error>");
+}
+
+TEST_CASE("broker urls, reconnect, dedupe, http, state_dir and log format", "[config]") {
+  TempDir d;
+  auto c = load_config_string(Y(R"(
+broker:
+  urls: ["amqp://a:p@node1:5672/", "amqp://a:p@node2:5672/"]
+  reconnect: {initial: 200ms, max: 5s}
+exchange: {name: ex}
+state_dir: state
+http: {listen: "127.0.0.1:9090"}
+log: {level: debug, format: json}
+queues:
+  - name: q
+    dedupe: {ttl: 24h}
+)"),
+                              "t.yaml", d.path);
+  REQUIRE(c.broker.urls.size() == 2);
+  CHECK(c.broker.url == "amqp://a:p@node1:5672/");
+  CHECK(c.broker.reconnect_initial == 200ms);
+  CHECK(c.broker.reconnect_max == 5s);
+  CHECK(c.state_dir == d.path + "/state");
+  CHECK(c.http_listen == "127.0.0.1:9090");
+  CHECK(c.log.format == LogFormat::Json);
+  CHECK(c.queues[0].dedupe_ttl == std::chrono::hours(24));
+
+  auto base = [](const std::string& broker) {
+    return "broker: " + broker + "\nexchange: {name: ex}\nqueues: [{name: q}]\n";
+  };
+  CHECK(error_of(base("{url: 'amqp://h', urls: ['amqp://h']}"), d.path) ==
+        "t.yaml:1:33: broker.urls: set either 'url' or 'urls', not both");
+  CHECK(error_of(base("{urls: []}"), d.path) == "t.yaml:1:16: broker.urls: at least one URL is required");
+  CHECK(error_of(base("{urls: ['amqp://h', 'nope']}"), d.path).find("'nope' is not a valid broker URL") !=
+        std::string::npos);
+  CHECK(error_of(base("{url: 'amqp://h', reconnect: {initial: 5s, max: 1s}}"), d.path) ==
+        "t.yaml:1:57: broker.reconnect.max: max must be at least initial");
+  CHECK(error_of("broker: {url: 'amqp://h'}\nexchange: {name: ex}\nhttp: {listen: 9090}\nqueues: [{name: q}]\n",
+                 d.path) == "t.yaml:3:16: http.listen: expected host:port (e.g. 127.0.0.1:9090), got '9090'");
 }
