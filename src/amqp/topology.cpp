@@ -40,33 +40,37 @@ void declare_topology(Connection& conn, amqp_channel_t ch, const config::Config&
                         /*auto_delete*/ 0, /*internal*/ 0, amqp_empty_table);
   check_reply(amqp_get_rpc_reply(c), "declaring exchange '" + ex.name + "' (type " + ex.type + ")");
 
+  for (const auto& q : cfg.queues) declare_queue(conn, ch, cfg, q);
+}
+
+void declare_queue(Connection& conn, amqp_channel_t ch, const config::Config& cfg, const config::QueueConfig& q) {
+  amqp_connection_state_t c = conn.get();
+  const auto& ex = cfg.exchange;
   std::vector<amqp_table_entry_t> storage;
-  for (const auto& q : cfg.queues) {
-    amqp_queue_declare(c, ch, bytes(q.name), 0, /*durable*/ 1, 0, 0, to_table(q.arguments, storage));
-    check_reply(amqp_get_rpc_reply(c), "declaring queue '" + q.name + "'");
-    amqp_queue_declare(c, ch, bytes(q.dead_letter_queue), 0, 1, 0, 0, to_table(q.dead_letter_arguments, storage));
-    check_reply(amqp_get_rpc_reply(c), "declaring dead-letter queue '" + q.dead_letter_queue + "'");
-    // One queue per delay step keeps FIFO expiry honest: per-message TTLs only
-    // expire at the head of a queue, so a short delay must never sit behind a
-    // long one. Within one step the delays differ only by the jitter.
-    for (auto step : q.retry_steps()) {
-      std::string name = retry_queue_name(q.name, step);
-      amqp_table_entry_t args[2];
-      args[0].key = amqp_cstring_bytes("x-dead-letter-exchange");
-      args[0].value.kind = AMQP_FIELD_KIND_UTF8;
-      args[0].value.value.bytes = amqp_empty_bytes;
-      args[1].key = amqp_cstring_bytes("x-dead-letter-routing-key");
-      args[1].value.kind = AMQP_FIELD_KIND_UTF8;
-      args[1].value.value.bytes = bytes(q.name);
-      amqp_table_t table{2, args};
-      amqp_queue_declare(c, ch, bytes(name), 0, 1, 0, 0, table);
-      check_reply(amqp_get_rpc_reply(c), "declaring retry delay queue '" + name + "'");
-    }
-    for (const auto& key : q.bindings) {
-      amqp_queue_bind(c, ch, bytes(q.name), bytes(ex.name), bytes(key), amqp_empty_table);
-      check_reply(amqp_get_rpc_reply(c),
-                  "binding queue '" + q.name + "' to exchange '" + ex.name + "' with key '" + key + "'");
-    }
+  amqp_queue_declare(c, ch, bytes(q.name), 0, /*durable*/ 1, 0, 0, to_table(q.arguments, storage));
+  check_reply(amqp_get_rpc_reply(c), "declaring queue '" + q.name + "'");
+  amqp_queue_declare(c, ch, bytes(q.dead_letter_queue), 0, 1, 0, 0, to_table(q.dead_letter_arguments, storage));
+  check_reply(amqp_get_rpc_reply(c), "declaring dead-letter queue '" + q.dead_letter_queue + "'");
+  // One queue per delay step keeps FIFO expiry honest: per-message TTLs only
+  // expire at the head of a queue, so a short delay must never sit behind a
+  // long one. Within one step the delays differ only by the jitter.
+  for (auto step : q.retry_steps()) {
+    std::string name = retry_queue_name(q.name, step);
+    amqp_table_entry_t args[2];
+    args[0].key = amqp_cstring_bytes("x-dead-letter-exchange");
+    args[0].value.kind = AMQP_FIELD_KIND_UTF8;
+    args[0].value.value.bytes = amqp_empty_bytes;
+    args[1].key = amqp_cstring_bytes("x-dead-letter-routing-key");
+    args[1].value.kind = AMQP_FIELD_KIND_UTF8;
+    args[1].value.value.bytes = bytes(q.name);
+    amqp_table_t table{2, args};
+    amqp_queue_declare(c, ch, bytes(name), 0, 1, 0, 0, table);
+    check_reply(amqp_get_rpc_reply(c), "declaring retry delay queue '" + name + "'");
+  }
+  for (const auto& key : q.bindings) {
+    amqp_queue_bind(c, ch, bytes(q.name), bytes(ex.name), bytes(key), amqp_empty_table);
+    check_reply(amqp_get_rpc_reply(c),
+                "binding queue '" + q.name + "' to exchange '" + ex.name + "' with key '" + key + "'");
   }
 }
 

@@ -18,21 +18,28 @@ using std::chrono::steady_clock;
 namespace {
 constexpr amqp_channel_t kPublishChannel = 1;
 constexpr amqp_channel_t kFirstConsumerChannel = 2;
-constexpr milliseconds kReconnectInitial{1000};
-constexpr milliseconds kReconnectMax{30000};
+constexpr auto kHandBackPause = std::chrono::seconds(5);
 
 std::string_view sv(amqp_bytes_t b) { return amqp::view(b); }
+
+milliseconds next_backoff(milliseconds current, milliseconds initial, milliseconds max) {
+  return current.count() == 0 ? initial : std::min(current * 2, max);
+}
 }  // namespace
 
 // One in-flight event. Owns the rabbitmq-c envelope (body and properties stay
-// where the library put them: no copy) until it is acked, dead-lettered, or
+// where the library put them: no copy) until it is acked, handed back, or
 // dropped as stale.
 struct Delivery final : dispatch::Job {
   Session* session = nullptr;
-  uint64_t epoch = 0;
+  uint64_t epoch = 0;     // connection it came on
+  uint64_t gen = 0;       // incarnation of its queue's channel
+  amqp_channel_t channel = 0;
   size_t queue = 0;
   amqp_envelope_t env{};
   bool has_env = false;
+  bool returned = false;  // the broker could not route its copy
+  std::string_view copy_target;
   event::Envelope envelope;
   dispatch::EventView view_;
   dispatch::HandlerSlot* slot = nullptr;
@@ -54,6 +61,8 @@ Session::Session(asio::io_context& io, std::unique_ptr<dispatch::Runtime> runtim
     for (auto d : q.retry_steps()) steps.push_back({d, amqp::retry_queue_name(q.name, d)});
     retry_steps_.push_back(std::move(steps));
   }
+  qch_.resize(cfg_.queues.size());
+  for (auto& q : qch_) q.retry_timer = std::make_unique<asio::steady_timer>(io_);
 }
 
 Session::~Session() {
@@ -66,16 +75,32 @@ void Session::start(std::function<void()> on_ready, std::function<void()> on_sto
   connect();
 }
 
+bool Session::ready(std::string& reason) const {
+  if (state_ != State::Running || !conn_) {
+    reason = state_ == State::Draining ? "shutting down" : "not connected to the broker";
+    return false;
+  }
+  for (size_t i = 0; i < qch_.size(); ++i) {
+    if (qch_[i].channel == 0) {
+      reason = "not consuming queue '" + cfg_.queues[i].name + "'";
+      return false;
+    }
+  }
+  return true;
+}
+
 void Session::connect() {
   if (state_ == State::Draining || state_ == State::Stopped) return;
   state_ = State::Connecting;
-  const std::string masked = log::mask_url(cfg_.broker.url);
+  const std::string& url = cfg_.broker.urls[url_index_ % cfg_.broker.urls.size()];
+  const std::string masked = log::mask_url(url);
   try {
     amqp::ConnectOptions opts;
-    opts.url = cfg_.broker.url;
+    opts.url = url;
     opts.heartbeat = cfg_.broker.heartbeat;
     conn_.emplace(amqp::Connection::open(opts));
     amqp_connection_state_t c = conn_->get();
+    node_ = masked;
     log::info("connected", {{"broker", masked}, {"server_version", conn_->server_version()}});
 
     conn_->open_channel(kPublishChannel);
@@ -93,20 +118,15 @@ void Session::connect() {
     amqp_confirm_select(c, kPublishChannel);
     amqp::check_reply(amqp_get_rpc_reply(c), "enabling publisher confirms");
     confirms_.reset();
-
-    consumer_tags_.assign(cfg_.queues.size(), std::string());
-    for (size_t i = 0; i < cfg_.queues.size(); ++i) {
-      const auto& q = cfg_.queues[i];
-      auto ch = static_cast<amqp_channel_t>(kFirstConsumerChannel + i);
-      conn_->open_channel(ch);
-      amqp_basic_qos(c, ch, 0, q.prefetch, 0);
-      amqp::check_reply(amqp_get_rpc_reply(c), "setting prefetch on queue '" + q.name + "'");
-      auto* ok = amqp_basic_consume(c, ch, amqp::bytes(q.name), amqp_empty_bytes, 0, /*no_ack*/ 0, 0,
-                                    amqp_empty_table);
-      amqp::check_reply(amqp_get_rpc_reply(c), "consuming queue '" + q.name + "'");
-      consumer_tags_[i] = std::string(sv(ok->consumer_tag));
-      log::info("consuming", {{"queue", q.name}, {"prefetch", std::to_string(q.prefetch)}});
+    blocked_ = false;
+    channel_queue_.assign(65536, -1);
+    next_channel_ = kFirstConsumerChannel;
+    for (auto& q : qch_) {
+      q.channel = 0;
+      q.backoff = milliseconds(0);
+      q.retry_timer->cancel();
     }
+    for (size_t i = 0; i < cfg_.queues.size(); ++i) open_queue_channel(i);
   } catch (const amqp::AmqpError& e) {
     conn_.reset();
     schedule_reconnect(e.what());
@@ -129,16 +149,84 @@ void Session::schedule_reconnect(const std::string& why) {
     finish_stop();
     return;
   }
-  backoff_ = backoff_.count() == 0 ? kReconnectInitial : std::min(backoff_ * 2, kReconnectMax);
-  // Jitter spreads reconnects of many daemons after a broker restart.
-  std::uniform_int_distribution<long> jitter(0, backoff_.count() / 4);
-  milliseconds wait = backoff_ + milliseconds(jitter(rng_));
-  log::error("broker unavailable, retrying", {{"reason", why}, {"retry_in_ms", std::to_string(wait.count())}});
+  // Try each URL in turn; back off only after a whole round failed, so one
+  // dead node of a cluster costs no waiting.
+  milliseconds wait{100};
+  ++url_index_;
+  if (url_index_ % cfg_.broker.urls.size() == 0) {
+    backoff_ = next_backoff(backoff_, cfg_.broker.reconnect_initial, cfg_.broker.reconnect_max);
+    // Jitter spreads the reconnects of many daemons after a broker restart.
+    std::uniform_int_distribution<long> jitter(0, backoff_.count() / 4);
+    wait = backoff_ + milliseconds(jitter(rng_));
+  }
+  const std::string& next = cfg_.broker.urls[url_index_ % cfg_.broker.urls.size()];
+  log::error("broker unavailable, retrying",
+             {{"reason", why}, {"next_broker", log::mask_url(next)}, {"retry_in_ms", std::to_string(wait.count())}});
   state_ = State::Connecting;
   reconnect_timer_.expires_after(wait);
   reconnect_timer_.async_wait([this](boost::system::error_code ec) {
     if (!ec) connect();
   });
+}
+
+// Opens a fresh channel for queue `qi`, re-declares what it needs when
+// recovering, sets prefetch and starts consuming. Throws amqp::AmqpError.
+bool Session::open_queue_channel(size_t qi) {
+  const auto& q = cfg_.queues[qi];
+  amqp_connection_state_t c = conn_->get();
+  amqp_channel_t ch = next_channel_;
+  if (next_channel_ == 65535) throw amqp::AmqpError("out of channel numbers; reconnecting");
+  ++next_channel_;
+  conn_->open_channel(ch);
+  amqp_basic_qos(c, ch, 0, q.prefetch, 0);
+  amqp::check_reply(amqp_get_rpc_reply(c), "setting prefetch on queue '" + q.name + "'");
+  auto* ok = amqp_basic_consume(c, ch, amqp::bytes(q.name), amqp_empty_bytes, 0, /*no_ack*/ 0, 0, amqp_empty_table);
+  amqp::check_reply(amqp_get_rpc_reply(c), "consuming queue '" + q.name + "'");
+  auto& qc = qch_[qi];
+  qc.channel = ch;
+  qc.consumer_tag = std::string(sv(ok->consumer_tag));
+  channel_queue_[ch] = static_cast<int>(qi);
+  log::info("consuming", {{"queue", q.name}, {"prefetch", std::to_string(q.prefetch)},
+                          {"channel", std::to_string(ch)}});
+  return true;
+}
+
+// The broker closed one queue's channel or cancelled its consumer: results
+// for its deliveries are stale now (the broker redelivers them). The other
+// queues keep flowing while this one is recovered with backoff.
+void Session::queue_channel_lost(size_t qi, const std::string& why) {
+  auto& qc = qch_[qi];
+  if (qc.channel != 0) channel_queue_[qc.channel] = -1;
+  qc.channel = 0;
+  ++qc.gen;
+  drop_waiting(qi);
+  if (state_ != State::Running) return;
+  qc.backoff = next_backoff(qc.backoff, cfg_.broker.reconnect_initial, cfg_.broker.reconnect_max);
+  log::error("queue channel lost, recovering",
+             {{"queue", cfg_.queues[qi].name}, {"reason", why}, {"retry_in_ms", std::to_string(qc.backoff.count())}});
+  uint64_t epoch = epoch_;
+  qc.retry_timer->expires_after(qc.backoff);
+  qc.retry_timer->async_wait([this, qi, epoch](boost::system::error_code ec) {
+    if (ec || epoch != epoch_ || !conn_ || state_ != State::Running) return;
+    reopen_queue(qi);
+  });
+}
+
+void Session::reopen_queue(size_t qi) {
+  const auto& q = cfg_.queues[qi];
+  const uint64_t epoch = epoch_;
+  try {
+    // Declare on the publish channel: if the broker refuses, it closes that
+    // channel, which is handled as a lost connection (and retried).
+    amqp::declare_queue(*conn_, kPublishChannel, cfg_, q);
+    open_queue_channel(qi);
+    qch_[qi].backoff = milliseconds(0);
+  } catch (const amqp::AmqpError& e) {
+    if (epoch != epoch_ || !conn_) return;
+    connection_lost(e.what());
+    return;
+  }
+  if (epoch == epoch_ && conn_) pump();
 }
 
 void Session::arm_socket() {
@@ -201,42 +289,46 @@ void Session::pump() {
 }
 
 void Session::on_frame(const amqp_frame_t& frame) {
-  if (frame.frame_type != AMQP_FRAME_METHOD) return;  // stray content frames of a message we did not ask for
+  if (frame.frame_type != AMQP_FRAME_METHOD) return;  // content of a message on a channel we closed
   amqp_connection_state_t c = conn_->get();
+  const int qi = channel_queue_.empty() ? -1 : channel_queue_[frame.channel];
   switch (frame.payload.method.id) {
     case AMQP_BASIC_ACK_METHOD: {
       auto* m = static_cast<amqp_basic_ack_t*>(frame.payload.method.decoded);
-      on_confirm(m->delivery_tag, m->multiple, true);
+      if (frame.channel == kPublishChannel) on_confirm(m->delivery_tag, m->multiple, true);
       break;
     }
     case AMQP_BASIC_NACK_METHOD: {
       auto* m = static_cast<amqp_basic_nack_t*>(frame.payload.method.decoded);
-      on_confirm(m->delivery_tag, m->multiple, false);
+      if (frame.channel == kPublishChannel) on_confirm(m->delivery_tag, m->multiple, false);
       break;
     }
     case AMQP_BASIC_CANCEL_OK_METHOD:
       break;
     case AMQP_BASIC_CANCEL_METHOD: {
-      // The broker cancelled a consumer (queue deleted, node down): start over.
-      auto* m = static_cast<amqp_basic_cancel_t*>(frame.payload.method.decoded);
-      connection_lost("the broker cancelled consumer " + std::string(sv(m->consumer_tag)) + " on channel " +
-                      std::to_string(frame.channel));
+      // The broker cancelled a consumer (its queue was deleted, or its node
+      // went down). Close that channel and consume again on a fresh one.
+      if (qi < 0) break;
+      auto ch = frame.channel;
+      std::string why = "the broker cancelled the consumer (queue deleted?)";
+      queue_channel_lost(static_cast<size_t>(qi), why);
+      amqp_channel_close(c, ch, AMQP_REPLY_SUCCESS);  // sync; other frames are queued meanwhile
       break;
     }
-    case AMQP_BASIC_RETURN_METHOD: {
-      amqp_message_t msg;
-      amqp_rpc_reply_t r = amqp_read_message(c, frame.channel, &msg, 0);
-      if (r.reply_type == AMQP_RESPONSE_NORMAL) amqp_destroy_message(&msg);
-      log::warn("the broker returned a published message as unroutable");
+    case AMQP_BASIC_RETURN_METHOD:
+      on_return(frame);
       break;
-    }
     case AMQP_CHANNEL_CLOSE_METHOD: {
       auto* m = static_cast<amqp_channel_close_t*>(frame.payload.method.decoded);
       std::string why = "the broker closed channel " + std::to_string(frame.channel) + ": " +
                         std::string(sv(m->reply_text));
       amqp_channel_close_ok_t ok{};
       amqp_send_method(c, frame.channel, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
-      connection_lost(why);
+      if (qi >= 0) {
+        queue_channel_lost(static_cast<size_t>(qi), why);
+      } else {
+        connection_lost(why);  // the publish channel: start over cleanly
+      }
       break;
     }
     case AMQP_CONNECTION_CLOSE_METHOD: {
@@ -249,14 +341,44 @@ void Session::on_frame(const amqp_frame_t& frame) {
     }
     case AMQP_CONNECTION_BLOCKED_METHOD: {
       auto* m = static_cast<amqp_connection_blocked_t*>(frame.payload.method.decoded);
-      log::warn("the broker blocked publishing (resource alarm)", {{"reason", sv(m->reason)}});
+      blocked_ = true;
+      log::warn("the broker blocked publishing (resource alarm); copies wait, consuming goes on",
+                {{"reason", sv(m->reason)}});
       break;
     }
-    case AMQP_CONNECTION_UNBLOCKED_METHOD:
-      log::info("the broker unblocked publishing");
+    case AMQP_CONNECTION_UNBLOCKED_METHOD: {
+      blocked_ = false;
+      log::info("the broker unblocked publishing", {{"waiting", std::to_string(blocked_publishes_.size())}});
+      auto waiting = std::move(blocked_publishes_);
+      blocked_publishes_.clear();
+      for (auto& p : waiting) publish_copy(p.d, p.routing_key, std::move(p.props), "publishing a held copy");
       break;
+    }
     default:
       log::debug("ignored frame", {{"method", std::to_string(frame.payload.method.id)}});
+  }
+}
+
+// A copy we published could not be routed (its queue was deleted). Copies are
+// published mandatory, so the broker says so before it confirms them. Every
+// pending copy to that queue is treated as failed (the original goes back to
+// the broker: never lost, at worst copied twice), and the queue is re-declared.
+void Session::on_return(const amqp_frame_t& frame) {
+  auto* m = static_cast<amqp_basic_return_t*>(frame.payload.method.decoded);
+  std::string target(sv(m->routing_key));
+  amqp_message_t msg;
+  amqp_rpc_reply_t r = amqp_read_message(conn_->get(), frame.channel, &msg, 0);
+  if (r.reply_type == AMQP_RESPONSE_NORMAL) amqp_destroy_message(&msg);
+  confirms_.for_each([&](Delivery* d) {
+    if (d->copy_target == target) d->returned = true;
+  });
+  log::error("the broker could not route a copy; re-declaring the queues",
+             {{"target", target}, {"reply", sv(m->reply_text)}});
+  const uint64_t epoch = epoch_;
+  try {
+    amqp::declare_topology(*conn_, kPublishChannel, cfg_);
+  } catch (const amqp::AmqpError& e) {
+    if (epoch == epoch_ && conn_) connection_lost(e.what());
   }
 }
 
@@ -275,23 +397,32 @@ void Session::release(Delivery* d) {
   if (d->has_env) amqp_destroy_envelope(&d->env);
   d->has_env = false;
   d->slot = nullptr;
+  d->returned = false;
   --in_flight_;
   pool_.emplace_back(d);
   maybe_finish_stop();
 }
 
+bool Session::live(const Delivery* d) const {
+  return conn_ && d->epoch == epoch_ && d->gen == qch_[d->queue].gen && qch_[d->queue].channel == d->channel;
+}
+
 void Session::on_delivery(amqp_envelope_t& env) {
-  size_t qi = env.channel >= kFirstConsumerChannel ? env.channel - kFirstConsumerChannel : SIZE_MAX;
-  if (state_ != State::Running || qi >= rt_->queues.size()) {
-    // Draining: leave it unacked; closing the channel hands it back to the broker.
+  const int qi_signed = channel_queue_[env.channel];
+  if (state_ != State::Running || qi_signed < 0) {
+    // Draining, or a channel we closed: leave it unacked; the channel's close
+    // hands it back to the broker.
     amqp_destroy_envelope(&env);
     return;
   }
+  const size_t qi = static_cast<size_t>(qi_signed);
   Delivery* d = acquire();
   ++in_flight_;
   d->env = env;
   d->has_env = true;
   d->epoch = epoch_;
+  d->gen = qch_[qi].gen;
+  d->channel = env.channel;
   d->queue = qi;
   d->slot = nullptr;
   const auto& qcfg = cfg_.queues[qi];
@@ -318,7 +449,6 @@ void Session::on_delivery(amqp_envelope_t& env) {
                 {});
     return;
   }
-
   auto status = event::decode(static_cast<const char*>(body.bytes), body.len, rk, d->envelope, detail_);
   if (status != event::DecodeStatus::Ok) {
     dead_letter(d, event::reason_code(status), detail_, {});
@@ -359,7 +489,7 @@ void Session::start_waiting(dispatch::HandlerSlot* slot) {
   while (slot->active < slot->limit && !slot->waiting.empty()) {
     auto* d = static_cast<Delivery*>(slot->waiting.front());
     slot->waiting.pop_front();
-    if (d->epoch != epoch_ || state_ != State::Running) {
+    if (!live(d) || state_ != State::Running) {
       release(d);
       continue;
     }
@@ -385,7 +515,7 @@ void Session::on_finished(Delivery* d, dispatch::Outcome outcome) {
                 {"duration_ms", std::string_view(dur, static_cast<size_t>(res.ptr - dur))},
                 {"detail", outcome.detail}});
   }
-  if (d->epoch != epoch_ || !conn_) {
+  if (!live(d)) {
     // Its channel is gone; the broker redelivers the event.
     log::debug("dropping a result from a closed channel", {{"event_id", d->envelope.event_id}});
     release(d);
@@ -400,10 +530,22 @@ void Session::on_finished(Delivery* d, dispatch::Outcome outcome) {
 }
 
 void Session::ack(Delivery* d) {
-  auto ch = static_cast<amqp_channel_t>(kFirstConsumerChannel + d->queue);
-  int rc = amqp_basic_ack(conn_->get(), ch, d->env.delivery_tag, 0);
+  int rc = amqp_basic_ack(conn_->get(), d->channel, d->env.delivery_tag, 0);
   release(d);
   if (rc != AMQP_STATUS_OK) connection_lost(std::string("acknowledging: ") + amqp_error_string2(rc));
+}
+
+// The original stays unacked, so the broker still owns it; give it back after
+// a pause so that a copy the broker keeps refusing (a full DLQ with
+// reject-publish, say) does not become a hot redelivery loop.
+void Session::hand_back_later(Delivery* d, const char* why) {
+  log::error(why, {{"queue", cfg_.queues[d->queue].name}, {"event_id", d->envelope.event_id},
+                   {"retry_in_ms", std::to_string(milliseconds(kHandBackPause).count())}});
+  auto timer = std::make_shared<asio::steady_timer>(io_, kHandBackPause);
+  timer->async_wait([this, d, timer](boost::system::error_code) {
+    if (live(d)) amqp_basic_nack(conn_->get(), d->channel, d->env.delivery_tag, 0, /*requeue*/ 1);
+    release(d);
+  });
 }
 
 void Session::dead_letter(Delivery* d, std::string_view reason, std::string_view detail, std::string_view handler) {
@@ -416,11 +558,12 @@ void Session::dead_letter(Delivery* d, std::string_view reason, std::string_view
   info.exchange = d->view_.exchange;
   info.routing_key = d->view_.routing_key;
   info.attempts = d->view_.attempt;
-  settle::CopyProperties props(d->env.message.properties, info);
   log::warn("dead-lettering",
             {{"queue", qcfg.name}, {"event_type", d->envelope.event_type}, {"event_id", d->envelope.event_id},
              {"handler", handler}, {"reason", reason}, {"detail", detail}, {"dlq", qcfg.dead_letter_queue}});
-  publish_copy(d, qcfg.dead_letter_queue, props.get(), "publishing to the dead-letter queue");
+  d->copy_target = qcfg.dead_letter_queue;
+  publish_copy(d, qcfg.dead_letter_queue, std::make_unique<settle::CopyProperties>(d->env.message.properties, info),
+               "publishing to the dead-letter queue");
 }
 
 void Session::retry(Delivery* d, const dispatch::Outcome& outcome, const std::string& handler,
@@ -441,7 +584,10 @@ void Session::retry(Delivery* d, const dispatch::Outcome& outcome, const std::st
   config::Duration want = std::max(policy.delay_before(attempt + 1), outcome.retry_delay);
   const RetryStep* step = &steps.back();
   for (const auto& s : steps) {
-    if (s.delay >= want) { step = &s; break; }
+    if (s.delay >= want) {
+      step = &s;
+      break;
+    }
   }
   // A little jitter (up to 10%, at most 1 s) spreads a burst of failures.
   long long base = step->delay.count();
@@ -456,56 +602,53 @@ void Session::retry(Delivery* d, const dispatch::Outcome& outcome, const std::st
   info.exchange = d->view_.exchange;
   info.routing_key = d->view_.routing_key;
   info.attempts = attempt;
-  settle::CopyProperties props(d->env.message.properties, info, attempt + 1, expiration);
   log::warn("retrying later",
             {{"queue", qcfg.name}, {"event_type", d->envelope.event_type}, {"event_id", d->envelope.event_id},
              {"handler", handler}, {"attempt", std::to_string(attempt)},
              {"next_attempt_in_ms", std::to_string(expiration)}, {"detail", outcome.detail}});
-  publish_copy(d, step->queue, props.get(), "publishing a retry copy");
+  d->copy_target = step->queue;
+  publish_copy(d, step->queue,
+               std::make_unique<settle::CopyProperties>(d->env.message.properties, info, attempt + 1, expiration),
+               "publishing a retry copy");
 }
 
-bool Session::publish_copy(Delivery* d, const std::string& routing_key, const amqp_basic_properties_t* props,
+void Session::publish_copy(Delivery* d, const std::string& routing_key, std::unique_ptr<settle::CopyProperties> props,
                            const char* what) {
-  int rc = amqp_basic_publish(conn_->get(), kPublishChannel, amqp_empty_bytes, amqp::bytes(routing_key), 0, 0,
-                              props, d->env.message.body);
+  if (!live(d)) {
+    release(d);
+    return;
+  }
+  if (blocked_) {
+    blocked_publishes_.push_back({d, routing_key, std::move(props)});
+    return;
+  }
+  int rc = amqp_basic_publish(conn_->get(), kPublishChannel, amqp_empty_bytes, amqp::bytes(routing_key),
+                              /*mandatory*/ 1, 0, props->get(), d->env.message.body);
   if (rc != AMQP_STATUS_OK) {
     release(d);
     connection_lost(std::string(what) + ": " + amqp_error_string2(rc));
-    return false;
+    return;
   }
   // The original is acked only once the broker confirms the copy (on_confirm).
   confirms_.add(d);
-  return true;
 }
 
 void Session::on_confirm(uint64_t tag, bool multiple, bool acked) {
   confirms_.confirm(tag, multiple, acked, [this](Delivery* d, bool ok) {
-    if (d->epoch != epoch_ || !conn_) {
+    if (!live(d)) {
       release(d);
-    } else if (ok) {
+    } else if (ok && !d->returned) {
       ack(d);
     } else {
-      // The broker refused the copy: keep the original with the broker.
-      // The broker refused the copy (e.g. a full DLQ with reject-publish). The
-      // original stays unacked, so the broker still owns it; hand it back
-      // after a pause so a full DLQ does not turn into a hot redelivery loop.
-      log::error("the broker refused the copy (dead-letter or retry); the event goes back to its queue in 5s",
-                 {{"queue", cfg_.queues[d->queue].name}, {"event_id", d->envelope.event_id}});
-      auto timer = std::make_shared<asio::steady_timer>(io_, std::chrono::seconds(5));
-      timer->async_wait([this, d, timer](boost::system::error_code) {
-        if (d->epoch == epoch_ && conn_) {
-          auto ch = static_cast<amqp_channel_t>(kFirstConsumerChannel + d->queue);
-          amqp_basic_nack(conn_->get(), ch, d->env.delivery_tag, 0, /*requeue*/ 1);
-        }
-        release(d);
-      });
+      hand_back_later(d, d->returned ? "the copy could not be routed; the event goes back to its queue"
+                                     : "the broker refused the copy; the event goes back to its queue");
     }
   });
 }
 
 void Session::connection_lost(const std::string& why) {
   if (!conn_) return;
-  log::error("connection lost", {{"reason", why}});
+  log::error("connection lost", {{"reason", why}, {"broker", node_}});
   ++epoch_;  // every result still out belongs to the dead connection now
   if (socket_) {
     socket_->release();
@@ -514,8 +657,16 @@ void Session::connection_lost(const std::string& why) {
   socket_armed_ = false;
   heartbeat_timer_.cancel();
   conn_.reset();
+  for (auto& q : qch_) {
+    q.channel = 0;
+    ++q.gen;
+    q.retry_timer->cancel();
+  }
   confirms_.fail_all([this](Delivery* d, bool) { release(d); });
-  drop_waiting();
+  auto held = std::move(blocked_publishes_);
+  blocked_publishes_.clear();
+  for (auto& p : held) release(p.d);
+  for (size_t i = 0; i < qch_.size(); ++i) drop_waiting(i);
   if (state_ == State::Draining) {
     // Nothing can be acked any more; what is unacked is redelivered.
     maybe_finish_stop();
@@ -524,13 +675,11 @@ void Session::connection_lost(const std::string& why) {
   schedule_reconnect(why);
 }
 
-void Session::drop_waiting() {
-  for (auto& q : rt_->queues) {
-    for (auto& slot : q.slots()) {
-      auto waiting = std::move(slot.waiting);
-      slot.waiting.clear();
-      for (auto* j : waiting) release(static_cast<Delivery*>(j));
-    }
+void Session::drop_waiting(size_t qi) {
+  for (auto& slot : rt_->queues[qi].slots()) {
+    auto waiting = std::move(slot.waiting);
+    slot.waiting.clear();
+    for (auto* j : waiting) release(static_cast<Delivery*>(j));
   }
 }
 
@@ -541,17 +690,17 @@ void Session::stop() {
   reconnect_timer_.cancel();
   state_ = State::Draining;
   if (conn_) {
-    for (size_t i = 0; i < consumer_tags_.size(); ++i) {
-      if (consumer_tags_[i].empty()) continue;
+    for (auto& qc : qch_) {
+      qc.retry_timer->cancel();
+      if (qc.channel == 0) continue;
       amqp_basic_cancel_t req{};
-      req.consumer_tag = amqp::bytes(consumer_tags_[i]);
+      req.consumer_tag = amqp::bytes(qc.consumer_tag);
       req.nowait = 0;
-      amqp_send_method(conn_->get(), static_cast<amqp_channel_t>(kFirstConsumerChannel + i),
-                       AMQP_BASIC_CANCEL_METHOD, &req);
+      amqp_send_method(conn_->get(), qc.channel, AMQP_BASIC_CANCEL_METHOD, &req);
     }
   }
   // Events waiting for a handler slot have not started: hand them back.
-  drop_waiting();
+  for (size_t i = 0; i < qch_.size(); ++i) drop_waiting(i);
   deadline_timer_.expires_after(cfg_.shutdown_timeout);
   deadline_timer_.async_wait([this](boost::system::error_code ec) {
     if (ec || state_ == State::Stopped) return;
@@ -575,6 +724,7 @@ void Session::finish_stop() {
   heartbeat_timer_.cancel();
   reconnect_timer_.cancel();
   deadline_timer_.cancel();
+  for (auto& q : qch_) q.retry_timer->cancel();
   if (socket_) {
     socket_->release();
     socket_.reset();

@@ -2,11 +2,13 @@
 // The broker session: one AMQP connection owned by the event loop thread,
 // channel 1 for declaring and (confirmed) publishing, one channel per queue
 // for consuming. Deliveries go to the router; outcomes come back as acks or
-// confirmed dead-letter copies. Reconnects by itself; drains on stop().
+// confirmed copies (retry, dead-letter). Reconnects by itself, recovers a
+// single queue's channel without disturbing the others, drains on stop().
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/steady_timer.hpp>
 
+#include <deque>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -44,13 +46,35 @@ class Session {
   // True if stop() had to abandon running handlers at the deadline.
   bool aborted() const { return aborted_; }
   size_t in_flight() const { return in_flight_; }
+  // Connected and consuming every queue; else `reason` says why not.
+  bool ready(std::string& reason) const;
 
  private:
   friend struct Delivery;
   enum class State { Idle, Connecting, Running, Draining, Stopped };
 
+  // One queue's consuming channel. Channel numbers are never reused within a
+  // connection, so frames of a closed incarnation cannot be mistaken for new ones.
+  struct QueueChannel {
+    amqp_channel_t channel = 0;  // 0 = not consuming
+    uint64_t gen = 0;            // bumps whenever the channel goes away
+    std::string consumer_tag;
+    std::chrono::milliseconds backoff{0};
+    std::unique_ptr<boost::asio::steady_timer> retry_timer;
+  };
+
+  // A copy waiting for the broker to unblock publishing.
+  struct BlockedPublish {
+    Delivery* d;
+    std::string routing_key;
+    std::unique_ptr<settle::CopyProperties> props;
+  };
+
   void connect();
   void schedule_reconnect(const std::string& why);
+  bool open_queue_channel(size_t qi);  // throws amqp::AmqpError
+  void queue_channel_lost(size_t qi, const std::string& why);
+  void reopen_queue(size_t qi);
   void arm_socket();
   void arm_heartbeat();
   void pump();
@@ -59,15 +83,18 @@ class Session {
   void start_job(Delivery* d);
   void start_waiting(dispatch::HandlerSlot* slot);
   void on_finished(Delivery* d, dispatch::Outcome outcome);
+  bool live(const Delivery* d) const;
   void ack(Delivery* d);
+  void hand_back_later(Delivery* d, const char* why);
   void dead_letter(Delivery* d, std::string_view reason, std::string_view detail, std::string_view handler);
   void retry(Delivery* d, const dispatch::Outcome& outcome, const std::string& handler,
              const config::RetryConfig& policy);
-  bool publish_copy(Delivery* d, const std::string& routing_key, const amqp_basic_properties_t* props,
+  void publish_copy(Delivery* d, const std::string& routing_key, std::unique_ptr<settle::CopyProperties> props,
                     const char* what);
   void on_confirm(uint64_t tag, bool multiple, bool acked);
+  void on_return(const amqp_frame_t& frame);
   void connection_lost(const std::string& why);
-  void drop_waiting();
+  void drop_waiting(size_t qi);
   void maybe_finish_stop();
   void finish_stop();
   Delivery* acquire();
@@ -82,7 +109,13 @@ class Session {
   std::optional<boost::asio::posix::stream_descriptor> socket_;
   bool socket_armed_ = false;
   uint64_t epoch_ = 0;  // bumps per connection; results of older ones are stale
-  std::vector<std::string> consumer_tags_;
+  size_t url_index_ = 0;
+  std::string node_;    // masked URL of the node we are connected to
+  std::vector<QueueChannel> qch_;
+  std::vector<int> channel_queue_;  // channel number -> queue index, -1 = none
+  amqp_channel_t next_channel_ = 2;
+  bool blocked_ = false;             // connection.blocked: hold publishes
+  std::deque<BlockedPublish> blocked_publishes_;
 
   settle::ConfirmTracker<Delivery*> confirms_;
   size_t in_flight_ = 0;

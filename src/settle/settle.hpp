@@ -112,6 +112,10 @@ class ConfirmTracker {
     pending_.clear();
     for (auto& kv : items) f(kv.second, false);
   }
+  template <class F>
+  void for_each(F&& f) {
+    for (auto& kv : pending_) f(kv.second);
+  }
   void reset() { pending_.clear(); next_ = 1; }
   size_t size() const { return pending_.size(); }
   bool empty() const { return pending_.empty(); }
