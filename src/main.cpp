@@ -11,6 +11,7 @@ namespace {
 const char* kUsage =
     "usage: event-router [--config FILE] [--check] [--version] [--help]\n"
     "       event-router dlq list|replay --queue Q [options]   (see: event-router dlq --help)\n"
+    "       event-router health [--ready] [--config FILE]      ask the daemon's HTTP endpoint\n"
     "\n"
     "Consumes events from RabbitMQ and dispatches them to plugin and exec handlers.\n"
     "\n"
@@ -27,9 +28,17 @@ int main(int argc, char** argv) {
   er::daemon::Options opts;
   const char* env = std::getenv("EVENT_ROUTER_CONFIG");
   opts.config_path = env && *env ? env : "/etc/event-router/router.yaml";
-  for (int i = 1; i < argc; ++i) {
+  bool health = false, ready = false;
+  int first = 1;
+  if (argc > 1 && std::strcmp(argv[1], "health") == 0) {
+    health = true;
+    first = 2;
+  }
+  for (int i = first; i < argc; ++i) {
     std::string a = argv[i];
-    if (a == "-h" || a == "--help") {
+    if (health && a == "--ready") {
+      ready = true;
+    } else if (a == "-h" || a == "--help") {
       std::cout << kUsage;
       return 0;
     } else if (a == "-V" || a == "--version") {
@@ -48,5 +57,6 @@ int main(int argc, char** argv) {
   }
   // A handler that exits before reading its stdin must not kill the daemon.
   std::signal(SIGPIPE, SIG_IGN);
+  if (health) return er::daemon::health(opts, ready);
   return er::daemon::run(opts);
 }

@@ -44,18 +44,25 @@ struct Delivery final : dispatch::Job {
   dispatch::EventView view_;
   dispatch::HandlerSlot* slot = nullptr;
   steady_clock::time_point started;
+  steady_clock::time_point published;  // its copy, for the confirm latency
 
   const dispatch::EventView& view() const override { return view_; }
   void finish(dispatch::Outcome outcome) override { session->on_finished(this, std::move(outcome)); }
 };
 
-Session::Session(asio::io_context& io, std::unique_ptr<dispatch::Runtime> runtime)
+Session::Session(asio::io_context& io, std::unique_ptr<dispatch::Runtime> runtime, metrics::Registry& registry)
     : io_(io),
       rt_(std::move(runtime)),
       cfg_(*rt_->config),
       heartbeat_timer_(io),
       reconnect_timer_(io),
-      deadline_timer_(io) {
+      deadline_timer_(io),
+      m_(registry, *rt_) {
+  registry.add_collector([this] {
+    std::string reason;
+    m_.connected->set(ready(reason) ? 1 : 0);
+    m_.in_flight->set(static_cast<double>(in_flight_));
+  });
   for (const auto& q : cfg_.queues) {
     std::vector<RetryStep> steps;
     for (auto d : q.retry_steps()) steps.push_back({d, amqp::retry_queue_name(q.name, d)});
@@ -134,6 +141,11 @@ void Session::connect() {
   }
 
   ++epoch_;
+  if (connected_once_) {
+    ++stats_.reconnects;
+    m_.reconnects->inc();
+  }
+  connected_once_ = true;
   backoff_ = milliseconds(0);
   socket_.emplace(io_, conn_->fd());
   socket_armed_ = false;
@@ -416,6 +428,10 @@ void Session::on_delivery(amqp_envelope_t& env) {
     return;
   }
   const size_t qi = static_cast<size_t>(qi_signed);
+  ++stats_.received;
+  auto& qm = m_.queue(qi);
+  qm.received->inc();
+  if (env.redelivered) qm.redelivered->inc();
   Delivery* d = acquire();
   ++in_flight_;
   d->env = env;
@@ -464,6 +480,8 @@ void Session::on_delivery(amqp_envelope_t& env) {
     if (qcfg.unhandled == config::Unhandled::Ack) {
       log::info("unhandled event acked (unhandled: ack)",
                 {{"queue", qcfg.name}, {"event_type", d->envelope.event_type}, {"event_id", d->envelope.event_id}});
+      ++stats_.acked;
+      qm.unhandled_acked->inc();
       ack(d);
     } else {
       dead_letter(d, "unhandled", "no handler of queue '" + qcfg.name + "' takes event type '" +
@@ -501,8 +519,15 @@ void Session::on_finished(Delivery* d, dispatch::Outcome outcome) {
   dispatch::HandlerSlot* slot = d->slot;
   --slot->active;
   const std::string& handler = slot->handler->name();
+  auto& sm = m_.queue(d->queue).slots[static_cast<size_t>(slot - rt_->queues[d->queue].slots().data())];
+  const auto elapsed = steady_clock::now() - d->started;
+  sm.duration->observe(std::chrono::duration<double>(elapsed).count());
+  (outcome.verdict == dispatch::Verdict::Ack     ? sm.ack
+   : outcome.verdict == dispatch::Verdict::Retry ? sm.retry
+                                                 : sm.dead_letter)
+      ->inc();
   if (log::enabled(log::Level::Info)) {
-    auto ms = std::chrono::duration<double, std::milli>(steady_clock::now() - d->started).count();
+    auto ms = std::chrono::duration<double, std::milli>(elapsed).count();
     char dur[32];
     auto res = std::to_chars(dur, dur + sizeof dur, static_cast<long long>(ms + 0.5));
     log::write(outcome.verdict == dispatch::Verdict::Ack ? log::Level::Info : log::Level::Warn, "handled",
@@ -520,6 +545,7 @@ void Session::on_finished(Delivery* d, dispatch::Outcome outcome) {
     log::debug("dropping a result from a closed channel", {{"event_id", d->envelope.event_id}});
     release(d);
   } else if (outcome.verdict == dispatch::Verdict::Ack) {
+    ++stats_.acked;
     ack(d);
   } else if (outcome.verdict == dispatch::Verdict::Retry) {
     retry(d, outcome, handler, slot->cfg->retry);
@@ -558,6 +584,8 @@ void Session::dead_letter(Delivery* d, std::string_view reason, std::string_view
   info.exchange = d->view_.exchange;
   info.routing_key = d->view_.routing_key;
   info.attempts = d->view_.attempt;
+  ++stats_.dead_lettered;
+  m_.dead_letters(qcfg.name, reason).inc();
   log::warn("dead-lettering",
             {{"queue", qcfg.name}, {"event_type", d->envelope.event_type}, {"event_id", d->envelope.event_id},
              {"handler", handler}, {"reason", reason}, {"detail", detail}, {"dlq", qcfg.dead_letter_queue}});
@@ -602,6 +630,8 @@ void Session::retry(Delivery* d, const dispatch::Outcome& outcome, const std::st
   info.exchange = d->view_.exchange;
   info.routing_key = d->view_.routing_key;
   info.attempts = attempt;
+  ++stats_.retried;
+  m_.retries(qcfg.name, reason).inc();
   log::warn("retrying later",
             {{"queue", qcfg.name}, {"event_type", d->envelope.event_type}, {"event_id", d->envelope.event_id},
              {"handler", handler}, {"attempt", std::to_string(attempt)},
@@ -630,11 +660,15 @@ void Session::publish_copy(Delivery* d, const std::string& routing_key, std::uni
     return;
   }
   // The original is acked only once the broker confirms the copy (on_confirm).
+  d->published = steady_clock::now();
   confirms_.add(d);
 }
 
 void Session::on_confirm(uint64_t tag, bool multiple, bool acked) {
-  confirms_.confirm(tag, multiple, acked, [this](Delivery* d, bool ok) {
+  const auto now = steady_clock::now();
+  confirms_.confirm(tag, multiple, acked, [this, now](Delivery* d, bool ok) {
+    m_.confirm_latency->observe(std::chrono::duration<double>(now - d->published).count());
+    (!ok ? m_.confirms_nack : d->returned ? m_.confirms_returned : m_.confirms_ack)->inc();
     if (!live(d)) {
       release(d);
     } else if (ok && !d->returned) {

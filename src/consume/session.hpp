@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "amqp/connection.hpp"
+#include "consume/session_metrics.hpp"
 #include "dispatch/router.hpp"
 #include "settle/settle.hpp"
 
@@ -26,7 +27,7 @@ struct Delivery;
 
 class Session {
  public:
-  Session(boost::asio::io_context& io, std::unique_ptr<dispatch::Runtime> runtime);
+  Session(boost::asio::io_context& io, std::unique_ptr<dispatch::Runtime> runtime, metrics::Registry& registry);
   ~Session();
   Session(const Session&) = delete;
   Session& operator=(const Session&) = delete;
@@ -48,6 +49,17 @@ class Session {
   size_t in_flight() const { return in_flight_; }
   // Connected and consuming every queue; else `reason` says why not.
   bool ready(std::string& reason) const;
+  // Masked URL of the broker node of the current connection.
+  const std::string& node() const { return node_; }
+
+  struct Stats {
+    uint64_t received = 0;
+    uint64_t acked = 0;          // handled successfully, or unhandled with `unhandled: ack`
+    uint64_t retried = 0;
+    uint64_t dead_lettered = 0;
+    uint64_t reconnects = 0;
+  };
+  const Stats& stats() const { return stats_; }
 
  private:
   friend struct Delivery;
@@ -138,6 +150,9 @@ class Session {
   std::function<void()> on_stopped_;
   int exit_code_ = 0;
   bool aborted_ = false;
+  Stats stats_;
+  bool connected_once_ = false;
+  SessionMetrics m_;
 };
 
 }  // namespace er::consume

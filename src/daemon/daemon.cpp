@@ -4,6 +4,7 @@
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/thread_pool.hpp>
 
 #include <csignal>
@@ -12,6 +13,9 @@
 
 #include "config/config.hpp"
 #include "consume/session.hpp"
+#include "daemon/notify.hpp"
+#include "http/server.hpp"
+#include "metrics/metrics.hpp"
 #include "dispatch/router.hpp"
 #include "util/log.hpp"
 
@@ -28,6 +32,7 @@ int run(const Options& opts) {
     return 1;
   }
   log::set_level(cfg->log.level);
+  log::set_format(cfg->log.format);
 
   asio::io_context io(1);
   asio::thread_pool pool(cfg->workers);
@@ -46,8 +51,62 @@ int run(const Options& opts) {
 
   log::info("starting", {{"version", ER_VERSION}, {"config", cfg->path},
                          {"queues", std::to_string(cfg->queues.size())}});
-  consume::Session session(io, std::move(rt));
+  Notifier notifier;
+  metrics::Registry registry;
+  consume::Session session(io, std::move(rt), registry);
+  std::unique_ptr<http::Server> http_server;
+  if (!cfg->http_listen.empty()) {
+    try {
+      http::Handlers h;
+      h.ready = [&](std::string& reason) { return session.ready(reason); };
+      h.metrics = [&] { return registry.render(); };
+      http_server = std::make_unique<http::Server>(io, cfg->http_listen, std::move(h));
+      http_server->start();
+      log::info("http listening", {{"listen", cfg->http_listen}, {"port", std::to_string(http_server->port())}});
+    } catch (const std::exception& e) {
+      log::error(e.what());
+      return 1;
+    }
+  }
   asio::signal_set signals(io, SIGINT, SIGTERM, SIGHUP);
+  asio::steady_timer status_timer(io);
+  asio::steady_timer watchdog_timer(io);
+  bool stopping = false;
+
+  auto status_line = [&] {
+    const auto& st = session.stats();
+    std::string reason;
+    std::string s = "STATUS=";
+    if (session.ready(reason)) {
+      s += "consuming " + std::to_string(cfg->queues.size()) + " queues on " + session.node();
+    } else {
+      s += reason;
+    }
+    s += "; events handled " + std::to_string(st.acked) + ", retried " + std::to_string(st.retried) +
+         ", dead-lettered " + std::to_string(st.dead_lettered);
+    return s;
+  };
+  std::function<void()> tick_status = [&] {
+    status_timer.expires_after(std::chrono::seconds(5));
+    status_timer.async_wait([&](boost::system::error_code ec) {
+      if (ec || stopping) return;
+      notifier.send(status_line());
+      tick_status();
+    });
+  };
+  // Pinged from a timer on the loop itself: a stuck loop stops the pings and
+  // systemd's watchdog restarts the service.
+  std::function<void()> tick_watchdog = [&] {
+    auto period = notifier.watchdog_period();
+    if (!period) return;
+    watchdog_timer.expires_after(*period);
+    watchdog_timer.async_wait([&](boost::system::error_code ec) {
+      if (ec) return;
+      notifier.send("WATCHDOG=1");
+      tick_watchdog();
+    });
+  };
+
   std::function<void()> wait_signal;
   wait_signal = [&] {
     signals.async_wait([&](boost::system::error_code ec, int sig) {
@@ -58,12 +117,33 @@ int run(const Options& opts) {
         return;
       }
       log::info("signal received", {{"signal", sig == SIGTERM ? "SIGTERM" : "SIGINT"}});
-      session.stop();
+      if (!stopping) {
+        stopping = true;
+        notifier.send("STOPPING=1\nSTATUS=stopping: draining in-flight events");
+        status_timer.cancel();
+        session.stop();
+      }
       wait_signal();  // a second signal during the drain is logged and ignored
     });
   };
   wait_signal();
-  session.start({}, [&] { signals.cancel(); });
+  if (notifier.enabled()) {
+    tick_status();
+    tick_watchdog();
+  }
+  bool ready_sent = false;
+  session.start(
+      [&] {
+        // READY=1 once: the topology is declared and every queue is consumed.
+        notifier.send(std::string(ready_sent ? "" : "READY=1\n") + status_line());
+        ready_sent = true;
+      },
+      [&] {
+        signals.cancel();
+        status_timer.cancel();
+        watchdog_timer.cancel();
+        if (http_server) http_server->stop();
+      });
   io.run();
 
   int code = session.exit_code();
@@ -74,6 +154,30 @@ int run(const Options& opts) {
   }
   pool.join();
   return code;
+}
+
+int health(const Options& opts, bool ready) {
+  std::shared_ptr<const config::Config> cfg;
+  try {
+    cfg = std::make_shared<const config::Config>(config::load_config(opts.config_path));
+  } catch (const config::ConfigError& e) {
+    std::cerr << e.what() << "\n";
+    return 1;
+  }
+  if (cfg->http_listen.empty()) {
+    std::cerr << cfg->path << ": health needs the HTTP endpoint: set http: {listen: 127.0.0.1:9090}\n";
+    return 1;
+  }
+  std::string body;
+  const char* path = ready ? "/readyz" : "/healthz";
+  int status = http::probe(cfg->http_listen, path, body, std::chrono::seconds(3));
+  if (status < 0) {
+    std::cerr << "event-router health: no answer from http://" << cfg->http_listen << path << "\n";
+    return 1;
+  }
+  std::cout << status << " " << body;
+  if (!body.empty() && body.back() != '\n') std::cout << "\n";
+  return status == 200 ? 0 : 1;
 }
 
 }  // namespace er::daemon

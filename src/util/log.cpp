@@ -11,6 +11,39 @@ namespace er::log {
 
 namespace {
 std::atomic<int> g_level{static_cast<int>(Level::Info)};
+std::atomic<bool> g_json{false};
+
+void append_json_string(std::string& out, std::string_view v) {
+  out.push_back('"');
+  for (char ch : v) {
+    auto c = static_cast<unsigned char>(ch);
+    switch (ch) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      default:
+        if (c < 0x20) {
+          char buf[8];
+          std::snprintf(buf, sizeof buf, "\\u%04x", c);
+          out += buf;
+        } else {
+          out.push_back(ch);
+        }
+    }
+  }
+  out.push_back('"');
+}
+
+bool is_number_field(std::string_view key, std::string_view v) {
+  if (v.empty() || v.size() > 18) return false;
+  if (key != "duration_ms" && key != "attempt" && key != "in_flight" && key != "queues" && key != "retry_in_ms")
+    return false;
+  for (char c : v)
+    if (c < '0' || c > '9') return false;
+  return true;
+}
 
 const char* level_name(Level l) {
   switch (l) {
@@ -51,6 +84,8 @@ void append_value(std::string& out, std::string_view v) {
 }
 }  // namespace
 
+void set_format(config::LogFormat f) { g_json.store(f == config::LogFormat::Json, std::memory_order_relaxed); }
+
 void set_level(Level l) { g_level.store(static_cast<int>(l), std::memory_order_relaxed); }
 bool enabled(Level l) { return static_cast<int>(l) >= g_level.load(std::memory_order_relaxed); }
 
@@ -65,17 +100,38 @@ void write(Level l, std::string_view msg, std::initializer_list<Field> fields) {
   char ts[96];
   std::snprintf(ts, sizeof ts, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900, tm.tm_mon + 1,
                 tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, static_cast<int>(ms));
-  line += ts;
-  line += ' ';
-  line += level_name(l);
-  line += ' ';
-  append_value(line, msg);
-  for (const auto& f : fields) {
-    if (f.second.empty()) continue;
+  if (g_json.load(std::memory_order_relaxed)) {
+    line += "{\"ts\":\"";
+    line += ts;
+    line += "\",\"level\":\"";
+    line += level_name(l);
+    line += "\",\"msg\":";
+    append_json_string(line, msg);
+    for (const auto& f : fields) {
+      if (f.second.empty()) continue;
+      line += ',';
+      append_json_string(line, f.first);
+      line += ':';
+      if (is_number_field(f.first, f.second)) {
+        line.append(f.second);
+      } else {
+        append_json_string(line, f.second);
+      }
+    }
+    line += '}';
+  } else {
+    line += ts;
     line += ' ';
-    line.append(f.first);
-    line += '=';
-    append_value(line, f.second);
+    line += level_name(l);
+    line += ' ';
+    append_value(line, msg);
+    for (const auto& f : fields) {
+      if (f.second.empty()) continue;
+      line += ' ';
+      line.append(f.first);
+      line += '=';
+      append_value(line, f.second);
+    }
   }
   line += '\n';
   // One write per record keeps lines whole when threads log at once.

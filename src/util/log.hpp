@@ -14,6 +14,9 @@ using Level = config::LogLevel;
 using Field = std::pair<std::string_view, std::string_view>;
 
 void set_level(Level l);
+// text: `time level msg key=value...`; json: one object per line with ts,
+// level, msg and the fields (journald and container log collectors read it).
+void set_format(config::LogFormat f);
 bool enabled(Level l);
 
 void write(Level l, std::string_view msg, std::initializer_list<Field> fields = {});
