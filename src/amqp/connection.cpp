@@ -1,5 +1,6 @@
 #include "amqp/connection.hpp"
 
+#include <amqp_ssl_socket.h>
 #include <amqp_tcp_socket.h>
 
 #include <cstring>
@@ -81,6 +82,14 @@ void check_reply(const amqp_rpc_reply_t& r, std::string_view context) {
   if (r.reply_type != AMQP_RESPONSE_NORMAL) throw AmqpError(describe_reply(r, context));
 }
 
+ConnectOptions connect_options(const config::BrokerConfig& b, size_t url_index) {
+  ConnectOptions o;
+  o.url = b.urls.empty() ? b.url : b.urls[url_index % b.urls.size()];
+  o.heartbeat = b.heartbeat;
+  o.tls = {b.tls.ca_file, b.tls.cert_file, b.tls.key_file, b.tls.verify_peer, b.tls.verify_hostname};
+  return o;
+}
+
 Connection Connection::open(const ConnectOptions& opts) {
   const std::string masked = log::mask_url(opts.url);
   std::vector<char> url(opts.url.begin(), opts.url.end());
@@ -92,20 +101,37 @@ Connection Connection::open(const ConnectOptions& opts) {
   // "amqp://host:5672/" names the empty vhost by the AMQP URI spec, but the
   // services' clients (aio-pika, amqplib) read it as "/": follow them.
   if (info.vhost == nullptr || info.vhost[0] == '\0') info.vhost = const_cast<char*>("/");
-  if (info.ssl) throw AmqpError("broker URL " + masked + ": amqps:// (TLS) is not supported yet");
 
   Connection c;
   c.conn_.reset(amqp_new_connection());
   if (!c.conn_) throw AmqpError("out of memory creating a connection");
   c.peer_ = std::string(info.host) + ":" + std::to_string(info.port);
 
-  amqp_socket_t* sock = amqp_tcp_socket_new(c.conn_.get());
-  if (!sock) throw AmqpError("cannot create a TCP socket");
+  amqp_socket_t* sock = nullptr;
+  if (info.ssl) {
+    sock = amqp_ssl_socket_new(c.conn_.get());
+    if (!sock) throw AmqpError("cannot create a TLS socket");
+    const auto& t = opts.tls;
+    const std::string ca = t.ca_file.empty() ? "/etc/ssl/certs/ca-certificates.crt" : t.ca_file;
+    if (t.verify_peer && amqp_ssl_socket_set_cacert(sock, ca.c_str()) != AMQP_STATUS_OK)
+      throw AmqpError("TLS: cannot load CA certificates from " + ca);
+    if (!t.cert_file.empty() &&
+        amqp_ssl_socket_set_key(sock, t.cert_file.c_str(), t.key_file.c_str()) != AMQP_STATUS_OK)
+      throw AmqpError("TLS: cannot load the client certificate " + t.cert_file + " with key " + t.key_file);
+    amqp_ssl_socket_set_verify_peer(sock, t.verify_peer ? 1 : 0);
+    amqp_ssl_socket_set_verify_hostname(sock, t.verify_hostname ? 1 : 0);
+  } else {
+    sock = amqp_tcp_socket_new(c.conn_.get());
+    if (!sock) throw AmqpError("cannot create a TCP socket");
+  }
   auto secs = opts.connect_timeout.count() / 1000;
   timeval tv{static_cast<time_t>(secs), static_cast<suseconds_t>((opts.connect_timeout.count() % 1000) * 1000)};
   int rc = amqp_socket_open_noblock(sock, info.host, info.port, &tv);
   if (rc != AMQP_STATUS_OK)
-    throw AmqpError("cannot connect to " + c.peer_ + " (" + masked + "): " + amqp_error_string2(rc));
+    throw AmqpError("cannot connect to " + c.peer_ + " (" + masked + "): " + amqp_error_string2(rc) +
+                    (info.ssl && rc == AMQP_STATUS_SSL_CONNECTION_FAILED
+                         ? " (TLS handshake failed: check ca_file, the server certificate's name, and client certificates)"
+                         : ""));
 
   int heartbeat_s = static_cast<int>((opts.heartbeat.count() + 999) / 1000);
   // rabbitmq-c's default is 128 KiB frames; 131072 matches RabbitMQ's default.

@@ -9,6 +9,8 @@
 #include <string>
 #include <string_view>
 
+#include "config/config.hpp"
+
 namespace er::amqp {
 
 class AmqpError : public std::runtime_error {
@@ -29,11 +31,23 @@ struct ConnectionDeleter {
 };
 using ConnectionPtr = std::unique_ptr<amqp_connection_state_t_, ConnectionDeleter>;
 
+struct TlsOptions {
+  std::string ca_file;    // empty: the system's CA bundle
+  std::string cert_file;  // client certificate, optional
+  std::string key_file;
+  bool verify_peer = true;
+  bool verify_hostname = true;
+};
+
 struct ConnectOptions {
-  std::string url;                             // amqp://user:pass@host:port/vhost
+  std::string url;                             // amqp://user:pass@host:port/vhost, or amqps://
+  TlsOptions tls;                              // used for amqps:// URLs
   std::chrono::milliseconds heartbeat{30000};  // 0 disables
   std::chrono::milliseconds connect_timeout{10000};
 };
+
+// Options for the config's broker, URL number `url_index` (of broker.urls).
+ConnectOptions connect_options(const config::BrokerConfig& broker, size_t url_index = 0);
 
 class Connection {
  public:

@@ -278,6 +278,13 @@ class Loader {
     return subst(v, v.node.Scalar());
   }
 
+  bool boolean(const Val& v) const {
+    std::string s = str(v);
+    if (s == "true" || s == "yes" || s == "on") return true;
+    if (s == "false" || s == "no" || s == "off") return false;
+    fail(v, "expected true or false, got '" + s + "'");
+  }
+
   std::string nonempty_str(const Val& v) const {
     std::string s = str(v);
     if (s.empty()) fail(v, "must not be empty");
@@ -506,11 +513,10 @@ void Loader::check_url(const Val& v, const std::string& url) const {
   amqp_connection_info info;
   if (amqp_parse_url(buf.data(), &info) != AMQP_STATUS_OK)
     fail(v, "'" + log::mask_url(url) + "' is not a valid broker URL (expected amqp://user:password@host:port/vhost)");
-  if (info.ssl) fail(v, "amqps:// (TLS) is not supported yet; use amqp://");
 }
 
 void Loader::load_broker(const Val& v, BrokerConfig& b) const {
-  check_keys(v, {"url", "urls", "heartbeat", "reconnect"});
+  check_keys(v, {"url", "urls", "heartbeat", "reconnect", "tls"});
   Val url = child(v, "url");
   Val urls = child(v, "urls");
   if (url.present && urls.present) fail(urls, "set either 'url' or 'urls', not both");
@@ -533,6 +539,25 @@ void Loader::load_broker(const Val& v, BrokerConfig& b) const {
     if (b.heartbeat.count() % 1000 != 0)
       fail(h, "heartbeat must be a whole number of seconds");
     if (b.heartbeat > std::chrono::seconds(65535)) fail(h, "heartbeat must be at most 65535s");
+  }
+  if (Val t = child(v, "tls"); t.present) {
+    expect_map(t);
+    check_keys(t, {"ca_file", "cert_file", "key_file", "verify_peer", "verify_hostname"});
+    auto file = [&](const char* key) -> std::string {
+      Val f = child(t, key);
+      if (!f.present) return {};
+      std::string path = absolute_in(dir_, nonempty_str(f));
+      if (::access(path.c_str(), R_OK) != 0)
+        fail(f, "cannot read " + path + ": " + std::strerror(errno));
+      return path;
+    };
+    b.tls.ca_file = file("ca_file");
+    b.tls.cert_file = file("cert_file");
+    b.tls.key_file = file("key_file");
+    if (b.tls.cert_file.empty() != b.tls.key_file.empty())
+      fail(t, "cert_file and key_file go together (client certificate authentication)");
+    if (Val p = child(t, "verify_peer"); p.present) b.tls.verify_peer = boolean(p);
+    if (Val h = child(t, "verify_hostname"); h.present) b.tls.verify_hostname = boolean(h);
   }
   if (Val r = child(v, "reconnect"); r.present) {
     expect_map(r);

@@ -25,12 +25,22 @@ struct Mark {
   int column = 0;  // 1-based
 };
 
+// `broker.tls`, for amqps:// URLs.
+struct TlsConfig {
+  std::string ca_file;                   // absolute; default: the system's CA bundle
+  std::string cert_file;                 // client certificate (with key_file), optional
+  std::string key_file;
+  bool verify_peer = true;
+  bool verify_hostname = true;
+};
+
 struct BrokerConfig {
   std::string url;                       // amqp://user:pass@host:port/vhost (= urls[0])
   std::vector<std::string> urls;         // `url`, or the `urls:` list tried in turn; never empty after load
   Duration heartbeat{std::chrono::seconds(30)};
   Duration reconnect_initial{std::chrono::seconds(1)};  // `reconnect: {initial, max}`
   Duration reconnect_max{std::chrono::seconds(30)};
+  TlsConfig tls;
 };
 
 struct ExchangeConfig {

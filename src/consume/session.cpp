@@ -102,9 +102,7 @@ void Session::connect() {
   const std::string& url = cfg_.broker.urls[url_index_ % cfg_.broker.urls.size()];
   const std::string masked = log::mask_url(url);
   try {
-    amqp::ConnectOptions opts;
-    opts.url = url;
-    opts.heartbeat = cfg_.broker.heartbeat;
+    amqp::ConnectOptions opts = amqp::connect_options(cfg_.broker, url_index_);
     conn_.emplace(amqp::Connection::open(opts));
     amqp_connection_state_t c = conn_->get();
     node_ = masked;

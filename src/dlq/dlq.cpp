@@ -301,9 +301,7 @@ class ReplayProperties {
 std::string or_dash(const std::string& s) { return s.empty() ? "-" : s; }
 
 amqp::Connection connect(const config::Config& cfg) {
-  amqp::ConnectOptions o;
-  o.url = cfg.broker.url;
-  o.heartbeat = cfg.broker.heartbeat;
+  amqp::ConnectOptions o = amqp::connect_options(cfg.broker);
   try {
     return amqp::Connection::open(o);
   } catch (const amqp::AmqpError& e) {

@@ -1032,8 +1032,7 @@ TEST_CASE("a broker URL that can never connect is refused at load", "[config]") 
         "amqp://user:password@host:port/vhost)");
   CHECK(error_of(cfg("amqp://guest:guest@localhost:notaport/"), d.path).find("not a valid broker URL") !=
         std::string::npos);
-  CHECK(error_of(cfg("amqps://guest:guest@localhost/"), d.path) ==
-        "t.yaml:2:8: broker.url: amqps:// (TLS) is not supported yet; use amqp://");
+  CHECK(error_of(cfg("amqps://guest:guest@localhost/"), d.path) == "<no error>");
   CHECK(error_of(cfg("amqp://guest:guest@localhost:5672/"), d.path) == "<no error>");
 }
 
@@ -1073,4 +1072,27 @@ queues:
         "t.yaml:1:57: broker.reconnect.max: max must be at least initial");
   CHECK(error_of("broker: {url: 'amqp://h'}\nexchange: {name: ex}\nhttp: {listen: 9090}\nqueues: [{name: q}]\n",
                  d.path) == "t.yaml:3:16: http.listen: expected host:port (e.g. 127.0.0.1:9090), got '9090'");
+}
+
+TEST_CASE("broker.tls files are resolved and checked", "[config]") {
+  TempDir d;
+  d.file("tls/ca.pem", 0644, "x");
+  d.file("tls/client.pem", 0644, "x");
+  d.file("tls/client.key", 0600, "x");
+  auto c = load_config_string(Y(R"(
+broker:
+  url: amqps://u:p@broker:5671/
+  tls: {ca_file: tls/ca.pem, cert_file: tls/client.pem, key_file: tls/client.key, verify_hostname: false}
+exchange: {name: ex}
+queues: [{name: q}]
+)"),
+                              "t.yaml", d.path);
+  CHECK(c.broker.tls.ca_file == d.path + "/tls/ca.pem");
+  CHECK(c.broker.tls.key_file == d.path + "/tls/client.key");
+  CHECK(c.broker.tls.verify_peer);
+  CHECK_FALSE(c.broker.tls.verify_hostname);
+  CHECK(error_of("broker:\n  url: amqps://h/\n  tls: {ca_file: nope.pem}\nexchange: {name: ex}\nqueues: [{name: q}]\n",
+                 d.path) == "t.yaml:3:18: broker.tls.ca_file: cannot read " + d.path + "/nope.pem: No such file or directory");
+  CHECK(error_of("broker:\n  url: amqps://h/\n  tls: {cert_file: tls/client.pem}\nexchange: {name: ex}\nqueues: [{name: q}]\n",
+                 d.path) == "t.yaml:3:8: broker.tls: cert_file and key_file go together (client certificate authentication)");
 }
