@@ -14,6 +14,8 @@ bin=${ER_BINARY:-$repo/build/event-router}
 [[ -d $kit ]] || { echo "benchmark kit not found at $kit (set ER_BENCH_KIT)" >&2; exit 1; }
 bash "$kit/setup.sh" >/dev/null
 
+# An exchange of its own, so the preloads do not land in real service queues.
+export ER_BENCH_EXCHANGE=${ER_BENCH_EXCHANGE:-er-bench.events}
 q_raw=er-bench.raw
 q_router=er-bench.router
 export BENCH_QUEUE=$q_router
@@ -34,7 +36,7 @@ import re, statistics, sys
 rates = {}
 for line in open(sys.argv[1]):
     m = re.match(r"(\S+): (\d+) msgs in ([\d.]+) s = (\d+) msg/s", line)
-    if m:
+    if m and m.group(1) != "preload":
         rates.setdefault(m.group(1), []).append(int(m.group(4)))
 raw = statistics.median(rates["raw"])
 for name, r in rates.items():
