@@ -50,14 +50,17 @@ struct Delivery final : dispatch::Job {
   void finish(dispatch::Outcome outcome) override { session->on_finished(this, std::move(outcome)); }
 };
 
-Session::Session(asio::io_context& io, std::unique_ptr<dispatch::Runtime> runtime, metrics::Registry& registry)
+Session::Session(asio::io_context& io, std::unique_ptr<dispatch::Runtime> runtime, metrics::Registry& registry,
+                 dedupe::Store* dedupe)
     : io_(io),
       rt_(std::move(runtime)),
       cfg_(*rt_->config),
       heartbeat_timer_(io),
       reconnect_timer_(io),
       deadline_timer_(io),
-      m_(registry, *rt_) {
+      m_(registry, *rt_),
+      dedupe_(dedupe),
+      dedupe_timer_(io) {
   registry.add_collector([this] {
     std::string reason;
     m_.connected->set(ready(reason) ? 1 : 0);
@@ -79,7 +82,48 @@ Session::~Session() {
 void Session::start(std::function<void()> on_ready, std::function<void()> on_stopped) {
   on_ready_ = std::move(on_ready);
   on_stopped_ = std::move(on_stopped);
+  if (dedupe_) arm_dedupe_flush();
   connect();
+}
+
+// Commits the dedupe store's batch every 100 ms and prunes expired ids every
+// ~10 s, from the loop: no thread, no per-event fsync.
+void Session::arm_dedupe_flush() {
+  dedupe_timer_.expires_after(milliseconds(100));
+  dedupe_timer_.async_wait([this](boost::system::error_code ec) {
+    if (ec || !dedupe_) return;
+    try {
+      dedupe_->flush();
+      if (++dedupe_ticks_ % 100 == 0) dedupe_->prune();
+    } catch (const std::exception& e) {
+      log::error("dedupe store", {{"error", e.what()}});
+    }
+    if (state_ != State::Stopped) arm_dedupe_flush();
+  });
+}
+
+bool Session::is_duplicate(const Delivery* d) {
+  const auto& q = cfg_.queues[d->queue];
+  if (!dedupe_ || q.dedupe_ttl.count() == 0 || d->envelope.event_id.empty()) return false;
+  try {
+    return dedupe_->seen(q.name, d->envelope.event_id);
+  } catch (const std::exception& e) {
+    // Without the store the event runs again: at-least-once, never lost.
+    log::error("dedupe store lookup failed; handling the event", {{"error", e.what()}});
+    return false;
+  }
+}
+
+// Recorded before the ack: if the ack is lost, the redelivery is skipped.
+void Session::remember_success(const Delivery* d) {
+  const auto& q = cfg_.queues[d->queue];
+  if (!dedupe_ || q.dedupe_ttl.count() == 0 || d->envelope.event_id.empty()) return;
+  try {
+    dedupe_->record(q.name, d->envelope.event_id,
+                    std::chrono::duration_cast<std::chrono::seconds>(q.dedupe_ttl));
+  } catch (const std::exception& e) {
+    log::error("dedupe store write failed", {{"error", e.what()}});
+  }
 }
 
 bool Session::ready(std::string& reason) const {
@@ -473,6 +517,13 @@ void Session::on_delivery(amqp_envelope_t& env) {
     dead_letter(d, "schema_violation", detail_, {});
     return;
   }
+  if (is_duplicate(d)) {
+    log::debug("duplicate skipped: this event_id already succeeded",
+               {{"queue", qcfg.name}, {"event_type", d->envelope.event_type}, {"event_id", d->envelope.event_id}});
+    qm.duplicates->inc();
+    ack(d);
+    return;
+  }
   dispatch::HandlerSlot* slot = rt_->queues[qi].route(d->envelope.event_type);
   if (!slot) {
     if (qcfg.unhandled == config::Unhandled::Ack) {
@@ -544,6 +595,7 @@ void Session::on_finished(Delivery* d, dispatch::Outcome outcome) {
     release(d);
   } else if (outcome.verdict == dispatch::Verdict::Ack) {
     ++stats_.acked;
+    remember_success(d);
     ack(d);
   } else if (outcome.verdict == dispatch::Verdict::Retry) {
     retry(d, outcome, handler, slot->cfg->retry);
@@ -753,6 +805,14 @@ void Session::maybe_finish_stop() {
 void Session::finish_stop() {
   if (state_ == State::Stopped) return;
   state_ = State::Stopped;
+  dedupe_timer_.cancel();
+  if (dedupe_) {
+    try {
+      dedupe_->flush(true);
+    } catch (const std::exception& e) {
+      log::error("dedupe store", {{"error", e.what()}});
+    }
+  }
   heartbeat_timer_.cancel();
   reconnect_timer_.cancel();
   deadline_timer_.cancel();

@@ -18,6 +18,7 @@
 
 #include "amqp/connection.hpp"
 #include "consume/session_metrics.hpp"
+#include "dedupe/store.hpp"
 #include "dispatch/router.hpp"
 #include "settle/settle.hpp"
 
@@ -27,7 +28,9 @@ struct Delivery;
 
 class Session {
  public:
-  Session(boost::asio::io_context& io, std::unique_ptr<dispatch::Runtime> runtime, metrics::Registry& registry);
+  // `dedupe` may be null (no queue has `dedupe:`); it must outlive the session.
+  Session(boost::asio::io_context& io, std::unique_ptr<dispatch::Runtime> runtime, metrics::Registry& registry,
+          dedupe::Store* dedupe = nullptr);
   ~Session();
   Session(const Session&) = delete;
   Session& operator=(const Session&) = delete;
@@ -87,6 +90,9 @@ class Session {
   bool open_queue_channel(size_t qi);  // throws amqp::AmqpError
   void queue_channel_lost(size_t qi, const std::string& why);
   void reopen_queue(size_t qi);
+  void arm_dedupe_flush();
+  bool is_duplicate(const Delivery* d);
+  void remember_success(const Delivery* d);
   void arm_socket();
   void arm_heartbeat();
   void pump();
@@ -153,6 +159,9 @@ class Session {
   Stats stats_;
   bool connected_once_ = false;
   SessionMetrics m_;
+  dedupe::Store* dedupe_ = nullptr;
+  boost::asio::steady_timer dedupe_timer_;
+  unsigned dedupe_ticks_ = 0;
 };
 
 }  // namespace er::consume

@@ -7,6 +7,7 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/thread_pool.hpp>
 
+#include <algorithm>
 #include <csignal>
 #include <cstdlib>
 #include <iostream>
@@ -14,6 +15,7 @@
 #include "config/config.hpp"
 #include "consume/session.hpp"
 #include "daemon/notify.hpp"
+#include "dedupe/store.hpp"
 #include "http/server.hpp"
 #include "metrics/metrics.hpp"
 #include "dispatch/router.hpp"
@@ -53,7 +55,16 @@ int run(const Options& opts) {
                          {"queues", std::to_string(cfg->queues.size())}});
   Notifier notifier;
   metrics::Registry registry;
-  consume::Session session(io, std::move(rt), registry);
+  std::unique_ptr<dedupe::Store> dedupe;
+  if (std::any_of(cfg->queues.begin(), cfg->queues.end(), [](const auto& q) { return q.dedupe_ttl.count() > 0; })) {
+    try {
+      dedupe = std::make_unique<dedupe::Store>(cfg->state_dir);
+    } catch (const std::exception& e) {
+      log::error("cannot open the dedupe store (state_dir)", {{"error", e.what()}});
+      return 1;
+    }
+  }
+  consume::Session session(io, std::move(rt), registry, dedupe.get());
   std::unique_ptr<http::Server> http_server;
   if (!cfg->http_listen.empty()) {
     try {
