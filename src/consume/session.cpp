@@ -35,7 +35,9 @@ struct Delivery final : dispatch::Job {
   uint64_t epoch = 0;     // connection it came on
   uint64_t gen = 0;       // incarnation of its queue's channel
   amqp_channel_t channel = 0;
-  size_t queue = 0;
+  size_t queue = 0;       // index in its generation's queues
+  std::shared_ptr<Session::Generation> g;  // config and handlers it runs with
+  Session::QueueChannel* qc = nullptr;
   amqp_envelope_t env{};
   bool has_env = false;
   bool returned = false;  // the broker could not route its copy
@@ -53,26 +55,44 @@ struct Delivery final : dispatch::Job {
 Session::Session(asio::io_context& io, std::unique_ptr<dispatch::Runtime> runtime, metrics::Registry& registry,
                  dedupe::Store* dedupe)
     : io_(io),
-      rt_(std::move(runtime)),
-      cfg_(*rt_->config),
+      registry_(registry),
       heartbeat_timer_(io),
       reconnect_timer_(io),
       deadline_timer_(io),
-      m_(registry, *rt_),
       dedupe_(dedupe),
       dedupe_timer_(io) {
+  current_ = make_generation(std::move(runtime));
   registry.add_collector([this] {
     std::string reason;
-    m_.connected->set(ready(reason) ? 1 : 0);
-    m_.in_flight->set(static_cast<double>(in_flight_));
+    current_->m->connected->set(ready(reason) ? 1 : 0);
+    current_->m->in_flight->set(static_cast<double>(in_flight_));
   });
-  for (const auto& q : cfg_.queues) {
+}
+
+// Binds a runtime to the per-queue channel state, which is kept by queue name
+// across reloads.
+std::shared_ptr<Session::Generation> Session::make_generation(std::unique_ptr<dispatch::Runtime> rt) {
+  auto g = std::make_shared<Generation>();
+  g->cfg = rt->config.get();
+  g->m = std::make_unique<SessionMetrics>(registry_, *rt);
+  for (const auto& q : g->cfg->queues) {
     std::vector<RetryStep> steps;
     for (auto d : q.retry_steps()) steps.push_back({d, amqp::retry_queue_name(q.name, d)});
-    retry_steps_.push_back(std::move(steps));
+    g->steps.push_back(std::move(steps));
+    QueueChannel* qc = nullptr;
+    for (auto& c : qch_)
+      if (c->name == q.name) qc = c.get();
+    if (!qc) {
+      qch_.push_back(std::make_unique<QueueChannel>());
+      qc = qch_.back().get();
+      qc->name = q.name;
+      qc->retry_timer = std::make_unique<asio::steady_timer>(io_);
+    }
+    g->channels.push_back(qc);
   }
-  qch_.resize(cfg_.queues.size());
-  for (auto& q : qch_) q.retry_timer = std::make_unique<asio::steady_timer>(io_);
+  g->rt = std::move(rt);
+  generations_.push_back(g);
+  return g;
 }
 
 Session::~Session() {
@@ -103,7 +123,7 @@ void Session::arm_dedupe_flush() {
 }
 
 bool Session::is_duplicate(const Delivery* d) {
-  const auto& q = cfg_.queues[d->queue];
+  const auto& q = d->g->cfg->queues[d->queue];
   if (!dedupe_ || q.dedupe_ttl.count() == 0 || d->envelope.event_id.empty()) return false;
   try {
     return dedupe_->seen(q.name, d->envelope.event_id);
@@ -116,7 +136,7 @@ bool Session::is_duplicate(const Delivery* d) {
 
 // Recorded before the ack: if the ack is lost, the redelivery is skipped.
 void Session::remember_success(const Delivery* d) {
-  const auto& q = cfg_.queues[d->queue];
+  const auto& q = d->g->cfg->queues[d->queue];
   if (!dedupe_ || q.dedupe_ttl.count() == 0 || d->envelope.event_id.empty()) return;
   try {
     dedupe_->record(q.name, d->envelope.event_id,
@@ -131,9 +151,9 @@ bool Session::ready(std::string& reason) const {
     reason = state_ == State::Draining ? "shutting down" : "not connected to the broker";
     return false;
   }
-  for (size_t i = 0; i < qch_.size(); ++i) {
-    if (qch_[i].channel == 0) {
-      reason = "not consuming queue '" + cfg_.queues[i].name + "'";
+  for (const auto* qc : current_->channels) {
+    if (qc->channel == 0) {
+      reason = "not consuming queue '" + qc->name + "'";
       return false;
     }
   }
@@ -143,6 +163,7 @@ bool Session::ready(std::string& reason) const {
 void Session::connect() {
   if (state_ == State::Draining || state_ == State::Stopped) return;
   state_ = State::Connecting;
+  const config::Config& cfg_ = cfg();
   const std::string& url = cfg_.broker.urls[url_index_ % cfg_.broker.urls.size()];
   const std::string masked = log::mask_url(url);
   try {
@@ -168,14 +189,19 @@ void Session::connect() {
     amqp::check_reply(amqp_get_rpc_reply(c), "enabling publisher confirms");
     confirms_.reset();
     blocked_ = false;
-    channel_queue_.assign(65536, -1);
+    channel_map_.assign(65536, nullptr);
     next_channel_ = kFirstConsumerChannel;
+    // Queues removed by a reload and still draining died with the old connection.
+    // (In-flight events still point at them until they settle.)
+    qch_.erase(std::remove_if(qch_.begin(), qch_.end(),
+                              [](const auto& q) { return q->removed && q->in_flight == 0; }),
+               qch_.end());
     for (auto& q : qch_) {
-      q.channel = 0;
-      q.backoff = milliseconds(0);
-      q.retry_timer->cancel();
+      q->channel = 0;
+      q->backoff = milliseconds(0);
+      q->retry_timer->cancel();
     }
-    for (size_t i = 0; i < cfg_.queues.size(); ++i) open_queue_channel(i);
+    for (auto* qc : current_->channels) open_queue_channel(*qc);
   } catch (const amqp::AmqpError& e) {
     conn_.reset();
     schedule_reconnect(e.what());
@@ -185,7 +211,7 @@ void Session::connect() {
   ++epoch_;
   if (connected_once_) {
     ++stats_.reconnects;
-    m_.reconnects->inc();
+    current_->m->reconnects->inc();
   }
   connected_once_ = true;
   backoff_ = milliseconds(0);
@@ -205,6 +231,7 @@ void Session::schedule_reconnect(const std::string& why) {
   }
   // Try each URL in turn; back off only after a whole round failed, so one
   // dead node of a cluster costs no waiting.
+  const config::Config& cfg_ = cfg();
   milliseconds wait{100};
   ++url_index_;
   if (url_index_ % cfg_.broker.urls.size() == 0) {
@@ -223,64 +250,131 @@ void Session::schedule_reconnect(const std::string& why) {
   });
 }
 
-// Opens a fresh channel for queue `qi`, re-declares what it needs when
-// recovering, sets prefetch and starts consuming. Throws amqp::AmqpError.
-bool Session::open_queue_channel(size_t qi) {
-  const auto& q = cfg_.queues[qi];
+// Opens a fresh channel for a queue of the current generation and starts
+// consuming. Throws amqp::AmqpError.
+void Session::open_queue_channel(QueueChannel& qc) {
+  const auto& q = cfg().queues[qc.index];
   amqp_connection_state_t c = conn_->get();
-  amqp_channel_t ch = next_channel_;
   if (next_channel_ == 65535) throw amqp::AmqpError("out of channel numbers; reconnecting");
-  ++next_channel_;
+  amqp_channel_t ch = next_channel_++;
   conn_->open_channel(ch);
   amqp_basic_qos(c, ch, 0, q.prefetch, 0);
   amqp::check_reply(amqp_get_rpc_reply(c), "setting prefetch on queue '" + q.name + "'");
   auto* ok = amqp_basic_consume(c, ch, amqp::bytes(q.name), amqp_empty_bytes, 0, /*no_ack*/ 0, 0, amqp_empty_table);
   amqp::check_reply(amqp_get_rpc_reply(c), "consuming queue '" + q.name + "'");
-  auto& qc = qch_[qi];
   qc.channel = ch;
   qc.consumer_tag = std::string(sv(ok->consumer_tag));
-  channel_queue_[ch] = static_cast<int>(qi);
+  channel_map_[ch] = &qc;
   log::info("consuming", {{"queue", q.name}, {"prefetch", std::to_string(q.prefetch)},
                           {"channel", std::to_string(ch)}});
-  return true;
 }
 
 // The broker closed one queue's channel or cancelled its consumer: results
 // for its deliveries are stale now (the broker redelivers them). The other
 // queues keep flowing while this one is recovered with backoff.
-void Session::queue_channel_lost(size_t qi, const std::string& why) {
-  auto& qc = qch_[qi];
-  if (qc.channel != 0) channel_queue_[qc.channel] = -1;
+void Session::queue_channel_lost(QueueChannel& qc, const std::string& why) {
+  if (qc.channel != 0) channel_map_[qc.channel] = nullptr;
   qc.channel = 0;
   ++qc.gen;
-  drop_waiting(qi);
-  if (state_ != State::Running) return;
-  qc.backoff = next_backoff(qc.backoff, cfg_.broker.reconnect_initial, cfg_.broker.reconnect_max);
+  drop_waiting(qc);
+  if (state_ != State::Running || qc.removed) return;
+  const auto& b = cfg().broker;
+  qc.backoff = next_backoff(qc.backoff, b.reconnect_initial, b.reconnect_max);
   log::error("queue channel lost, recovering",
-             {{"queue", cfg_.queues[qi].name}, {"reason", why}, {"retry_in_ms", std::to_string(qc.backoff.count())}});
+             {{"queue", qc.name}, {"reason", why}, {"retry_in_ms", std::to_string(qc.backoff.count())}});
   uint64_t epoch = epoch_;
+  QueueChannel* p = &qc;
   qc.retry_timer->expires_after(qc.backoff);
-  qc.retry_timer->async_wait([this, qi, epoch](boost::system::error_code ec) {
-    if (ec || epoch != epoch_ || !conn_ || state_ != State::Running) return;
-    reopen_queue(qi);
+  qc.retry_timer->async_wait([this, p, epoch](boost::system::error_code ec) {
+    if (ec || epoch != epoch_ || !conn_ || state_ != State::Running || p->removed) return;
+    reopen_queue(*p);
   });
 }
 
-void Session::reopen_queue(size_t qi) {
-  const auto& q = cfg_.queues[qi];
+void Session::reopen_queue(QueueChannel& qc) {
   const uint64_t epoch = epoch_;
   try {
     // Declare on the publish channel: if the broker refuses, it closes that
     // channel, which is handled as a lost connection (and retried).
-    amqp::declare_queue(*conn_, kPublishChannel, cfg_, q);
-    open_queue_channel(qi);
-    qch_[qi].backoff = milliseconds(0);
+    amqp::declare_queue(*conn_, kPublishChannel, cfg(), cfg().queues[qc.index]);
+    open_queue_channel(qc);
+    qc.backoff = milliseconds(0);
   } catch (const amqp::AmqpError& e) {
     if (epoch != epoch_ || !conn_) return;
     connection_lost(e.what());
     return;
   }
   if (epoch == epoch_ && conn_) pump();
+}
+
+// A queue a reload removed: once its last in-flight event is settled, close
+// its channel (what it still had prefetched goes back to the queue).
+void Session::close_removed(QueueChannel& qc) {
+  if (!qc.removed || qc.in_flight != 0 || qc.channel == 0) return;
+  if (conn_) {
+    channel_map_[qc.channel] = nullptr;
+    amqp_channel_close(conn_->get(), qc.channel, AMQP_REPLY_SUCCESS);
+  }
+  qc.channel = 0;
+  ++qc.gen;
+  log::info("stopped consuming a queue removed from the config", {{"queue", qc.name}});
+}
+
+void Session::reload(std::unique_ptr<dispatch::Runtime> runtime, dedupe::Store* dedupe) {
+  auto g = make_generation(std::move(runtime));
+  const config::Config& next = *g->cfg;
+  const config::Config& prev = cfg();
+  if (conn_ && state_ == State::Running) {
+    // Declare first: if the broker refuses the new topology, nothing changed.
+    amqp::declare_topology(*conn_, kPublishChannel, next);
+    for (size_t i = 0; i < next.queues.size(); ++i) {
+      const auto& nq = next.queues[i];
+      for (const auto& oq : prev.queues) {
+        if (oq.name != nq.name) continue;
+        for (const auto& key : oq.bindings) {
+          bool still = std::find(nq.bindings.begin(), nq.bindings.end(), key) != nq.bindings.end() &&
+                       prev.exchange.name == next.exchange.name;
+          if (still) continue;
+          amqp_queue_unbind(conn_->get(), kPublishChannel, amqp::bytes(oq.name), amqp::bytes(prev.exchange.name),
+                            amqp::bytes(key), amqp_empty_table);
+          amqp::check_reply(amqp_get_rpc_reply(conn_->get()), "unbinding queue '" + oq.name + "' key '" + key + "'");
+        }
+        QueueChannel* qc = g->channels[i];
+        if (qc->channel != 0 && oq.prefetch != nq.prefetch) {
+          amqp_basic_qos(conn_->get(), qc->channel, 0, nq.prefetch, 0);
+          amqp::check_reply(amqp_get_rpc_reply(conn_->get()), "setting prefetch on queue '" + nq.name + "'");
+        }
+      }
+    }
+  }
+  if (prev.broker.urls != next.broker.urls) log::warn("broker URLs changed; they apply at the next reconnect");
+  // Switch. Queues that are gone stop being consumed; their queues stay.
+  for (auto& qc : qch_) {
+    bool kept = std::find(g->channels.begin(), g->channels.end(), qc.get()) != g->channels.end();
+    if (kept || qc->removed) continue;
+    qc->removed = true;
+    qc->retry_timer->cancel();
+    if (conn_ && qc->channel != 0) {
+      amqp_basic_cancel_t req{};
+      req.consumer_tag = amqp::bytes(qc->consumer_tag);
+      amqp_send_method(conn_->get(), qc->channel, AMQP_BASIC_CANCEL_METHOD, &req);
+    }
+  }
+  for (size_t i = 0; i < g->channels.size(); ++i) {
+    g->channels[i]->index = i;
+    g->channels[i]->removed = false;
+  }
+  current_ = std::move(g);
+  bool had_dedupe = dedupe_ != nullptr;
+  dedupe_ = dedupe;
+  if (dedupe_ && !had_dedupe && state_ != State::Stopped) arm_dedupe_flush();
+  if (conn_ && state_ == State::Running) {
+    for (auto* qc : current_->channels)
+      if (qc->channel == 0) open_queue_channel(*qc);  // a new queue
+  }
+  for (auto& qc : qch_) close_removed(*qc);
+  log::info("reloaded", {{"queues", std::to_string(current_->cfg->queues.size())}});
+  if (conn_) pump();
 }
 
 void Session::arm_socket() {
@@ -296,6 +390,7 @@ void Session::arm_socket() {
 }
 
 void Session::arm_heartbeat() {
+  const config::Config& cfg_ = cfg();
   if (cfg_.broker.heartbeat.count() == 0) return;
   // rabbitmq-c sends heartbeats and detects a silent peer only inside its
   // wait calls, so turn the crank at least twice per interval when idle.
@@ -345,7 +440,7 @@ void Session::pump() {
 void Session::on_frame(const amqp_frame_t& frame) {
   if (frame.frame_type != AMQP_FRAME_METHOD) return;  // content of a message on a channel we closed
   amqp_connection_state_t c = conn_->get();
-  const int qi = channel_queue_.empty() ? -1 : channel_queue_[frame.channel];
+  QueueChannel* qc = channel_map_.empty() ? nullptr : channel_map_[frame.channel];
   switch (frame.payload.method.id) {
     case AMQP_BASIC_ACK_METHOD: {
       auto* m = static_cast<amqp_basic_ack_t*>(frame.payload.method.decoded);
@@ -362,10 +457,11 @@ void Session::on_frame(const amqp_frame_t& frame) {
     case AMQP_BASIC_CANCEL_METHOD: {
       // The broker cancelled a consumer (its queue was deleted, or its node
       // went down). Close that channel and consume again on a fresh one.
-      if (qi < 0) break;
+      if (!qc) break;
       auto ch = frame.channel;
+      if (qc->removed) break;  // our own cancel after a reload
       std::string why = "the broker cancelled the consumer (queue deleted?)";
-      queue_channel_lost(static_cast<size_t>(qi), why);
+      queue_channel_lost(*qc, why);
       amqp_channel_close(c, ch, AMQP_REPLY_SUCCESS);  // sync; other frames are queued meanwhile
       break;
     }
@@ -378,8 +474,8 @@ void Session::on_frame(const amqp_frame_t& frame) {
                         std::string(sv(m->reply_text));
       amqp_channel_close_ok_t ok{};
       amqp_send_method(c, frame.channel, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
-      if (qi >= 0) {
-        queue_channel_lost(static_cast<size_t>(qi), why);
+      if (qc) {
+        queue_channel_lost(*qc, why);
       } else {
         connection_lost(why);  // the publish channel: start over cleanly
       }
@@ -430,7 +526,7 @@ void Session::on_return(const amqp_frame_t& frame) {
              {{"target", target}, {"reply", sv(m->reply_text)}});
   const uint64_t epoch = epoch_;
   try {
-    amqp::declare_topology(*conn_, kPublishChannel, cfg_);
+    amqp::declare_topology(*conn_, kPublishChannel, cfg());
   } catch (const amqp::AmqpError& e) {
     if (epoch == epoch_ && conn_) connection_lost(e.what());
   }
@@ -447,31 +543,47 @@ Delivery* Session::acquire() {
   return d;
 }
 
+template <class F>
+void Session::for_each_generation(F&& f) {
+  generations_.erase(std::remove_if(generations_.begin(), generations_.end(),
+                                    [](const auto& w) { return w.expired(); }),
+                     generations_.end());
+  for (auto& w : generations_) {
+    if (auto g = w.lock()) f(*g);
+  }
+}
+
 void Session::release(Delivery* d) {
   if (d->has_env) amqp_destroy_envelope(&d->env);
   d->has_env = false;
   d->slot = nullptr;
   d->returned = false;
+  QueueChannel* qc = d->qc;
+  d->qc = nullptr;
+  d->g.reset();  // the last event of an old generation unloads its handlers
   --in_flight_;
+  --qc->in_flight;
   pool_.emplace_back(d);
+  close_removed(*qc);
   maybe_finish_stop();
 }
 
 bool Session::live(const Delivery* d) const {
-  return conn_ && d->epoch == epoch_ && d->gen == qch_[d->queue].gen && qch_[d->queue].channel == d->channel;
+  return conn_ && d->epoch == epoch_ && d->gen == d->qc->gen && d->qc->channel == d->channel;
 }
 
 void Session::on_delivery(amqp_envelope_t& env) {
-  const int qi_signed = channel_queue_[env.channel];
-  if (state_ != State::Running || qi_signed < 0) {
+  QueueChannel* qc = channel_map_[env.channel];
+  if (state_ != State::Running || !qc || qc->removed) {
     // Draining, or a channel we closed: leave it unacked; the channel's close
     // hands it back to the broker.
     amqp_destroy_envelope(&env);
     return;
   }
-  const size_t qi = static_cast<size_t>(qi_signed);
+  const size_t qi = qc->index;
+  Generation& g = *current_;
   ++stats_.received;
-  auto& qm = m_.queue(qi);
+  auto& qm = g.m->queue(qi);
   qm.received->inc();
   if (env.redelivered) qm.redelivered->inc();
   Delivery* d = acquire();
@@ -479,11 +591,14 @@ void Session::on_delivery(amqp_envelope_t& env) {
   d->env = env;
   d->has_env = true;
   d->epoch = epoch_;
-  d->gen = qch_[qi].gen;
+  d->gen = qc->gen;
+  d->qc = qc;
+  ++qc->in_flight;
+  d->g = current_;
   d->channel = env.channel;
   d->queue = qi;
   d->slot = nullptr;
-  const auto& qcfg = cfg_.queues[qi];
+  const auto& qcfg = g.cfg->queues[qi];
   const auto& body = d->env.message.body;
   // A retry copy comes back through the default exchange: its headers say
   // which attempt it is and where it was first published.
@@ -512,8 +627,8 @@ void Session::on_delivery(amqp_envelope_t& env) {
     dead_letter(d, event::reason_code(status), detail_, {});
     return;
   }
-  if (rt_->schemas &&
-      !rt_->schemas->validate(static_cast<const char*>(body.bytes), body.len, d->envelope.event_type, detail_)) {
+  if (g.rt->schemas &&
+      !g.rt->schemas->validate(static_cast<const char*>(body.bytes), body.len, d->envelope.event_type, detail_)) {
     dead_letter(d, "schema_violation", detail_, {});
     return;
   }
@@ -524,7 +639,7 @@ void Session::on_delivery(amqp_envelope_t& env) {
     ack(d);
     return;
   }
-  dispatch::HandlerSlot* slot = rt_->queues[qi].route(d->envelope.event_type);
+  dispatch::HandlerSlot* slot = g.rt->queues[qi].route(d->envelope.event_type);
   if (!slot) {
     if (qcfg.unhandled == config::Unhandled::Ack) {
       log::info("unhandled event acked (unhandled: ack)",
@@ -568,7 +683,8 @@ void Session::on_finished(Delivery* d, dispatch::Outcome outcome) {
   dispatch::HandlerSlot* slot = d->slot;
   --slot->active;
   const std::string& handler = slot->handler->name();
-  auto& sm = m_.queue(d->queue).slots[static_cast<size_t>(slot - rt_->queues[d->queue].slots().data())];
+  Generation& g = *d->g;
+  auto& sm = g.m->queue(d->queue).slots[static_cast<size_t>(slot - g.rt->queues[d->queue].slots().data())];
   const auto elapsed = steady_clock::now() - d->started;
   sm.duration->observe(std::chrono::duration<double>(elapsed).count());
   (outcome.verdict == dispatch::Verdict::Ack     ? sm.ack
@@ -615,7 +731,7 @@ void Session::ack(Delivery* d) {
 // a pause so that a copy the broker keeps refusing (a full DLQ with
 // reject-publish, say) does not become a hot redelivery loop.
 void Session::hand_back_later(Delivery* d, const char* why) {
-  log::error(why, {{"queue", cfg_.queues[d->queue].name}, {"event_id", d->envelope.event_id},
+  log::error(why, {{"queue", d->qc->name}, {"event_id", d->envelope.event_id},
                    {"retry_in_ms", std::to_string(milliseconds(kHandBackPause).count())}});
   auto timer = std::make_shared<asio::steady_timer>(io_, kHandBackPause);
   timer->async_wait([this, d, timer](boost::system::error_code) {
@@ -625,7 +741,7 @@ void Session::hand_back_later(Delivery* d, const char* why) {
 }
 
 void Session::dead_letter(Delivery* d, std::string_view reason, std::string_view detail, std::string_view handler) {
-  const auto& qcfg = cfg_.queues[d->queue];
+  const auto& qcfg = d->g->cfg->queues[d->queue];
   settle::DeadLetterInfo info;
   info.reason = reason;
   info.detail = detail;
@@ -635,7 +751,7 @@ void Session::dead_letter(Delivery* d, std::string_view reason, std::string_view
   info.routing_key = d->view_.routing_key;
   info.attempts = d->view_.attempt;
   ++stats_.dead_lettered;
-  m_.dead_letters(qcfg.name, reason).inc();
+  d->g->m->dead_letters(qcfg.name, reason).inc();
   log::warn("dead-lettering",
             {{"queue", qcfg.name}, {"event_type", d->envelope.event_type}, {"event_id", d->envelope.event_id},
              {"handler", handler}, {"reason", reason}, {"detail", detail}, {"dlq", qcfg.dead_letter_queue}});
@@ -646,10 +762,10 @@ void Session::dead_letter(Delivery* d, std::string_view reason, std::string_view
 
 void Session::retry(Delivery* d, const dispatch::Outcome& outcome, const std::string& handler,
                     const config::RetryConfig& policy) {
-  const auto& qcfg = cfg_.queues[d->queue];
+  const auto& qcfg = d->g->cfg->queues[d->queue];
   const std::string reason = outcome.reason.empty() ? "handler_failed" : outcome.reason;
   const uint32_t attempt = d->view_.attempt;
-  const auto& steps = retry_steps_[d->queue];
+  const auto& steps = d->g->steps[d->queue];
   if (attempt >= policy.max_attempts || steps.empty()) {
     dead_letter(d, "max_attempts",
                 "gave up after " + std::to_string(attempt) + " attempt" + (attempt == 1 ? "" : "s") +
@@ -681,7 +797,7 @@ void Session::retry(Delivery* d, const dispatch::Outcome& outcome, const std::st
   info.routing_key = d->view_.routing_key;
   info.attempts = attempt;
   ++stats_.retried;
-  m_.retries(qcfg.name, reason).inc();
+  d->g->m->retries(qcfg.name, reason).inc();
   log::warn("retrying later",
             {{"queue", qcfg.name}, {"event_type", d->envelope.event_type}, {"event_id", d->envelope.event_id},
              {"handler", handler}, {"attempt", std::to_string(attempt)},
@@ -717,8 +833,9 @@ void Session::publish_copy(Delivery* d, const std::string& routing_key, std::uni
 void Session::on_confirm(uint64_t tag, bool multiple, bool acked) {
   const auto now = steady_clock::now();
   confirms_.confirm(tag, multiple, acked, [this, now](Delivery* d, bool ok) {
-    m_.confirm_latency->observe(std::chrono::duration<double>(now - d->published).count());
-    (!ok ? m_.confirms_nack : d->returned ? m_.confirms_returned : m_.confirms_ack)->inc();
+    auto& m = *current_->m;
+    m.confirm_latency->observe(std::chrono::duration<double>(now - d->published).count());
+    (!ok ? m.confirms_nack : d->returned ? m.confirms_returned : m.confirms_ack)->inc();
     if (!live(d)) {
       release(d);
     } else if (ok && !d->returned) {
@@ -742,15 +859,15 @@ void Session::connection_lost(const std::string& why) {
   heartbeat_timer_.cancel();
   conn_.reset();
   for (auto& q : qch_) {
-    q.channel = 0;
-    ++q.gen;
-    q.retry_timer->cancel();
+    q->channel = 0;
+    ++q->gen;
+    q->retry_timer->cancel();
   }
   confirms_.fail_all([this](Delivery* d, bool) { release(d); });
   auto held = std::move(blocked_publishes_);
   blocked_publishes_.clear();
   for (auto& p : held) release(p.d);
-  for (size_t i = 0; i < qch_.size(); ++i) drop_waiting(i);
+  for (auto& qc : qch_) drop_waiting(*qc);
   if (state_ == State::Draining) {
     // Nothing can be acked any more; what is unacked is redelivered.
     maybe_finish_stop();
@@ -759,40 +876,49 @@ void Session::connection_lost(const std::string& why) {
   schedule_reconnect(why);
 }
 
-void Session::drop_waiting(size_t qi) {
-  for (auto& slot : rt_->queues[qi].slots()) {
-    auto waiting = std::move(slot.waiting);
-    slot.waiting.clear();
-    for (auto* j : waiting) release(static_cast<Delivery*>(j));
-  }
+// Events of this queue still waiting for a handler slot, in every generation
+// that is alive: they have not started, so they are simply not acked.
+void Session::drop_waiting(const QueueChannel& qc) {
+  for_each_generation([&](Generation& g) {
+    for (size_t i = 0; i < g.channels.size(); ++i) {
+      if (g.channels[i] != &qc) continue;
+      for (auto& slot : g.rt->queues[i].slots()) {
+        auto waiting = std::move(slot.waiting);
+        slot.waiting.clear();
+        for (auto* j : waiting) release(static_cast<Delivery*>(j));
+      }
+    }
+  });
 }
 
 void Session::stop() {
   if (state_ == State::Draining || state_ == State::Stopped) return;
   log::info("stopping", {{"in_flight", std::to_string(in_flight_)},
-                         {"shutdown_timeout_ms", std::to_string(cfg_.shutdown_timeout.count())}});
+                         {"shutdown_timeout_ms", std::to_string(cfg().shutdown_timeout.count())}});
   reconnect_timer_.cancel();
   state_ = State::Draining;
   if (conn_) {
     for (auto& qc : qch_) {
-      qc.retry_timer->cancel();
-      if (qc.channel == 0) continue;
+      qc->retry_timer->cancel();
+      if (qc->channel == 0 || qc->removed) continue;
       amqp_basic_cancel_t req{};
-      req.consumer_tag = amqp::bytes(qc.consumer_tag);
+      req.consumer_tag = amqp::bytes(qc->consumer_tag);
       req.nowait = 0;
-      amqp_send_method(conn_->get(), qc.channel, AMQP_BASIC_CANCEL_METHOD, &req);
+      amqp_send_method(conn_->get(), qc->channel, AMQP_BASIC_CANCEL_METHOD, &req);
     }
   }
   // Events waiting for a handler slot have not started: hand them back.
-  for (size_t i = 0; i < qch_.size(); ++i) drop_waiting(i);
-  deadline_timer_.expires_after(cfg_.shutdown_timeout);
+  for (auto& qc : qch_) drop_waiting(*qc);
+  deadline_timer_.expires_after(cfg().shutdown_timeout);
   deadline_timer_.async_wait([this](boost::system::error_code ec) {
     if (ec || state_ == State::Stopped) return;
     log::warn("shutdown_timeout passed; abandoning in-flight events, the broker will redeliver them",
               {{"in_flight", std::to_string(in_flight_)}});
     aborted_ = true;
-    for (auto& q : rt_->queues)
-      for (auto& slot : q.slots()) slot.handler->abort_all();
+    for_each_generation([](Generation& g) {
+      for (auto& q : g.rt->queues)
+        for (auto& slot : q.slots()) slot.handler->abort_all();
+    });
     finish_stop();
   });
   maybe_finish_stop();
@@ -816,7 +942,7 @@ void Session::finish_stop() {
   heartbeat_timer_.cancel();
   reconnect_timer_.cancel();
   deadline_timer_.cancel();
-  for (auto& q : qch_) q.retry_timer->cancel();
+  for (auto& q : qch_) q->retry_timer->cancel();
   if (socket_) {
     socket_->release();
     socket_.reset();

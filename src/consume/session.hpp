@@ -31,6 +31,14 @@ class Session {
   // `dedupe` may be null (no queue has `dedupe:`); it must outlive the session.
   Session(boost::asio::io_context& io, std::unique_ptr<dispatch::Runtime> runtime, metrics::Registry& registry,
           dedupe::Store* dedupe = nullptr);
+
+  // Switches to a new runtime (SIGHUP), built and validated by the caller.
+  // New events go to the new handlers; in-flight ones finish on their old
+  // handler and are settled on their channel. New queues are declared and
+  // consumed; removed ones stop being consumed (not deleted). Broker URL
+  // changes apply at the next reconnect. Throws amqp::AmqpError only if
+  // declaring the new topology failed (the old one keeps running).
+  void reload(std::unique_ptr<dispatch::Runtime> runtime, dedupe::Store* dedupe);
   ~Session();
   Session(const Session&) = delete;
   Session& operator=(const Session&) = delete;
@@ -71,12 +79,34 @@ class Session {
   // One queue's consuming channel. Channel numbers are never reused within a
   // connection, so frames of a closed incarnation cannot be mistaken for new ones.
   struct QueueChannel {
+    std::string name;
+    size_t index = 0;            // in the current generation's queues
+    bool removed = false;        // gone from the config: draining, then closed
     amqp_channel_t channel = 0;  // 0 = not consuming
     uint64_t gen = 0;            // bumps whenever the channel goes away
+    size_t in_flight = 0;
     std::string consumer_tag;
     std::chrono::milliseconds backoff{0};
     std::unique_ptr<boost::asio::steady_timer> retry_timer;
   };
+
+  struct RetryStep {
+    config::Duration delay;
+    std::string queue;  // its delay queue
+  };
+
+  // Everything built from one config. Deliveries hold a reference, so a
+  // reload never pulls a handler or a config value from under them.
+  struct Generation {
+    std::unique_ptr<dispatch::Runtime> rt;
+    const config::Config* cfg = nullptr;
+    std::unique_ptr<SessionMetrics> m;
+    std::vector<std::vector<RetryStep>> steps;  // per queue, ascending
+    std::vector<QueueChannel*> channels;        // per queue
+  };
+  std::shared_ptr<Generation> make_generation(std::unique_ptr<dispatch::Runtime> rt);
+  template <class F>
+  void for_each_generation(F&& f);
 
   // A copy waiting for the broker to unblock publishing.
   struct BlockedPublish {
@@ -87,9 +117,11 @@ class Session {
 
   void connect();
   void schedule_reconnect(const std::string& why);
-  bool open_queue_channel(size_t qi);  // throws amqp::AmqpError
-  void queue_channel_lost(size_t qi, const std::string& why);
-  void reopen_queue(size_t qi);
+  void open_queue_channel(QueueChannel& qc);  // throws amqp::AmqpError
+  void queue_channel_lost(QueueChannel& qc, const std::string& why);
+  void reopen_queue(QueueChannel& qc);
+  void close_removed(QueueChannel& qc);
+  const config::Config& cfg() const { return *current_->cfg; }
   void arm_dedupe_flush();
   bool is_duplicate(const Delivery* d);
   void remember_success(const Delivery* d);
@@ -112,15 +144,16 @@ class Session {
   void on_confirm(uint64_t tag, bool multiple, bool acked);
   void on_return(const amqp_frame_t& frame);
   void connection_lost(const std::string& why);
-  void drop_waiting(size_t qi);
+  void drop_waiting(const QueueChannel& qc);
   void maybe_finish_stop();
   void finish_stop();
   Delivery* acquire();
   void release(Delivery* d);
 
   boost::asio::io_context& io_;
-  std::unique_ptr<dispatch::Runtime> rt_;
-  const config::Config& cfg_;
+  metrics::Registry& registry_;
+  std::shared_ptr<Generation> current_;
+  std::vector<std::weak_ptr<Generation>> generations_;  // current and those in-flight events still use
   State state_ = State::Idle;
 
   std::optional<amqp::Connection> conn_;
@@ -129,8 +162,8 @@ class Session {
   uint64_t epoch_ = 0;  // bumps per connection; results of older ones are stale
   size_t url_index_ = 0;
   std::string node_;    // masked URL of the node we are connected to
-  std::vector<QueueChannel> qch_;
-  std::vector<int> channel_queue_;  // channel number -> queue index, -1 = none
+  std::vector<std::unique_ptr<QueueChannel>> qch_;  // by queue name, across reloads
+  std::vector<QueueChannel*> channel_map_;          // channel number -> its queue, null = none
   amqp_channel_t next_channel_ = 2;
   bool blocked_ = false;             // connection.blocked: hold publishes
   std::deque<BlockedPublish> blocked_publishes_;
@@ -139,12 +172,6 @@ class Session {
   size_t in_flight_ = 0;
   std::vector<std::unique_ptr<Delivery>> pool_;  // recycled Delivery objects
   std::string detail_;                           // scratch for decode errors
-
-  struct RetryStep {
-    config::Duration delay;
-    std::string queue;  // its delay queue
-  };
-  std::vector<std::vector<RetryStep>> retry_steps_;  // per queue, ascending
 
   boost::asio::steady_timer heartbeat_timer_;
   boost::asio::steady_timer reconnect_timer_;
@@ -158,7 +185,6 @@ class Session {
   bool aborted_ = false;
   Stats stats_;
   bool connected_once_ = false;
-  SessionMetrics m_;
   dedupe::Store* dedupe_ = nullptr;
   boost::asio::steady_timer dedupe_timer_;
   unsigned dedupe_ticks_ = 0;

@@ -118,12 +118,43 @@ int run(const Options& opts) {
     });
   };
 
+  // Like nginx's SIGHUP: the new config is parsed, validated and its plugins
+  // loaded by the same build_runtime() as at startup, before anything
+  // changes; a reload that fails keeps the running config.
+  auto reload = [&] {
+    notifier.send("RELOADING=1\nSTATUS=reloading " + opts.config_path);
+    log::info("reloading", {{"config", opts.config_path}});
+    try {
+      auto next = std::make_shared<const config::Config>(config::load_config(opts.config_path));
+      auto next_rt = dispatch::build_runtime(next, io, pool);
+      for (const auto& w : dispatch::plan_warnings(*next)) log::warn(w);
+      bool wants_dedupe = std::any_of(next->queues.begin(), next->queues.end(),
+                                      [](const auto& q) { return q.dedupe_ttl.count() > 0; });
+      std::unique_ptr<dedupe::Store> fresh;
+      if (wants_dedupe && (!dedupe || next->state_dir != cfg->state_dir))
+        fresh = std::make_unique<dedupe::Store>(next->state_dir);
+      if (next->http_listen != cfg->http_listen)
+        log::warn("http.listen changed; it applies at the next restart");
+      session.reload(std::move(next_rt), fresh ? fresh.get() : wants_dedupe ? dedupe.get() : nullptr);
+      if (fresh) {
+        if (dedupe) dedupe->flush(true);
+        dedupe = std::move(fresh);  // the session no longer uses the old one
+      }
+      cfg = next;
+      log::set_level(cfg->log.level);
+      log::set_format(cfg->log.format);
+    } catch (const std::exception& e) {
+      log::error("reload failed; keeping the running config", {{"error", e.what()}});
+    }
+    notifier.send("READY=1\n" + status_line());
+  };
+
   std::function<void()> wait_signal;
   wait_signal = [&] {
     signals.async_wait([&](boost::system::error_code ec, int sig) {
       if (ec) return;
       if (sig == SIGHUP) {
-        log::warn("SIGHUP ignored: configuration reload is not available in this version; restart to apply changes");
+        if (!stopping) reload();
         wait_signal();
         return;
       }
