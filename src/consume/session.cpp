@@ -62,6 +62,7 @@ Session::Session(asio::io_context& io, std::unique_ptr<dispatch::Runtime> runtim
       dedupe_(dedupe),
       dedupe_timer_(io) {
   current_ = make_generation(std::move(runtime));
+  for (size_t i = 0; i < current_->channels.size(); ++i) current_->channels[i]->index = i;
   registry.add_collector([this] {
     std::string reason;
     current_->m->connected->set(ready(reason) ? 1 : 0);
