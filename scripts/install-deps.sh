@@ -11,8 +11,9 @@ packages=(
   build-essential cmake pkg-config
   librabbitmq-dev libboost-dev rapidjson-dev libyaml-cpp-dev catch2 libsqlite3-dev
   rabbitmq-server amqp-tools
-  python3 python3-aio-pika
+  python3 python3-aio-pika python3-prometheus-client
   clang libclang-rt-14-dev
+  buildah debootstrap python3-yaml   # tests/container
 )
 # This machine may have Node from elsewhere: only ask apt for it when missing.
 if ! command -v node >/dev/null 2>&1; then packages+=(nodejs); fi

@@ -42,10 +42,19 @@ int run(const Options& opts) {
   try {
     rt = dispatch::build_runtime(cfg, io, pool);
   } catch (const std::exception& e) {
-    std::cerr << cfg->path << ": " << e.what() << "\n";
+    // --check talks to a person; the daemon to its log collector.
+    if (opts.check)
+      std::cerr << cfg->path << ": " << e.what() << "\n";
+    else
+      log::error("cannot start", {{"config", cfg->path}, {"error", e.what()}});
     return 1;
   }
-  for (const auto& w : dispatch::plan_warnings(*cfg)) std::cerr << cfg->path << ": warning: " << w << "\n";
+  for (const auto& w : dispatch::plan_warnings(*cfg)) {
+    if (opts.check)
+      std::cerr << cfg->path << ": warning: " << w << "\n";
+    else
+      log::warn(w, {{"config", cfg->path}});
+  }
   if (opts.check) {
     dispatch::print_plan(*rt, std::cout);
     return 0;

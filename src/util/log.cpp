@@ -13,10 +13,37 @@ namespace {
 std::atomic<int> g_level{static_cast<int>(Level::Info)};
 std::atomic<bool> g_json{false};
 
+// Length of the valid UTF-8 sequence starting at p, or 0 if it is not one.
+size_t utf8_sequence(const unsigned char* p, size_t left) {
+  unsigned char c = p[0];
+  size_t n = c < 0xC2 ? 0 : c < 0xE0 ? 2 : c < 0xF0 ? 3 : c < 0xF5 ? 4 : 0;
+  if (n == 0 || n > left) return 0;
+  for (size_t i = 1; i < n; ++i)
+    if ((p[i] & 0xC0) != 0x80) return 0;
+  if (c == 0xE0 && p[1] < 0xA0) return 0;  // overlong
+  if (c == 0xED && p[1] > 0x9F) return 0;  // surrogates
+  if (c == 0xF0 && p[1] < 0x90) return 0;  // overlong
+  if (c == 0xF4 && p[1] > 0x8F) return 0;  // above U+10FFFF
+  return n;
+}
+
+// JSON must be valid UTF-8: handler output may not be, so bad bytes become U+FFFD.
 void append_json_string(std::string& out, std::string_view v) {
   out.push_back('"');
-  for (char ch : v) {
+  const auto* bytes = reinterpret_cast<const unsigned char*>(v.data());
+  for (size_t i = 0; i < v.size(); ++i) {
+    char ch = v[i];
     auto c = static_cast<unsigned char>(ch);
+    if (c >= 0x80) {
+      size_t n = utf8_sequence(bytes + i, v.size() - i);
+      if (n == 0) {
+        out += "\xEF\xBF\xBD";
+      } else {
+        out.append(v.data() + i, n);
+        i += n - 1;
+      }
+      continue;
+    }
     switch (ch) {
       case '"': out += "\\\""; break;
       case '\\': out += "\\\\"; break;
