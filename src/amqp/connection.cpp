@@ -159,7 +159,10 @@ Connection Connection::open(const ConnectOptions& opts) {
     if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION && r.library_error == AMQP_STATUS_CONNECTION_CLOSED)
       throw AmqpError("login to " + masked + " refused: wrong user or password, or no access to vhost '" +
                       std::string(info.vhost) + "'");
-    throw AmqpError(describe_reply(r, "logging in to " + masked));
+    std::string msg = describe_reply(r, "logging in to " + masked);
+    if (info.ssl && r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION && r.library_error == AMQP_STATUS_SSL_ERROR)
+      msg += " (the broker may require a client certificate: set broker.tls.cert_file and key_file)";
+    throw AmqpError(msg);
   }
 
   const amqp_table_t* props = amqp_get_server_properties(c.conn_.get());
