@@ -6,12 +6,14 @@
 
 #include "daemon/daemon.hpp"
 #include "dlq/dlq.hpp"
+#include "publish/publish.hpp"
 
 namespace {
 const char* kUsage =
     "usage: event-router [--config FILE] [--check] [--version] [--help]\n"
     "       event-router dlq list|replay --queue Q [options]   (see: event-router dlq --help)\n"
     "       event-router health [--ready] [--config FILE]      ask the daemon's HTTP endpoint\n"
+    "       event-router publish [--routing-key K] [--file F]  publish events (see: event-router publish --help)\n"
     "\n"
     "Consumes events from RabbitMQ and dispatches them to plugin and exec handlers.\n"
     "\n"
@@ -25,6 +27,7 @@ const char* kUsage =
 
 int main(int argc, char** argv) {
   if (argc > 1 && std::strcmp(argv[1], "dlq") == 0) return er::dlq::main(argc - 1, argv + 1);
+  if (argc > 1 && std::strcmp(argv[1], "publish") == 0) return er::publish::main(argc - 1, argv + 1);
   er::daemon::Options opts;
   const char* env = std::getenv("EVENT_ROUTER_CONFIG");
   opts.config_path = env && *env ? env : "/etc/event-router/router.yaml";

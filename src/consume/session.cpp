@@ -264,6 +264,7 @@ void Session::open_queue_channel(QueueChannel& qc) {
   auto* ok = amqp_basic_consume(c, ch, amqp::bytes(q.name), amqp_empty_bytes, 0, /*no_ack*/ 0, 0, amqp_empty_table);
   amqp::check_reply(amqp_get_rpc_reply(c), "consuming queue '" + q.name + "'");
   qc.channel = ch;
+  qc.consuming = true;
   qc.consumer_tag = std::string(sv(ok->consumer_tag));
   channel_map_[ch] = &qc;
   log::info("consuming", {{"queue", q.name}, {"prefetch", std::to_string(q.prefetch)},
@@ -276,6 +277,7 @@ void Session::open_queue_channel(QueueChannel& qc) {
 void Session::queue_channel_lost(QueueChannel& qc, const std::string& why) {
   if (qc.channel != 0) channel_map_[qc.channel] = nullptr;
   qc.channel = 0;
+  qc.consuming = false;
   ++qc.gen;
   drop_waiting(qc);
   if (state_ != State::Running || qc.removed) return;
@@ -317,6 +319,7 @@ void Session::close_removed(QueueChannel& qc) {
     amqp_channel_close(conn_->get(), qc.channel, AMQP_REPLY_SUCCESS);
   }
   qc.channel = 0;
+  qc.consuming = false;
   ++qc.gen;
   log::info("stopped consuming a queue removed from the config", {{"queue", qc.name}});
 }
@@ -326,8 +329,26 @@ void Session::reload(std::unique_ptr<dispatch::Runtime> runtime, dedupe::Store* 
   const config::Config& next = *g->cfg;
   const config::Config& prev = cfg();
   if (conn_ && state_ == State::Running) {
-    // Declare first: if the broker refuses the new topology, nothing changed.
-    amqp::declare_topology(*conn_, kPublishChannel, next);
+    // Declare first, on a channel of its own: if the broker refuses the new
+    // topology it closes that channel, and nothing else has changed.
+    amqp_channel_t tmp = next_channel_++;
+    conn_->open_channel(tmp);
+    try {
+      declare_changes(tmp, prev, next, *g);
+    } catch (const amqp::AmqpError&) {
+      amqp_channel_close_ok_t ok{};
+      amqp_send_method(conn_->get(), tmp, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+      throw;
+    }
+    amqp_channel_close(conn_->get(), tmp, AMQP_REPLY_SUCCESS);
+  }
+  finish_reload(std::move(g), prev, dedupe);
+}
+
+void Session::declare_changes(amqp_channel_t ch, const config::Config& prev, const config::Config& next,
+                              const Generation& g) {
+  {
+    amqp::declare_topology(*conn_, ch, next);
     for (size_t i = 0; i < next.queues.size(); ++i) {
       const auto& nq = next.queues[i];
       for (const auto& oq : prev.queues) {
@@ -336,11 +357,11 @@ void Session::reload(std::unique_ptr<dispatch::Runtime> runtime, dedupe::Store* 
           bool still = std::find(nq.bindings.begin(), nq.bindings.end(), key) != nq.bindings.end() &&
                        prev.exchange.name == next.exchange.name;
           if (still) continue;
-          amqp_queue_unbind(conn_->get(), kPublishChannel, amqp::bytes(oq.name), amqp::bytes(prev.exchange.name),
+          amqp_queue_unbind(conn_->get(), ch, amqp::bytes(oq.name), amqp::bytes(prev.exchange.name),
                             amqp::bytes(key), amqp_empty_table);
           amqp::check_reply(amqp_get_rpc_reply(conn_->get()), "unbinding queue '" + oq.name + "' key '" + key + "'");
         }
-        QueueChannel* qc = g->channels[i];
+        QueueChannel* qc = g.channels[i];
         if (qc->channel != 0 && oq.prefetch != nq.prefetch) {
           amqp_basic_qos(conn_->get(), qc->channel, 0, nq.prefetch, 0);
           amqp::check_reply(amqp_get_rpc_reply(conn_->get()), "setting prefetch on queue '" + nq.name + "'");
@@ -348,6 +369,10 @@ void Session::reload(std::unique_ptr<dispatch::Runtime> runtime, dedupe::Store* 
       }
     }
   }
+}
+
+void Session::finish_reload(std::shared_ptr<Generation> g, const config::Config& prev, dedupe::Store* dedupe) {
+  const config::Config& next = *g->cfg;
   if (prev.broker.urls != next.broker.urls) log::warn("broker URLs changed; they apply at the next reconnect");
   // Switch. Queues that are gone stop being consumed; their queues stay.
   for (auto& qc : qch_) {
@@ -355,10 +380,11 @@ void Session::reload(std::unique_ptr<dispatch::Runtime> runtime, dedupe::Store* 
     if (kept || qc->removed) continue;
     qc->removed = true;
     qc->retry_timer->cancel();
-    if (conn_ && qc->channel != 0) {
+    if (conn_ && qc->channel != 0 && qc->consuming) {
       amqp_basic_cancel_t req{};
       req.consumer_tag = amqp::bytes(qc->consumer_tag);
       amqp_send_method(conn_->get(), qc->channel, AMQP_BASIC_CANCEL_METHOD, &req);
+      qc->consuming = false;
     }
   }
   for (size_t i = 0; i < g->channels.size(); ++i) {
@@ -370,8 +396,20 @@ void Session::reload(std::unique_ptr<dispatch::Runtime> runtime, dedupe::Store* 
   dedupe_ = dedupe;
   if (dedupe_ && !had_dedupe && state_ != State::Stopped) arm_dedupe_flush();
   if (conn_ && state_ == State::Running) {
-    for (auto* qc : current_->channels)
-      if (qc->channel == 0) open_queue_channel(*qc);  // a new queue
+    for (auto* qc : current_->channels) {
+      if (qc->channel == 0) {
+        open_queue_channel(*qc);  // a new queue
+      } else if (!qc->consuming) {
+        // Added back while its old consumer still drains: consume again on the same channel.
+        const auto& q = current_->cfg->queues[qc->index];
+        auto* ok = amqp_basic_consume(conn_->get(), qc->channel, amqp::bytes(q.name), amqp_empty_bytes, 0, 0, 0,
+                                      amqp_empty_table);
+        amqp::check_reply(amqp_get_rpc_reply(conn_->get()), "consuming queue '" + q.name + "'");
+        qc->consumer_tag = std::string(sv(ok->consumer_tag));
+        qc->consuming = true;
+        log::info("consuming", {{"queue", q.name}, {"channel", std::to_string(qc->channel)}});
+      }
+    }
   }
   for (auto& qc : qch_) close_removed(*qc);
   log::info("reloaded", {{"queues", std::to_string(current_->cfg->queues.size())}});

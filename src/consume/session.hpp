@@ -82,7 +82,8 @@ class Session {
     std::string name;
     size_t index = 0;            // in the current generation's queues
     bool removed = false;        // gone from the config: draining, then closed
-    amqp_channel_t channel = 0;  // 0 = not consuming
+    amqp_channel_t channel = 0;  // 0 = no channel
+    bool consuming = false;      // its consumer is active (not cancelled by a reload)
     uint64_t gen = 0;            // bumps whenever the channel goes away
     size_t in_flight = 0;
     std::string consumer_tag;
@@ -121,6 +122,9 @@ class Session {
   void queue_channel_lost(QueueChannel& qc, const std::string& why);
   void reopen_queue(QueueChannel& qc);
   void close_removed(QueueChannel& qc);
+  void declare_changes(amqp_channel_t ch, const config::Config& prev, const config::Config& next,
+                       const Generation& g);
+  void finish_reload(std::shared_ptr<Generation> g, const config::Config& prev, dedupe::Store* dedupe);
   const config::Config& cfg() const { return *current_->cfg; }
   void arm_dedupe_flush();
   bool is_duplicate(const Delivery* d);

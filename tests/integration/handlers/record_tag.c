@@ -1,0 +1,139 @@
+/* Recording plugin for the reload tests (test_reload.py): appends one line
+ * per handled event to a file, tagged with a word from the handler's config,
+ * so a test can count how often each event was handled across reloads and
+ * tell which config's handler instance handled it.
+ *
+ * Config (the handler's `config:`, as JSON):
+ *   {"file": "/abs/path", "tag": "v1", "sleep_us": N}
+ *   file      the record file, opened O_WRONLY|O_APPEND|O_CREAT (required)
+ *   tag       a word without spaces or quotes (default "-")
+ *   sleep_us  sleep this long per event (default 0), to keep events in flight
+ *             during a reload. With sleep_us > 0 the plugin does not claim
+ *             ER_PLUGIN_NONBLOCKING, so calls run on the worker threads.
+ *
+ * Line format, written with ONE write() (atomic for O_APPEND regular files at
+ * these sizes, so concurrent calls never interleave):
+ *   <event_id> <tag> <queue>\n
+ *
+ * Verdict: always ER_ACK; an event without a usable event_id is
+ * dead-lettered (the tests never publish one).
+ *
+ * Built by the tests:
+ *   cc -O2 -shared -fPIC -fvisibility=hidden -I<source>/include -o librecord_tag.so record_tag.c
+ */
+#include <event_router/plugin.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+struct instance {
+  int fd;
+  long sleep_us;
+  char tag[64];
+};
+
+ER_PLUGIN_EXPORT int er_plugin_version(int n, const int *versions) {
+  for (int i = 0; i < n; ++i)
+    if (versions[i] == ER_PLUGIN_API_VERSION) return versions[i];
+  return -1;
+}
+
+/* The string value of "key" in a flat JSON object (no escapes in values). */
+static int json_string(const char *json, size_t len, const char *key, char *out, size_t out_size) {
+  char pat[64];
+  snprintf(pat, sizeof pat, "\"%s\"", key);
+  char *copy = strndup(json, len);
+  if (!copy) return 0;
+  int ok = 0;
+  const char *k = strstr(copy, pat);
+  const char *colon = k ? strchr(k + strlen(pat), ':') : NULL;
+  const char *q = colon ? strchr(colon, '"') : NULL;
+  const char *end = q ? strchr(q + 1, '"') : NULL;
+  if (end && (size_t)(end - q - 1) < out_size) {
+    memcpy(out, q + 1, (size_t)(end - q - 1));
+    out[end - q - 1] = 0;
+    ok = 1;
+  }
+  free(copy);
+  return ok;
+}
+
+static long json_number(const char *json, size_t len, const char *key, long dflt) {
+  char pat[64];
+  snprintf(pat, sizeof pat, "\"%s\"", key);
+  char *copy = strndup(json, len);
+  if (!copy) return dflt;
+  long v = dflt;
+  const char *k = strstr(copy, pat);
+  const char *colon = k ? strchr(k + strlen(pat), ':') : NULL;
+  if (colon) v = strtol(colon + 1, NULL, 10);
+  free(copy);
+  return v;
+}
+
+ER_PLUGIN_EXPORT int er_plugin_init(void **user_data, const struct er_host *host, const char *config,
+                                    size_t config_len, struct er_plugin_info *info) {
+  (void)host;
+  char path[4096];
+  if (!json_string(config, config_len, "file", path, sizeof path)) {
+    snprintf(info->error, sizeof info->error, "record_tag: config needs {\"file\": \"/path\"}");
+    return 1;
+  }
+  struct instance *inst = calloc(1, sizeof *inst);
+  if (!inst) return 1;
+  if (!json_string(config, config_len, "tag", inst->tag, sizeof inst->tag)) strcpy(inst->tag, "-");
+  inst->fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+  if (inst->fd < 0) {
+    snprintf(info->error, sizeof info->error, "record_tag: %s: %s", path, strerror(errno));
+    free(inst);
+    return 1;
+  }
+  inst->sleep_us = json_number(config, config_len, "sleep_us", 0);
+  if (inst->sleep_us < 0) inst->sleep_us = 0;
+  *user_data = inst;
+  info->flags = ER_PLUGIN_CONCURRENT | (inst->sleep_us == 0 ? ER_PLUGIN_NONBLOCKING : 0);
+  return 0;
+}
+
+ER_PLUGIN_EXPORT int er_plugin_handle(void *user_data, const struct er_event *e, struct er_result *result) {
+  struct instance *inst = user_data;
+  if (e->event_id.len == 0 || e->event_id.len > 200 || e->queue.len > 200) {
+    result->verdict = ER_DEAD_LETTER;
+    snprintf(result->reason, sizeof result->reason, "record_tag: no usable event_id");
+    return 0;
+  }
+  if (inst->sleep_us > 0) {
+    struct timespec d = {inst->sleep_us / 1000000, (inst->sleep_us % 1000000) * 1000};
+    while (nanosleep(&d, &d) != 0 && errno == EINTR) {
+    }
+  }
+  char line[600];
+  size_t n = 0;
+  memcpy(line, e->event_id.data, e->event_id.len);
+  n += e->event_id.len;
+  line[n++] = ' ';
+  size_t tl = strlen(inst->tag);
+  memcpy(line + n, inst->tag, tl);
+  n += tl;
+  line[n++] = ' ';
+  memcpy(line + n, e->queue.data, e->queue.len);
+  n += e->queue.len;
+  line[n++] = '\n';
+  if (write(inst->fd, line, n) != (ssize_t)n) {
+    result->verdict = ER_RETRY;
+    snprintf(result->reason, sizeof result->reason, "record_tag: write: %s", strerror(errno));
+  }
+  return 0;
+}
+
+ER_PLUGIN_EXPORT void er_plugin_cleanup(void *user_data) {
+  struct instance *inst = user_data;
+  if (!inst) return;
+  close(inst->fd);
+  free(inst);
+}
