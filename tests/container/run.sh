@@ -1,0 +1,357 @@
+#!/usr/bin/env bash
+# Container test: builds the image (Dockerfile) with buildah, runs the daemon
+# from it against the local RabbitMQ, publishes events and checks they are
+# handled, the health check, the non-root user and a clean SIGTERM exit.
+# Also checks docker/docker-compose.yml statically (no engine here).
+# Exit 77 (skip) when buildah/debootstrap are missing or unusable.
+# See tests/container/README.md for the environment variables.
+set -euo pipefail
+
+SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+CACHE=${ER_CONTAINER_CACHE:-/var/cache/event-router-test}
+IMAGE=${ER_CONTAINER_IMAGE:-localhost/event-router:test}
+JOBS=${ER_CONTAINER_JOBS:-2}
+MIRROR=${ER_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+AMQP_URL=${ER_AMQP_URL:-${RABBITMQ_URL:-amqp://guest:guest@127.0.0.1:5672/}}
+PY=/usr/bin/python3
+[ -x "$PY" ] || PY=python3
+
+T0=$(date +%s.%N)
+PHASE_T=$T0
+say() { printf 'container-test: %s\n' "$*"; }
+skip() { say "SKIP: $*"; exit 77; }
+fail() { say "FAIL: $*" >&2; exit 1; }
+# Prints the time since the last phase and since the start.
+phase() {
+  local now; now=$(date +%s.%N)
+  awk -v n="$now" -v p="$PHASE_T" -v t="$T0" -v m="$*" \
+    'BEGIN { printf "container-test: [%6.1fs, total %6.1fs] %s\n", n - p, n - t, m }'
+  PHASE_T=$now
+}
+
+# --- prerequisites ------------------------------------------------------------
+command -v buildah >/dev/null 2>&1 || skip "buildah is not installed (apt-get install buildah debootstrap)"
+[ "$(id -u)" -eq 0 ] || skip "needs root (buildah with chroot isolation and the system storage)"
+buildah info >/dev/null 2>&1 || skip "buildah is unusable here: $(buildah info 2>&1 | tail -1)"
+"$PY" -c "import aio_pika, yaml" 2>/dev/null ||
+  fail "$PY lacks aio_pika or yaml: apt-get install python3-aio-pika python3-yaml (scripts/install-deps.sh)"
+
+mkdir -p "$CACHE"
+WORK=$(mktemp -d /tmp/er-container-test.XXXXXX)
+PREFIX="ct-$(date +%s)-$$"
+CTR=""
+DAEMON_BPID=""
+
+cat > "$WORK/helper.py" <<'PYEOF'
+import asyncio, json, os, re, socket, subprocess, sys, time, uuid
+from datetime import datetime, timezone
+import aio_pika, yaml
+
+URL = os.environ["AMQP_URL"]
+
+def now():
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+def event(t, agg, payload):
+    return {"event_id": str(uuid.uuid4()), "event_type": t, "aggregate_id": agg,
+            "aggregate_type": t.split(".")[0], "correlation_id": str(uuid.uuid4()),
+            "timestamp": now(), "version": 1, "payload": payload}
+
+async def publish(exchange):
+    # One event per queue: plugin (speaker, evaluation), sh (draft), python (rag).
+    evs = [event("speaker.onboarded", "s1", {"speaker_id": "s1", "external_id": "e1", "name": "N", "bucket": "GOOD"}),
+           event("draft.ingested", "d1", {"draft_id": "d1", "speaker_id": "s1", "source": "ct", "word_count": 3}),
+           event("rag.dfn_generated", "r1", {"dfn_id": "r1", "speaker_id": "s1", "draft_id": "d1"}),
+           event("evaluation.completed", "v1", {"evaluation_id": "v1", "dfn_id": "r1", "score": 0.5})]
+    conn = await aio_pika.connect(URL)
+    async with conn:
+        ch = await conn.channel()
+        ex = await ch.get_exchange(exchange, ensure=True)  # declared by the daemon
+        for e in evs:
+            await ex.publish(aio_pika.Message(json.dumps(e).encode(), content_type="application/json",
+                                              message_id=e["event_id"], type=e["event_type"],
+                                              correlation_id=e["correlation_id"],
+                                              delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                             routing_key=e["event_type"])
+            print(e["event_type"], e["event_id"])
+
+async def counts(names):
+    conn = await aio_pika.connect(URL)
+    out = {}
+    async with conn:
+        for n in names:
+            ch = await conn.channel()
+            q = await ch.declare_queue(n, passive=True)
+            out[n] = q.declaration_result.message_count
+            await ch.close()
+    return out
+
+async def cleanup(names, prefix):
+    names = set(names)
+    try:  # also whatever else the daemon declared with our prefix
+        rows = json.loads(subprocess.run(["rabbitmqctl", "-q", "--formatter", "json", "list_queues", "name"],
+                                         capture_output=True, text=True, timeout=60).stdout or "[]")
+        names.update(r["name"] for r in rows if r["name"].startswith(prefix))
+    except Exception:
+        pass
+    conn = await aio_pika.connect(URL)
+    async with conn:
+        for n in sorted(names):
+            for kind in ("queue", "exchange"):
+                try:
+                    ch = await conn.channel()
+                    await (ch.queue_delete(n) if kind == "queue" else ch.exchange_delete(n))
+                    await ch.close()
+                except Exception:
+                    pass
+    print("deleted", len(names), "queues/exchanges with prefix", prefix)
+
+def compose_check(src):
+    """Static checks of docker/: the compose file and the config it mounts."""
+    d = os.path.join(src, "docker")
+    c = yaml.safe_load(open(os.path.join(d, "docker-compose.yml")))
+    errs = []
+    svc = c.get("services", {})
+    mq, rt = svc.get("rabbitmq", {}), svc.get("event-router", {})
+    if not str(mq.get("image", "")).startswith("rabbitmq:3-management"): errs.append("rabbitmq: image")
+    if "rabbitmq-diagnostics" not in json.dumps(mq.get("healthcheck", {})): errs.append("rabbitmq: healthcheck")
+    b = rt.get("build", {})
+    ctx = os.path.normpath(os.path.join(d, b.get("context", ".")))
+    if not os.path.isfile(os.path.join(ctx, b.get("dockerfile", "Dockerfile"))): errs.append("router: build context/dockerfile")
+    if rt.get("depends_on", {}).get("rabbitmq", {}).get("condition") != "service_healthy": errs.append("router: depends_on")
+    if "health" not in json.dumps(rt.get("healthcheck", {})): errs.append("router: healthcheck")
+    for v in ("RABBITMQ_URL", "RABBITMQ_EXCHANGE", "SPEAKER_QUEUE", "DRAFT_QUEUE", "RAG_QUEUE", "EVALUATION_QUEUE"):
+        if v not in rt.get("environment", {}): errs.append("router: environment " + v)
+    targets = {}
+    for s in svc.values():
+        for v in s.get("volumes", []):
+            host, _, rest = v.partition(":")
+            if host.startswith((".", "/")):
+                if not os.path.exists(os.path.join(d, host)): errs.append("volume source missing: " + host)
+                targets[rest.split(":")[0]] = os.path.normpath(os.path.join(d, host))
+            elif host not in (c.get("volumes") or {}): errs.append("named volume not declared: " + host)
+    # The mounted config: every exec handler must be in the mounted handlers/.
+    cfgfile = targets.get("/etc/event-router/router.yaml")
+    hdir = targets.get("/etc/event-router/handlers")
+    if not cfgfile or not hdir: errs.append("router: router.yaml and handlers/ mounts")
+    else:
+        cfg = yaml.safe_load(open(cfgfile))
+        if "listen" not in (cfg.get("http") or {}): errs.append("router.yaml: no http.listen (HEALTHCHECK needs it)")
+        for q in cfg.get("queues", []):
+            for h in q.get("handlers", []):
+                exe = (h.get("exec") or [None])[0]
+                if exe and exe.startswith("handlers/"):
+                    p = os.path.join(hdir, exe[len("handlers/"):])
+                    if not os.access(p, os.X_OK): errs.append("handler %s: %s missing or not executable" % (h["name"], p))
+                    ref = os.path.join(src, "config", exe)
+                    if os.path.isfile(p) and os.path.isfile(ref) and open(p, "rb").read() != open(ref, "rb").read():
+                        print("note: docker/%s differs from config/%s" % (exe, exe))
+    if errs: sys.exit("compose check failed: " + "; ".join(errs))
+    print("compose ok: services", ", ".join(svc))
+
+def image_check(inspect_json):
+    c = json.loads(inspect_json)["Docker"]["config"]
+    errs = []
+    if c.get("User") in (None, "", "0", "root") or str(c.get("User")).startswith(("0:", "root")): errs.append("User %r" % c.get("User"))
+    if c.get("StopSignal") != "SIGTERM": errs.append("StopSignal %r" % c.get("StopSignal"))
+    hc = (c.get("Healthcheck") or {}).get("Test") or []
+    if hc[-3:] != ["event-router", "health", "--ready"]: errs.append("Healthcheck %r" % hc)
+    if c.get("Entrypoint") != ["event-router"]: errs.append("Entrypoint %r" % c.get("Entrypoint"))
+    if c.get("Cmd") != ["--config", "/etc/event-router/router.yaml"]: errs.append("Cmd %r" % c.get("Cmd"))
+    env = dict(e.split("=", 1) for e in c.get("Env") or [])
+    for v in ("RABBITMQ_URL", "RABBITMQ_EXCHANGE", "SPEAKER_QUEUE", "DRAFT_QUEUE", "RAG_QUEUE", "EVALUATION_QUEUE"):
+        if not env.get(v): errs.append("Env " + v)
+    if "/var/lib/event-router" not in (c.get("Volumes") or {}): errs.append("Volumes %r" % c.get("Volumes"))
+    if errs: sys.exit("image config: " + "; ".join(errs))
+    print("image config ok: user %s, healthcheck %s" % (c["User"], " ".join(hc[1:])))
+
+def free_port():
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
+
+cmd = sys.argv[1]
+if cmd == "publish": asyncio.run(publish(sys.argv[2]))
+elif cmd == "counts": print(json.dumps(asyncio.run(counts(sys.argv[2:]))))
+elif cmd == "cleanup": asyncio.run(cleanup(sys.argv[3:], sys.argv[2]))
+elif cmd == "compose-check": compose_check(sys.argv[2])
+elif cmd == "image-check": image_check(sys.stdin.read())
+elif cmd == "free-port": print(free_port())
+PYEOF
+helper() { AMQP_URL=$AMQP_URL "$PY" "$WORK/helper.py" "$@"; }
+
+# The descendant of $1 named event-router (buildah run -> chroot runtime -> daemon).
+daemon_pid() {
+  local todo=("$1") p f c
+  while [ "${#todo[@]}" -gt 0 ]; do
+    p=${todo[0]}; todo=("${todo[@]:1}")
+    for f in /proc/[0-9]*/stat; do
+      read -r c 2>/dev/null < "$f" || continue
+      c=${c##*) }; c=${c#* }; c=${c%% *}   # field 4: ppid (after "pid (comm) state")
+      [ "$c" = "$p" ] || continue
+      f=${f#/proc/}; f=${f%/stat}
+      if [ "$(cat /proc/"$f"/comm 2>/dev/null)" = event-router ]; then echo "$f"; return 0; fi
+      todo+=("$f")
+    done
+  done
+  return 1
+}
+
+BROKER_NAMES=()
+cleanup() {
+  local rc=$?
+  set +e
+  if [ -n "$DAEMON_BPID" ] && kill -0 "$DAEMON_BPID" 2>/dev/null; then
+    local dp; dp=$(daemon_pid "$DAEMON_BPID")
+    [ -n "$dp" ] && kill -TERM "$dp" 2>/dev/null
+    for _ in $(seq 1 20); do kill -0 "$DAEMON_BPID" 2>/dev/null || break; sleep 0.5; done
+    dp=$(daemon_pid "$DAEMON_BPID"); [ -n "$dp" ] && kill -KILL "$dp" 2>/dev/null
+    kill -TERM "$DAEMON_BPID" 2>/dev/null; wait "$DAEMON_BPID" 2>/dev/null
+  fi
+  if [ "$rc" -ne 0 ] && [ "$rc" -ne 77 ] && [ -s "$WORK/daemon.log" ]; then
+    echo "----- daemon log (last 60 lines) -----"; tail -n 60 "$WORK/daemon.log"; echo "-----"
+  fi
+  [ -n "$CTR" ] && buildah rm "$CTR" >/dev/null 2>&1
+  if [ -n "${PORT:-}" ]; then helper cleanup "$PREFIX" "${BROKER_NAMES[@]}" 2>&1 | sed 's/^/container-test: /'; fi
+  if [ "${ER_KEEP_TMP:-}" = 1 ] || { [ "$rc" -ne 0 ] && [ "$rc" -ne 77 ]; }; then
+    say "kept $WORK"
+  else
+    rm -rf "$WORK"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# --- static checks ------------------------------------------------------------
+helper compose-check "$SRC" | sed 's/^/container-test: /'
+phase "compose file and mounted config checked"
+
+# One run at a time (shared image tag and cache).
+exec 9>"$CACHE/lock"
+flock -w 1200 9 || fail "another container test holds $CACHE/lock"
+
+# --- base images: debian:bookworm and debian:bookworm-slim from one debootstrap tree
+have_image() { buildah inspect --type image "$1" >/dev/null 2>&1; }
+TARBALL=$CACHE/debian-bookworm-minbase.tar.gz
+if [ "${ER_CONTAINER_REFRESH:-}" = 1 ]; then
+  rm -f "$TARBALL"
+  buildah rmi localhost/debian:bookworm localhost/debian:bookworm-slim >/dev/null 2>&1 || true
+fi
+if have_image debian:bookworm && have_image debian:bookworm-slim; then
+  say "base images present: debian:bookworm $(buildah inspect --type image --format '{{.FromImageID}}' debian:bookworm | cut -c1-12)"
+else
+  if [ ! -s "$TARBALL" ]; then
+    command -v debootstrap >/dev/null 2>&1 || skip "debootstrap is not installed and no base image is cached (apt-get install debootstrap)"
+    ROOTFS=$CACHE/rootfs.tmp
+    rm -rf "$ROOTFS"
+    say "debootstrap --variant=minbase bookworm ($MIRROR)"
+    debootstrap --variant=minbase bookworm "$ROOTFS" "$MIRROR" > "$WORK/debootstrap.log" 2>&1 ||
+      { tail -n 20 "$WORK/debootstrap.log"; fail "debootstrap failed"; }
+    # Like the official images: all bookworm suites, no package caches.
+    rm -rf "$ROOTFS"/var/cache/apt/*.bin "$ROOTFS"/var/cache/apt/archives/*.deb "$ROOTFS"/var/lib/apt/lists/* \
+      "$ROOTFS"/etc/apt/sources.list
+    cat > "$ROOTFS/etc/apt/sources.list.d/debian.sources" <<EOF
+Types: deb
+URIs: $MIRROR
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://deb.debian.org/debian-security
+Suites: bookworm-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF
+    tar --numeric-owner -C "$ROOTFS" -c . | gzip -1 > "$TARBALL.tmp" && mv "$TARBALL.tmp" "$TARBALL"
+    rm -rf "$ROOTFS"
+    phase "debootstrap done, cached $TARBALL ($(du -h "$TARBALL" | cut -f1))"
+  fi
+  base=$(buildah from --pull=never scratch)
+  buildah add --quiet "$base" "$TARBALL" / >/dev/null
+  buildah config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin --cmd bash "$base"
+  buildah commit --quiet --rm "$base" localhost/debian:bookworm >/dev/null
+  buildah tag localhost/debian:bookworm localhost/debian:bookworm-slim
+  phase "imported base images debian:bookworm and debian:bookworm-slim (same debootstrap tree)"
+fi
+
+# --- the image -------------------------------------------------------------------
+say "buildah bud -t $IMAGE (log: $WORK/build.log)"
+if ! buildah bud --isolation chroot --layers --pull=never --format docker --build-arg JOBS="$JOBS" \
+    -f "$SRC/Dockerfile" -t "$IMAGE" "$SRC" > "$WORK/build.log" 2>&1; then
+  tail -n 40 "$WORK/build.log"
+  fail "image build failed"
+fi
+SIZE=$(buildah images --noheading --format '{{.Size}}' "$IMAGE" | head -1)
+phase "image built: $IMAGE, $SIZE"
+
+buildah inspect --type image "$IMAGE" | helper image-check |
+  sed 's/^/container-test: /'
+
+# --- run the daemon from the image ------------------------------------------------
+PORT=$(helper free-port)
+ENVS=(--env "RABBITMQ_URL=$AMQP_URL" --env "RABBITMQ_EXCHANGE=$PREFIX.events"
+      --env "SPEAKER_QUEUE=$PREFIX.speaker" --env "DRAFT_QUEUE=$PREFIX.draft"
+      --env "RAG_QUEUE=$PREFIX.rag" --env "EVALUATION_QUEUE=$PREFIX.evaluation"
+      --env "EVENT_ROUTER_HTTP=127.0.0.1:$PORT")
+CTR=$(buildah from --pull=never --name "er-test-$PREFIX" "$IMAGE")
+run_in() { buildah run --isolation chroot "${ENVS[@]}" "$CTR" -- "$@"; }
+
+# The config check names everything the daemon declares (for the cleanup).
+run_in event-router --check --config /etc/event-router/router.yaml > "$WORK/check.log" 2>&1 ||
+  { cat "$WORK/check.log"; fail "event-router --check failed in the image"; }
+mapfile -t BROKER_NAMES < <(grep -o "$PREFIX[^ ,]*" "$WORK/check.log" | sort -u)
+QUEUES=("$PREFIX.speaker" "$PREFIX.draft" "$PREFIX.rag" "$PREFIX.evaluation")
+
+run_in event-router --config /etc/event-router/router.yaml > "$WORK/daemon.log" 2>&1 &
+DAEMON_BPID=$!
+deadline=$((SECONDS + 60))
+until grep -qE '^\S+ \S+ ready( |$)' "$WORK/daemon.log"; do
+  kill -0 "$DAEMON_BPID" 2>/dev/null || fail "the daemon exited before it was ready"
+  [ "$SECONDS" -lt "$deadline" ] || fail "the daemon is not ready after 60 s"
+  sleep 0.2
+done
+DPID=$(daemon_pid "$DAEMON_BPID") || fail "cannot find the daemon process under buildah run ($DAEMON_BPID)"
+phase "daemon ready (pid $DPID, http 127.0.0.1:$PORT, exchange $PREFIX.events)"
+
+# Non-root: the daemon process itself, and the image's user.
+DUID=$(awk '/^Uid:/ {print $2}' /proc/"$DPID"/status)
+[ "$DUID" != 0 ] || fail "the daemon runs as root"
+CUID=$(run_in id -u)
+[ "$CUID" != 0 ] || fail "the image's user is root"
+say "daemon uid $DUID, container id -u $CUID"
+
+run_in event-router health --ready > "$WORK/health.log" 2>&1 ||
+  { cat "$WORK/health.log"; fail "event-router health --ready failed"; }
+say "health --ready: $(head -1 "$WORK/health.log")"
+phase "non-root and health checked"
+
+mapfile -t PUBLISHED < <(helper publish "$PREFIX.events")
+[ "${#PUBLISHED[@]}" -eq 4 ] || fail "publishing failed"
+deadline=$((SECONDS + 30))
+for line in "${PUBLISHED[@]}"; do
+  id=${line#* }
+  until grep -E " handled .*event_id=$id( |$)" "$WORK/daemon.log" | grep -q "outcome=ack"; do
+    [ "$SECONDS" -lt "$deadline" ] || fail "event ${line% *} ($id) not handled with outcome=ack within 30 s"
+    sleep 0.2
+  done
+  say "handled ${line% *} outcome=ack"
+done
+# Every queue and its dead-letter queue empty.
+for _ in $(seq 1 25); do
+  COUNTS=$(helper counts "${QUEUES[@]}" "${QUEUES[@]/%/.dlq}")
+  "$PY" -c 'import json,sys; sys.exit(any(json.loads(sys.argv[1]).values()))' "$COUNTS" && break
+  sleep 0.2
+done
+"$PY" -c 'import json,sys; sys.exit(any(json.loads(sys.argv[1]).values()))' "$COUNTS" ||
+  fail "queues not empty: $COUNTS"
+phase "4 events handled (plugin, sh and python exec handlers), queues and dead-letter queues empty"
+
+kill -TERM "$DPID"
+set +e
+wait "$DAEMON_BPID"; rc=$?
+set -e
+DAEMON_BPID=""
+[ "$rc" -eq 0 ] || fail "the daemon exited $rc after SIGTERM"
+grep -q ' stopped' "$WORK/daemon.log" || fail "no 'stopped' line in the daemon log"
+phase "SIGTERM: daemon exited 0"
+say "PASS (image $IMAGE, $SIZE)"
