@@ -50,6 +50,10 @@ struct Delivery final : dispatch::Job {
 
   const dispatch::EventView& view() const override { return view_; }
   void finish(dispatch::Outcome outcome) override { session->on_finished(this, std::move(outcome)); }
+  bool stale() const override {
+    return session->epoch_.load(std::memory_order_relaxed) != epoch ||
+           qc->gen.load(std::memory_order_relaxed) != gen;
+  }
 };
 
 Session::Session(asio::io_context& io, std::unique_ptr<dispatch::Runtime> runtime, metrics::Registry& registry,
@@ -239,7 +243,7 @@ void Session::schedule_reconnect(const std::string& why) {
     backoff_ = next_backoff(backoff_, cfg_.broker.reconnect_initial, cfg_.broker.reconnect_max);
     // Jitter spreads the reconnects of many daemons after a broker restart.
     std::uniform_int_distribution<long> jitter(0, backoff_.count() / 4);
-    wait = backoff_ + milliseconds(jitter(rng_));
+    wait = std::min(backoff_ + milliseconds(jitter(rng_)), cfg_.broker.reconnect_max);
   }
   const std::string& next = cfg_.broker.urls[url_index_ % cfg_.broker.urls.size()];
   log::error("broker unavailable, retrying",
@@ -745,7 +749,9 @@ void Session::on_finished(Delivery* d, dispatch::Outcome outcome) {
                 {"detail", outcome.detail}});
   }
   if (!live(d)) {
-    // Its channel is gone; the broker redelivers the event.
+    // Its channel is gone; the broker redelivers the event. A success is still
+    // recorded, so that with dedupe the redelivery does not run it again.
+    if (outcome.verdict == dispatch::Verdict::Ack) remember_success(d);
     log::debug("dropping a result from a closed channel", {{"event_id", d->envelope.event_id}});
     release(d);
   } else if (outcome.verdict == dispatch::Verdict::Ack) {

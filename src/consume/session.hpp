@@ -8,6 +8,7 @@
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/steady_timer.hpp>
 
+#include <atomic>
 #include <deque>
 #include <functional>
 #include <memory>
@@ -84,7 +85,7 @@ class Session {
     bool removed = false;        // gone from the config: draining, then closed
     amqp_channel_t channel = 0;  // 0 = no channel
     bool consuming = false;      // its consumer is active (not cancelled by a reload)
-    uint64_t gen = 0;            // bumps whenever the channel goes away
+    std::atomic<uint64_t> gen{0};  // bumps whenever the channel goes away (read by worker threads)
     size_t in_flight = 0;
     std::string consumer_tag;
     std::chrono::milliseconds backoff{0};
@@ -163,7 +164,7 @@ class Session {
   std::optional<amqp::Connection> conn_;
   std::optional<boost::asio::posix::stream_descriptor> socket_;
   bool socket_armed_ = false;
-  uint64_t epoch_ = 0;  // bumps per connection; results of older ones are stale
+  std::atomic<uint64_t> epoch_{0};  // bumps per connection; results of older ones are stale
   size_t url_index_ = 0;
   std::string node_;    // masked URL of the node we are connected to
   std::vector<std::unique_ptr<QueueChannel>> qch_;  // by queue name, across reloads

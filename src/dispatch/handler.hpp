@@ -49,6 +49,10 @@ class Job {
   virtual const EventView& view() const = 0;
   // Exactly once per start(), on the event loop thread.
   virtual void finish(Outcome outcome) = 0;
+  // True once the event's channel is gone (the broker will redeliver it).
+  // Safe from any thread. A handler that has not begun the work may skip it;
+  // it must still call finish() (the outcome is then not settled).
+  virtual bool stale() const { return false; }
 };
 
 class Handler {

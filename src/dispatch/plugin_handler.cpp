@@ -143,7 +143,10 @@ class PluginHandler : public Handler {
     boost::asio::post(pool_, [inst = inst_, &io = io_, &job, gen] {
       if (inst->generation.load() != gen) return;  // aborted before it ran
       Outcome out;
-      if (inst->flags & ER_PLUGIN_CONCURRENT) {
+      if (job.stale()) {
+        // Its channel died while it waited for a worker: the broker redelivers it.
+        out = Outcome::retry("stale", "skipped: its channel closed before a worker took it");
+      } else if (inst->flags & ER_PLUGIN_CONCURRENT) {
         out = call_plugin(*inst, job.view());
       } else {
         std::lock_guard<std::mutex> lock(inst->serial);
