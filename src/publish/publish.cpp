@@ -1,5 +1,7 @@
 #include "publish/publish.hpp"
 
+#include "util/time.hpp"
+
 #include <amqp.h>
 #include <rapidjson/document.h>
 #include <rapidjson/error/en.h>
@@ -467,23 +469,6 @@ std::string uuid_v4() {
     std::memcpy(b + i, &r, 4);
   }
   return uuid_v4_from_bytes(b);
-}
-
-std::string iso8601_utc_ms(std::chrono::system_clock::time_point t) {
-  using namespace std::chrono;
-  auto ms = duration_cast<milliseconds>(t.time_since_epoch()).count();
-  auto secs = static_cast<time_t>(ms / 1000);
-  int frac = static_cast<int>(ms % 1000);
-  if (frac < 0) {  // before 1970
-    frac += 1000;
-    --secs;
-  }
-  std::tm tm{};
-  gmtime_r(&secs, &tm);
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday,
-                tm.tm_hour, tm.tm_min, tm.tm_sec, frac);
-  return buf;
 }
 
 std::vector<InputLine> split_input(std::string_view input) {

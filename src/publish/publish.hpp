@@ -1,4 +1,5 @@
 #pragma once
+
 // `event-router publish`: publishes events (one JSON object, or NDJSON) to the
 // config's exchange with publisher confirms, filling in the envelope fields a
 // hand-written event usually lacks. For operators and tests: the same routing
@@ -11,6 +12,8 @@
 #include <string_view>
 #include <vector>
 
+#include "util/time.hpp"
+
 namespace er::publish {
 
 // A random UUID (version 4, RFC 4122 variant) from std::random_device
@@ -21,7 +24,6 @@ std::string uuid_v4();
 std::string uuid_v4_from_bytes(const uint8_t (&b)[16]);
 
 // ISO 8601 in UTC with milliseconds: "2024-05-01T12:34:56.789Z".
-std::string iso8601_utc_ms(std::chrono::system_clock::time_point t);
 
 // An event that cannot be published; what() says why (without the line number).
 class InvalidEvent : public std::runtime_error {
@@ -31,7 +33,7 @@ class InvalidEvent : public std::runtime_error {
 
 struct FillOptions {
   std::function<std::string()> new_id = uuid_v4;              // for a missing event id
-  std::function<std::string()> now = [] { return iso8601_utc_ms(std::chrono::system_clock::now()); };
+  std::function<std::string()> now = [] { return util::now_iso8601(); };
 };
 
 // One event, ready to publish.

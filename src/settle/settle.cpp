@@ -1,23 +1,13 @@
 #include "settle/settle.hpp"
 
+#include "util/time.hpp"
+
 #include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <ctime>
 
 namespace er::settle {
-
-std::string now_iso8601() {
-  auto now = std::chrono::system_clock::now();
-  auto secs = std::chrono::system_clock::to_time_t(now);
-  auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(now.time_since_epoch()).count() % 1000;
-  std::tm tm{};
-  gmtime_r(&secs, &tm);
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900, tm.tm_mon + 1,
-                tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, static_cast<int>(ms));
-  return buf;
-}
 
 namespace {
 bool key_is(const amqp_table_entry_t& e, const char* k) {
@@ -79,7 +69,7 @@ void CopyProperties::copy_original(const amqp_basic_properties_t& original) {
 }
 
 void CopyProperties::add_common(const DeadLetterInfo& info) {
-  std::string now = now_iso8601();
+  std::string now = util::now_iso8601();
   add_string(kFirstFailedAt, first_failed_.empty() ? now : first_failed_);
   add_string(kLastFailedAt, std::move(now));
   add_string(kOriginalExchange, std::string(info.exchange));

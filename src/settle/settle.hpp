@@ -22,9 +22,6 @@ struct DeadLetterInfo {
   uint32_t attempts = 1;
 };
 
-// ISO 8601 UTC with milliseconds, e.g. 2026-11-28T03:40:00.123Z.
-std::string now_iso8601();
-
 // Properties for a copy the daemon publishes on the event's behalf: the
 // dead-letter copy, or the retry copy that waits in a delay queue. Keeps every
 // original property and header (except stale ones of ours it replaces),

@@ -1,5 +1,7 @@
 #include "util/log.hpp"
 
+#include "util/time.hpp"
+
 #include <unistd.h>
 
 #include <atomic>
@@ -119,14 +121,8 @@ bool enabled(Level l) { return static_cast<int>(l) >= g_level.load(std::memory_o
 void write(Level l, std::string_view msg, std::initializer_list<Field> fields) {
   thread_local std::string line;
   line.clear();
-  auto now = std::chrono::system_clock::now();
-  auto secs = std::chrono::system_clock::to_time_t(now);
-  auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(now.time_since_epoch()).count() % 1000;
-  std::tm tm{};
-  gmtime_r(&secs, &tm);
-  char ts[96];
-  std::snprintf(ts, sizeof ts, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900, tm.tm_mon + 1,
-                tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, static_cast<int>(ms));
+  char ts_buf[40];
+  std::string_view ts(ts_buf, util::format_iso8601(std::chrono::system_clock::now(), ts_buf));
   if (g_json.load(std::memory_order_relaxed)) {
     line += "{\"ts\":\"";
     line += ts;

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "publish/publish.hpp"
+#include "util/time.hpp"
 
 using er::publish::FillOptions;
 using er::publish::InvalidEvent;
@@ -60,9 +61,9 @@ TEST_CASE("uuid_v4_from_bytes sets the version and variant bits", "[publish]") {
 TEST_CASE("iso8601_utc_ms: UTC with milliseconds and Z", "[publish]") {
   using namespace std::chrono;
   system_clock::time_point t{milliseconds(1714566896789LL)};
-  CHECK(er::publish::iso8601_utc_ms(t) == "2024-05-01T12:34:56.789Z");
-  CHECK(er::publish::iso8601_utc_ms(system_clock::time_point{}) == "1970-01-01T00:00:00.000Z");
-  CHECK(std::regex_match(er::publish::iso8601_utc_ms(system_clock::now()), kIsoMs));
+  CHECK(er::util::iso8601_utc_ms(t) == "2024-05-01T12:34:56.789Z");
+  CHECK(er::util::iso8601_utc_ms(system_clock::time_point{}) == "1970-01-01T00:00:00.000Z");
+  CHECK(std::regex_match(er::util::iso8601_utc_ms(system_clock::now()), kIsoMs));
 }
 
 TEST_CASE("prepare fills event_id, timestamp and version in snake_case", "[publish]") {
