@@ -17,6 +17,7 @@
 #include "event/envelope.hpp"
 #include "settle/settle.hpp"
 #include "util/log.hpp"
+#include "util/args.hpp"
 
 namespace er::dlq {
 
@@ -55,9 +56,7 @@ constexpr size_t kDetailWidth = 80;
 constexpr amqp_channel_t kCheckChannel = 1;  // passive declares (a 404 closes it)
 constexpr amqp_channel_t kWorkChannel = 2;   // basic.get (list) / the transaction (replay)
 
-struct UsageError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
+using util::UsageError;
 struct Failure : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
@@ -98,20 +97,9 @@ std::optional<Args> parse_args(int argc, char** argv) {
       a.command = arg;
       continue;
     }
-    std::string name = arg, value;
-    bool inline_value = false;
-    if (arg.rfind("--", 0) == 0) {
-      if (auto eq = arg.find('='); eq != std::string::npos) {
-        name = arg.substr(0, eq);
-        value = arg.substr(eq + 1);
-        inline_value = true;
-      }
-    }
-    auto take = [&]() -> std::string {
-      if (inline_value) return value;
-      if (i + 1 >= argc) throw UsageError(name + " needs a value");
-      return argv[++i];
-    };
+    util::Option opt(argc, argv, i);
+    const std::string& name = opt.name();
+    auto take = [&] { return opt.value(); };
     if (name == "-q" || name == "--queue") {
       a.queue = take();
       has_queue = true;

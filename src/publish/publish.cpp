@@ -28,6 +28,7 @@
 #include "event/envelope.hpp"
 #include "event/schema.hpp"
 #include "util/log.hpp"
+#include "util/args.hpp"
 
 namespace er::publish {
 
@@ -68,9 +69,7 @@ const char* kUsage =
 constexpr amqp_channel_t kChannel = 1;
 constexpr size_t kPollEvery = 64;  // read confirms while publishing, every this many messages
 
-struct UsageError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
+using util::UsageError;
 struct Failure : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
@@ -90,20 +89,9 @@ std::optional<Args> parse_args(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
     if (arg == "-h" || arg == "--help") return std::nullopt;
-    std::string name = arg, value;
-    bool inline_value = false;
-    if (arg.rfind("--", 0) == 0) {
-      if (auto eq = arg.find('='); eq != std::string::npos) {
-        name = arg.substr(0, eq);
-        value = arg.substr(eq + 1);
-        inline_value = true;
-      }
-    }
-    auto take = [&]() -> std::string {
-      if (inline_value) return value;
-      if (i + 1 >= argc) throw UsageError(name + " needs a value");
-      return argv[++i];
-    };
+    util::Option opt(argc, argv, i);
+    const std::string& name = opt.name();
+    auto take = [&] { return opt.value(); };
     if (name == "-k" || name == "--routing-key") {
       a.routing_key = take();
       has_rk = true;
