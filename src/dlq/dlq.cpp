@@ -487,26 +487,10 @@ std::string one_line(std::string_view text, size_t max) {
 }
 
 int main(int argc, char** argv) {
-  std::optional<Args> args;
-  try {
-    args = parse_args(argc, argv);
-  } catch (const UsageError& e) {
-    std::cerr << "event-router dlq: " << e.what() << "\n" << kUsage;
-    return 2;
-  }
-  if (!args) {
-    std::cout << kUsage;
-    return 0;
-  }
-  std::signal(SIGPIPE, SIG_IGN);
-  try {
-    config::Config cfg = config::load_config(args->config_path);
-    return args->command == "list" ? run_list(*args, cfg) : run_replay(*args, cfg);
-  } catch (const std::exception& e) {
-    // ConfigError is "file:line:column: message"; AMQP errors mask the password.
-    std::cerr << "event-router dlq: " << e.what() << "\n";
-    return 1;
-  }
+  return util::run_command("event-router dlq", kUsage, argc, argv, parse_args, [](const Args& a) {
+    config::Config cfg = config::load_config(a.config_path);
+    return a.command == "list" ? run_list(a, cfg) : run_replay(a, cfg);
+  });
 }
 
 }  // namespace er::dlq

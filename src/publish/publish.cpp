@@ -559,25 +559,8 @@ Prepared prepare(std::string_view json, std::string_view routing_key, const Fill
 }
 
 int main(int argc, char** argv) {
-  std::optional<Args> args;
-  try {
-    args = parse_args(argc, argv);
-  } catch (const UsageError& e) {
-    std::cerr << "event-router publish: " << e.what() << "\n" << kUsage;
-    return 2;
-  }
-  if (!args) {
-    std::cout << kUsage;
-    return 0;
-  }
-  std::signal(SIGPIPE, SIG_IGN);
-  try {
-    return run(*args);
-  } catch (const std::exception& e) {
-    // ConfigError is "file:line:column: message"; AMQP errors mask the password.
-    std::cerr << "event-router publish: " << e.what() << "\n";
-    return 1;
-  }
+  return util::run_command("event-router publish", kUsage, argc, argv, parse_args,
+                           [](const Args& a) { return run(a); });
 }
 
 }  // namespace er::publish

@@ -1,5 +1,8 @@
 #pragma once
 // Option parsing shared by the operator commands (dlq, publish).
+#include <csignal>
+#include <iostream>
+#include <optional>
 #include <stdexcept>
 #include <string>
 
@@ -39,5 +42,31 @@ class Option {
   std::string value_;
   bool inline_ = false;
 };
+
+// The shape of every operator command: parse (usage errors exit 2, --help
+// prints the usage), then run (any error is one line on stderr, exit 1).
+// `parse` returns std::optional<Args> (nullopt = --help); `run` takes the Args.
+template <class Parse, class Run>
+int run_command(const char* prog, const char* usage, int argc, char** argv, Parse parse, Run run) {
+  decltype(parse(argc, argv)) args;
+  try {
+    args = parse(argc, argv);
+  } catch (const UsageError& e) {
+    std::cerr << prog << ": " << e.what() << "\n" << usage;
+    return 2;
+  }
+  if (!args) {
+    std::cout << usage;
+    return 0;
+  }
+  std::signal(SIGPIPE, SIG_IGN);
+  try {
+    return run(*args);
+  } catch (const std::exception& e) {
+    // ConfigError is "file:line:column: message"; AMQP errors mask the password.
+    std::cerr << prog << ": " << e.what() << "\n";
+    return 1;
+  }
+}
 
 }  // namespace er::util
