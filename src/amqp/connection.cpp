@@ -79,13 +79,21 @@ std::string describe_reply(const amqp_rpc_reply_t& r, std::string_view context) 
 }
 
 void check_reply(const amqp_rpc_reply_t& r, std::string_view context) {
-  if (r.reply_type != AMQP_RESPONSE_NORMAL) throw AmqpError(describe_reply(r, context));
+  if (r.reply_type == AMQP_RESPONSE_NORMAL) return;
+  int code = 0;
+  bool channel = false;
+  if (r.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION) {
+    server_text(r, &code);
+    channel = r.reply.id == AMQP_CHANNEL_CLOSE_METHOD;
+  }
+  throw AmqpError(describe_reply(r, context), code, channel);
 }
 
 ConnectOptions connect_options(const config::BrokerConfig& b, size_t url_index) {
   ConnectOptions o;
   o.url = b.urls.empty() ? b.url : b.urls[url_index % b.urls.size()];
   o.heartbeat = b.heartbeat;
+  o.rpc_timeout = b.rpc_timeout;
   o.tls = {b.tls.ca_file, b.tls.cert_file, b.tls.key_file, b.tls.verify_peer, b.tls.verify_hostname};
   return o;
 }
@@ -165,6 +173,11 @@ Connection Connection::open(const ConnectOptions& opts) {
     throw AmqpError(msg);
   }
 
+  // From here on no RPC waits longer than this (the default is forever).
+  timeval rpc{static_cast<time_t>(opts.rpc_timeout.count() / 1000),
+              static_cast<suseconds_t>((opts.rpc_timeout.count() % 1000) * 1000)};
+  amqp_set_rpc_timeout(c.conn_.get(), &rpc);
+
   const amqp_table_t* props = amqp_get_server_properties(c.conn_.get());
   for (int i = 0; props && i < props->num_entries; ++i) {
     const auto& e = props->entries[i];
@@ -181,6 +194,12 @@ Connection::~Connection() {
 void Connection::open_channel(amqp_channel_t ch) {
   amqp_channel_open(conn_.get(), ch);
   check_reply(amqp_get_rpc_reply(conn_.get()), "opening channel " + std::to_string(ch));
+}
+
+amqp_channel_t Connection::channel_max() const {
+  int n = amqp_get_channel_max(conn_.get());
+  // 0 means "no limit" in AMQP; rabbitmq-c asks for 2047 anyway.
+  return static_cast<amqp_channel_t>(n <= 0 || n > 65535 ? 65535 : n);
 }
 
 void Connection::close() noexcept {

@@ -16,6 +16,18 @@ namespace er::amqp {
 class AmqpError : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
+  AmqpError(const std::string& what, int reply_code, bool channel_closed)
+      : std::runtime_error(what), reply_code_(reply_code), channel_closed_(channel_closed) {}
+  // The broker's reply code (404, 406, 403, 320...), 0 for library errors.
+  int reply_code() const { return reply_code_; }
+  // The broker closed only the channel (a channel.close): the connection lives.
+  bool channel_closed() const { return channel_closed_; }
+  // What a retry cannot fix: the broker refused an argument or a permission.
+  bool permanent() const { return reply_code_ == AMQP_PRECONDITION_FAILED || reply_code_ == AMQP_ACCESS_REFUSED; }
+
+ private:
+  int reply_code_ = 0;
+  bool channel_closed_ = false;
 };
 
 // The one place where RPC replies become text. `context` says what was being
@@ -44,6 +56,7 @@ struct ConnectOptions {
   TlsOptions tls;                              // used for amqps:// URLs
   std::chrono::milliseconds heartbeat{30000};  // 0 disables
   std::chrono::milliseconds connect_timeout{10000};
+  std::chrono::milliseconds rpc_timeout{10000};  // every RPC reply after login
 };
 
 // Options for the config's broker, URL number `url_index` (of broker.urls).
@@ -64,6 +77,8 @@ class Connection {
   const std::string& server_version() const { return server_version_; }
 
   void open_channel(amqp_channel_t ch);
+  // The highest channel number the broker agreed to.
+  amqp_channel_t channel_max() const;
   // Graceful connection.close; errors are ignored (we are leaving anyway).
   void close() noexcept;
 

@@ -33,13 +33,16 @@ std::string retry_queue_name(const std::string& queue, config::Duration step) {
   return queue + ".retry." + std::to_string(step.count());
 }
 
-void declare_topology(Connection& conn, amqp_channel_t ch, const config::Config& cfg) {
+void declare_exchange(Connection& conn, amqp_channel_t ch, const config::Config& cfg) {
   amqp_connection_state_t c = conn.get();
   const auto& ex = cfg.exchange;
   amqp_exchange_declare(c, ch, bytes(ex.name), bytes(ex.type), /*passive*/ 0, /*durable*/ 1,
                         /*auto_delete*/ 0, /*internal*/ 0, amqp_empty_table);
   check_reply(amqp_get_rpc_reply(c), "declaring exchange '" + ex.name + "' (type " + ex.type + ")");
+}
 
+void declare_topology(Connection& conn, amqp_channel_t ch, const config::Config& cfg) {
+  declare_exchange(conn, ch, cfg);
   for (const auto& q : cfg.queues) declare_queue(conn, ch, cfg, q);
 }
 

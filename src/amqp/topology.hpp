@@ -14,6 +14,9 @@ std::string retry_queue_name(const std::string& queue, config::Duration step);
 // channel is then closed by the broker.
 void declare_topology(Connection& conn, amqp_channel_t ch, const config::Config& cfg);
 
+// The exchange alone.
+void declare_exchange(Connection& conn, amqp_channel_t ch, const config::Config& cfg);
+
 // One queue of the config: the queue, its dead-letter and delay queues, its bindings.
 void declare_queue(Connection& conn, amqp_channel_t ch, const config::Config& cfg, const config::QueueConfig& q);
 

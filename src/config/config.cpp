@@ -516,7 +516,7 @@ void Loader::check_url(const Val& v, const std::string& url) const {
 }
 
 void Loader::load_broker(const Val& v, BrokerConfig& b) const {
-  check_keys(v, {"url", "urls", "heartbeat", "reconnect", "tls"});
+  check_keys(v, {"url", "urls", "heartbeat", "reconnect", "rpc_timeout", "tls"});
   Val url = child(v, "url");
   Val urls = child(v, "urls");
   if (url.present && urls.present) fail(urls, "set either 'url' or 'urls', not both");
@@ -539,6 +539,10 @@ void Loader::load_broker(const Val& v, BrokerConfig& b) const {
     if (b.heartbeat.count() % 1000 != 0)
       fail(h, "heartbeat must be a whole number of seconds");
     if (b.heartbeat > std::chrono::seconds(65535)) fail(h, "heartbeat must be at most 65535s");
+  }
+  if (Val t = child(v, "rpc_timeout"); t.present) {
+    b.rpc_timeout = duration(t, false);
+    if (b.rpc_timeout < std::chrono::milliseconds(100)) fail(t, "rpc_timeout must be at least 100ms");
   }
   if (Val t = child(v, "tls"); t.present) {
     expect_map(t);

@@ -40,6 +40,9 @@ struct BrokerConfig {
   Duration heartbeat{std::chrono::seconds(30)};
   Duration reconnect_initial{std::chrono::seconds(1)};  // `reconnect: {initial, max}`
   Duration reconnect_max{std::chrono::seconds(30)};
+  // Bound on every broker call made from the event loop (RPC replies, a
+  // delivery's frames): a stalled broker costs at most this, then a reconnect.
+  Duration rpc_timeout{std::chrono::seconds(10)};
   TlsConfig tls;
 };
 

@@ -13,7 +13,8 @@
 #include <iostream>
 
 #include "config/config.hpp"
-#include "consume/session.hpp"
+#include "consume/consumer.hpp"
+#include "daemon/reload.hpp"
 #include "daemon/notify.hpp"
 #include "dedupe/store.hpp"
 #include "http/server.hpp"
@@ -64,16 +65,17 @@ int run(const Options& opts) {
                          {"queues", std::to_string(cfg->queues.size())}});
   Notifier notifier;
   metrics::Registry registry;
-  std::unique_ptr<dedupe::Store> dedupe;
+  std::shared_ptr<dedupe::Store> dedupe;
   if (std::any_of(cfg->queues.begin(), cfg->queues.end(), [](const auto& q) { return q.dedupe_ttl.count() > 0; })) {
     try {
-      dedupe = std::make_unique<dedupe::Store>(cfg->state_dir);
+      dedupe = std::make_shared<dedupe::Store>(cfg->state_dir);
     } catch (const std::exception& e) {
       log::error("cannot open the dedupe store (state_dir)", {{"error", e.what()}});
       return 1;
     }
   }
-  consume::Session session(io, std::move(rt), registry, dedupe.get());
+  consume::Consumer session(io, std::move(rt), registry, std::move(dedupe));
+  Reloader reloader(io, pool, session, opts.config_path);
   std::unique_ptr<http::Server> http_server;
   if (!cfg->http_listen.empty()) {
     try {
@@ -127,35 +129,12 @@ int run(const Options& opts) {
     });
   };
 
-  // Like nginx's SIGHUP: the new config is parsed, validated and its plugins
-  // loaded by the same build_runtime() as at startup, before anything
-  // changes; a reload that fails keeps the running config.
   auto reload = [&] {
     notifier.send("RELOADING=1\nSTATUS=reloading " + opts.config_path);
-    log::info("reloading", {{"config", opts.config_path}});
-    try {
-      auto next = std::make_shared<const config::Config>(config::load_config(opts.config_path));
-      auto next_rt = dispatch::build_runtime(next, io, pool);
-      for (const auto& w : dispatch::plan_warnings(*next)) log::warn(w);
-      bool wants_dedupe = std::any_of(next->queues.begin(), next->queues.end(),
-                                      [](const auto& q) { return q.dedupe_ttl.count() > 0; });
-      std::unique_ptr<dedupe::Store> fresh;
-      if (wants_dedupe && (!dedupe || next->state_dir != cfg->state_dir))
-        fresh = std::make_unique<dedupe::Store>(next->state_dir);
-      if (next->http_listen != cfg->http_listen)
-        log::warn("http.listen changed; it applies at the next restart");
-      session.reload(std::move(next_rt), fresh ? fresh.get() : wants_dedupe ? dedupe.get() : nullptr);
-      if (fresh) {
-        if (dedupe) dedupe->flush(true);
-        dedupe = std::move(fresh);  // the session no longer uses the old one
-      }
-      cfg = next;
-      log::set_level(cfg->log.level);
-      log::set_format(cfg->log.format);
-    } catch (const std::exception& e) {
-      log::error("reload failed; keeping the running config", {{"error", e.what()}});
-    }
-    notifier.send("READY=1\n" + status_line());
+    reloader.request([&](bool) {
+      cfg = session.config_ptr();
+      notifier.send("READY=1\n" + status_line());
+    });
   };
 
   std::function<void()> wait_signal;

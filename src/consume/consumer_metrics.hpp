@@ -1,5 +1,5 @@
 #pragma once
-// The session's Prometheus metrics. Label children on the hot path are
+// The consumer's Prometheus metrics. Label children on the hot path are
 // resolved once, here, so counting an event is one relaxed atomic add.
 #include <string>
 #include <string_view>
@@ -25,15 +25,11 @@ struct QueueMetrics {
   std::vector<SlotMetrics> slots;  // same order as the queue's handlers
 };
 
-class SessionMetrics {
+class ConsumerMetrics {
  public:
-  SessionMetrics(metrics::Registry& registry, const dispatch::Runtime& rt);
+  ConsumerMetrics(metrics::Registry& registry, const dispatch::Runtime& rt);
 
   QueueMetrics& queue(size_t i) { return queues_[i]; }
-  // Rare paths: resolved on use.
-  metrics::Counter& dead_letters(const std::string& queue, std::string_view reason);
-  metrics::Counter& retries(const std::string& queue, std::string_view reason);
-
   metrics::Gauge* connected = nullptr;
   metrics::Gauge* in_flight = nullptr;
   metrics::Counter* reconnects = nullptr;
@@ -43,8 +39,6 @@ class SessionMetrics {
   metrics::Histogram* confirm_latency = nullptr;
 
  private:
-  metrics::CounterFamily* dead_letters_;
-  metrics::CounterFamily* retries_;
   std::vector<QueueMetrics> queues_;
 };
 

@@ -1,8 +1,8 @@
-#include "consume/session_metrics.hpp"
+#include "consume/consumer_metrics.hpp"
 
 namespace er::consume {
 
-SessionMetrics::SessionMetrics(metrics::Registry& r, const dispatch::Runtime& rt) {
+ConsumerMetrics::ConsumerMetrics(metrics::Registry& r, const dispatch::Runtime& rt) {
   auto& info = r.gauge("event_router_build_info", "Build information; the value is always 1.", {"version"});
   info.with({ER_VERSION}).set(1);
   auto& received = r.counter("event_router_events_received_total", "Events delivered by the broker.", {"queue"});
@@ -18,10 +18,6 @@ SessionMetrics::SessionMetrics(metrics::Registry& r, const dispatch::Runtime& rt
                                {"queue"});
   auto& unhandled = r.counter("event_router_unhandled_acked_total",
                               "Events no handler takes, acked on purpose (unhandled: ack).", {"queue"});
-  retries_ = &r.counter("event_router_retries_total", "Events republished to a delay queue for another attempt.",
-                        {"queue", "reason"});
-  dead_letters_ = &r.counter("event_router_dead_letters_total", "Events moved to a dead-letter queue, by reason.",
-                             {"queue", "reason"});
   connected = &r.gauge("event_router_connected", "1 while connected to the broker and consuming every queue.").with();
   in_flight = &r.gauge("event_router_in_flight_events", "Events delivered and not yet settled.").with();
   reconnects = &r.counter("event_router_reconnects_total", "Connections to the broker after the first.").with();
@@ -52,14 +48,6 @@ SessionMetrics::SessionMetrics(metrics::Registry& r, const dispatch::Runtime& rt
     }
     queues_.push_back(std::move(qm));
   }
-}
-
-metrics::Counter& SessionMetrics::dead_letters(const std::string& queue, std::string_view reason) {
-  return dead_letters_->with({queue, std::string(reason)});
-}
-
-metrics::Counter& SessionMetrics::retries(const std::string& queue, std::string_view reason) {
-  return retries_->with({queue, std::string(reason)});
 }
 
 }  // namespace er::consume

@@ -1,0 +1,607 @@
+#include "consume/consumer.hpp"
+
+#include <boost/asio/post.hpp>
+
+#include <algorithm>
+#include <charconv>
+
+#include "consume/intake.hpp"
+#include "util/log.hpp"
+
+namespace er::consume {
+
+namespace asio = boost::asio;
+using std::chrono::milliseconds;
+using std::chrono::steady_clock;
+
+namespace {
+constexpr auto kHandBackPause = std::chrono::seconds(5);
+std::string_view sv(amqp_bytes_t b) { return amqp::view(b); }
+}  // namespace
+
+// One in-flight event. Owns the envelope the link assembled (body and
+// properties are not copied again) until it is settled or dropped. Holds its
+// generation and its queue channel, so whatever a callback reaches through it
+// stays alive until it is released.
+struct Delivery final : dispatch::Job, settle::Settling {
+  Consumer* consumer = nullptr;
+  std::shared_ptr<Generation> g;
+  std::shared_ptr<QueueChannel> qc;
+  uint64_t connection = 0;  // the link's connection it came on
+  uint64_t incarnation = 0; // of its queue channel
+  amqp_channel_t channel = 0;
+  size_t queue = 0;         // index in its generation's queues
+  amqp_envelope_t env{};
+  bool has_env = false;
+  uint64_t body_size = 0;
+  event::Envelope envelope;
+  dispatch::EventView view_;
+  dispatch::HandlerSlot* slot = nullptr;  // valid while `g` is held
+  std::string running_key;                // set while registered in running_ids_
+  std::vector<Delivery*> twins;           // copies of this event waiting for its outcome
+  steady_clock::time_point started;
+  steady_clock::time_point published;     // its copy, for the confirm latency
+
+  const dispatch::EventView& view() const override { return view_; }
+  void finish(dispatch::Outcome outcome) override { consumer->on_finished(this, std::move(outcome)); }
+  bool stale() const override {
+    return consumer->link_.connection_id() != connection ||
+           qc->incarnation.load(std::memory_order_relaxed) != incarnation;
+  }
+};
+
+Consumer::Consumer(asio::io_context& io, std::unique_ptr<dispatch::Runtime> runtime, metrics::Registry& registry,
+                   std::shared_ptr<dedupe::Store> dedupe)
+    : io_(io),
+      registry_(registry),
+      link_(io, *this),
+      settler_(*this, registry),
+      deadline_timer_(io),
+      dedupe_timer_(io) {
+  current_ = make_generation(std::move(runtime), std::move(dedupe));
+  link_.set_config(current_->rt->config);
+  registry.add_collector([this] {
+    std::string reason;
+    current_->m->connected->set(ready(reason) ? 1 : 0);
+    current_->m->in_flight->set(static_cast<double>(in_flight_));
+  });
+}
+
+Consumer::~Consumer() { *alive_ = false; }
+
+// Binds a runtime to queue channels: a queue kept as it was keeps its
+// channel; a new queue, or one whose prefetch changed, gets a new one.
+std::shared_ptr<Generation> Consumer::make_generation(std::unique_ptr<dispatch::Runtime> rt,
+                                                      std::shared_ptr<dedupe::Store> dedupe) {
+  auto g = std::make_shared<Generation>();
+  g->cfg = rt->config.get();
+  g->m = std::make_unique<ConsumerMetrics>(registry_, *rt);
+  g->dedupe = std::move(dedupe);
+  for (size_t i = 0; i < g->cfg->queues.size(); ++i) {
+    const auto& q = g->cfg->queues[i];
+    g->steps.push_back(settle::retry_steps(q));
+    std::shared_ptr<QueueChannel> qc;
+    if (current_) {
+      for (auto& c : current_->channels)
+        if (c->name == q.name && c->prefetch == q.prefetch && !c->retired) qc = c;
+    }
+    if (!qc) qc = std::make_shared<QueueChannel>(io_, q.name, q.prefetch);
+    g->channels.push_back(std::move(qc));
+  }
+  g->rt = std::move(rt);
+  generations_.push_back(g);
+  return g;
+}
+
+template <class F>
+void Consumer::for_each_generation(F&& f) {
+  generations_.erase(std::remove_if(generations_.begin(), generations_.end(),
+                                    [](const auto& w) { return w.expired(); }),
+                     generations_.end());
+  for (auto& w : generations_) {
+    if (auto g = w.lock()) f(*g);
+  }
+}
+
+void Consumer::start(std::function<void()> on_ready, std::function<void()> on_stopped) {
+  on_ready_ = std::move(on_ready);
+  on_stopped_ = std::move(on_stopped);
+  state_ = State::Running;
+  for (size_t i = 0; i < current_->channels.size(); ++i) current_->channels[i]->index = i;
+  if (current_->dedupe) arm_dedupe_flush();
+  link_.start();
+}
+
+Consumer::Stats Consumer::stats() const {
+  Stats s;
+  s.received = received_;
+  s.acked = settler_.stats().acked;
+  s.retried = settler_.stats().retried;
+  s.dead_lettered = settler_.stats().dead_lettered;
+  s.reconnects = link_.reconnects();
+  return s;
+}
+
+bool Consumer::ready(std::string& reason) const {
+  if (state_ != State::Running || !link_.connected()) {
+    reason = state_ == State::Draining ? "shutting down" : "not connected to the broker";
+    return false;
+  }
+  for (const auto& qc : current_->channels) {
+    if (qc->channel == 0) {
+      reason = "not consuming queue '" + qc->name + "'";
+      return false;
+    }
+  }
+  return true;
+}
+
+// Commits the dedupe store's batch every 100 ms and prunes expired ids every
+// ~10 s, from the loop: no thread, no per-event fsync.
+void Consumer::arm_dedupe_flush() {
+  dedupe_timer_.expires_after(milliseconds(100));
+  dedupe_timer_.async_wait([this](boost::system::error_code ec) {
+    if (ec) return;
+    auto store = current_->dedupe;
+    if (!store) return;  // armed again by the reload that brings one
+    try {
+      store->flush();
+      if (++dedupe_ticks_ % 100 == 0) store->prune();
+    } catch (const std::exception& e) {
+      log::error("dedupe store", {{"error", e.what()}});
+    }
+    if (state_ != State::Stopped) arm_dedupe_flush();
+  });
+}
+
+// Recorded before the ack: if the ack is lost, the redelivery is skipped.
+void Consumer::remember_success(const Delivery* d) {
+  const auto& q = d->g->cfg->queues[d->queue];
+  const auto& store = d->g->dedupe;
+  if (!store || q.dedupe_ttl.count() == 0 || d->envelope.event_id.empty()) return;
+  try {
+    store->record(q.name, d->envelope.event_id, std::chrono::duration_cast<std::chrono::seconds>(q.dedupe_ttl));
+  } catch (const std::exception& e) {
+    log::error("dedupe store write failed", {{"error", e.what()}});
+  }
+}
+
+void Consumer::link_up() {
+  // Consumers retired by a reload died with the old connection.
+  retired_.erase(std::remove_if(retired_.begin(), retired_.end(), [](const auto& q) { return q->in_flight == 0; }),
+                 retired_.end());
+  if (state_ != State::Running) return;
+  const uint64_t id = link_.connection_id();
+  for (auto& qc : current_->channels) {
+    qc->backoff = milliseconds(0);
+    link_.open_queue(qc);
+    if (id != link_.connection_id()) return;
+  }
+  log::info("ready", {{"queues", std::to_string(current_->channels.size())}, {"broker", link_.node()}});
+  if (on_ready_) on_ready_();
+}
+
+void Consumer::delivery(QueueChannel& qc, amqp_envelope_t& env, uint64_t body_size) {
+  if (state_ != State::Running || qc.retired || !qc.consuming) {
+    // Draining, or a consumer we cancelled: hand it back at once rather than
+    // leave it unacked until the channel closes.
+    link_.nack(env.channel, env.delivery_tag, /*requeue*/ true);
+    amqp_destroy_envelope(&env);
+    return;
+  }
+  Generation& g = *current_;
+  const size_t qi = qc.index;
+  const auto& qcfg = g.cfg->queues[qi];
+  ++received_;
+  auto& qm = g.m->queue(qi);
+  qm.received->inc();
+  if (env.redelivered) qm.redelivered->inc();
+
+  Delivery* d = acquire();
+  ++in_flight_;
+  d->env = env;
+  d->has_env = true;
+  d->body_size = body_size;
+  d->connection = link_.connection_id();
+  d->qc = g.channels[qi];
+  d->incarnation = qc.incarnation.load(std::memory_order_relaxed);
+  d->channel = env.channel;
+  ++qc.in_flight;
+  d->g = current_;
+  d->queue = qi;
+  d->slot = nullptr;
+
+  const auto& props = d->env.message.properties;
+  // A retry copy comes back through the default exchange: its headers say
+  // which attempt it is and where it was first published.
+  settle::DeliveryHistory history = settle::read_history(props);
+  std::string_view rk = history.has_original ? history.original_routing_key : sv(d->env.routing_key);
+  auto& v = d->view_;
+  v.body = sv(d->env.message.body);
+  v.routing_key = rk;
+  v.exchange = history.has_original ? history.original_exchange : sv(d->env.exchange);
+  v.queue = qcfg.name;
+  v.envelope = &d->envelope;
+  v.attempt = history.attempt;
+  v.redelivered = d->env.redelivered != 0;
+  d->properties = &props;
+  d->body = d->env.message.body;
+  d->queue_cfg = &qcfg;
+  d->steps = &g.steps[qi];
+  d->exchange = v.exchange;
+  d->routing_key = v.routing_key;
+  d->attempt = v.attempt;
+
+  const auto& store = g.dedupe;
+  std::function<bool(std::string_view)> seen;
+  if (store && qcfg.dedupe_ttl.count() > 0) {
+    seen = [&](std::string_view id) {
+      try {
+        return store->seen(qcfg.name, id);
+      } catch (const std::exception& e) {
+        // Without the store the event runs again: at-least-once, never lost.
+        log::error("dedupe store lookup failed; handling the event", {{"error", e.what()}});
+        return false;
+      }
+    };
+  }
+  IntakeInput in{d->env.message.body, body_size, rk};
+  Decision dec = decide(in, qcfg, g.rt->queues[qi], g.rt->schemas.get(), seen, d->envelope, detail_);
+  d->event_id = d->envelope.event_id;
+  d->event_type = d->envelope.event_type;
+  switch (dec.kind) {
+    case Decision::Kind::DeadLetter:
+      settler_.dead_letter(*d, dec.reason, detail_, {});
+      return;
+    case Decision::Kind::Duplicate:
+      log::debug("duplicate skipped: this event_id already succeeded",
+                 {{"queue", qcfg.name}, {"event_type", d->envelope.event_type}, {"event_id", d->envelope.event_id}});
+      qm.duplicates->inc();
+      ack(*d);
+      return;
+    case Decision::Kind::UnhandledAck:
+      log::info("unhandled event acked (unhandled: ack)",
+                {{"queue", qcfg.name}, {"event_type", d->envelope.event_type}, {"event_id", d->envelope.event_id}});
+      qm.unhandled_acked->inc();
+      settler_.ack(*d);
+      return;
+    case Decision::Kind::Handle:
+      break;
+  }
+  d->slot = dec.slot;
+  if (qcfg.dedupe_ttl.count() > 0 && store && !d->envelope.event_id.empty()) {
+    // Another copy of this event is running now (a retry copy and a
+    // redelivery, say): wait for its outcome instead of running beside it.
+    std::string key;
+    key.reserve(qcfg.name.size() + 1 + d->envelope.event_id.size());
+    key.append(qcfg.name).push_back('\0');
+    key.append(d->envelope.event_id);
+    auto [it, fresh] = running_ids_.try_emplace(std::move(key), d);
+    if (!fresh) {
+      it->second->twins.push_back(d);
+      return;
+    }
+    d->running_key = it->first;
+  }
+  start_or_wait(d);
+}
+
+void Consumer::start_or_wait(Delivery* d) {
+  if (d->slot->active < d->slot->limit) {
+    start_job(d);
+  } else {
+    d->slot->waiting.push_back(d);
+  }
+}
+
+void Consumer::start_job(Delivery* d) {
+  ++d->slot->active;
+  d->started = steady_clock::now();
+  d->slot->handler->start(*d);
+}
+
+void Consumer::start_waiting(dispatch::HandlerSlot& slot) {
+  while (slot.active < slot.limit && !slot.waiting.empty()) {
+    auto* d = static_cast<Delivery*>(slot.waiting.front());
+    slot.waiting.pop_front();
+    if (!is_live(d) || state_ != State::Running) {
+      if (is_live(d)) link_.nack(d->channel, d->env.delivery_tag, true);
+      release(d);
+      continue;
+    }
+    start_job(d);
+  }
+}
+
+void Consumer::on_finished(Delivery* d, dispatch::Outcome outcome) {
+  // Settling may release the delivery, and with it the last reference to a
+  // replaced generation: keep it (and the slot inside it) until we are done.
+  std::shared_ptr<Generation> g = d->g;
+  dispatch::HandlerSlot& slot = *d->slot;
+  --slot.active;
+  const std::string& handler = slot.handler->name();
+  auto& sm = g->m->queue(d->queue).slots[static_cast<size_t>(&slot - g->rt->queues[d->queue].slots().data())];
+  const auto elapsed = steady_clock::now() - d->started;
+  sm.duration->observe(std::chrono::duration<double>(elapsed).count());
+  const bool ok = outcome.verdict == dispatch::Verdict::Ack;
+  (ok ? sm.ack : outcome.verdict == dispatch::Verdict::Retry ? sm.retry : sm.dead_letter)->inc();
+  if (log::enabled(log::Level::Info)) {
+    auto ms = std::chrono::duration<double, std::milli>(elapsed).count();
+    char dur[32];
+    auto res = std::to_chars(dur, dur + sizeof dur, static_cast<long long>(ms + 0.5));
+    log::write(ok ? log::Level::Info : log::Level::Warn, "handled",
+               {{"queue", d->view_.queue},
+                {"event_type", d->envelope.event_type},
+                {"event_id", d->envelope.event_id},
+                {"correlation_id", d->envelope.correlation_id},
+                {"handler", handler},
+                {"outcome", dispatch::verdict_name(outcome.verdict)},
+                {"duration_ms", std::string_view(dur, static_cast<size_t>(res.ptr - dur))},
+                {"detail", outcome.detail}});
+  }
+  if (ok) remember_success(d);
+  finish_twins(d, ok);
+  if (!is_live(d)) {
+    // Its channel is gone; the broker redelivers the event. A success is still
+    // recorded above, so that with dedupe the redelivery does not run it again.
+    log::debug("dropping a result from a closed channel", {{"event_id", d->envelope.event_id}});
+    release(d);
+  } else {
+    settler_.settle(*d, outcome, handler, slot.cfg->retry);
+  }
+  start_waiting(slot);
+}
+
+// The copies that waited for `d`: after a success they are duplicates; after
+// a failure the first of them runs (the others wait for it in turn).
+void Consumer::finish_twins(Delivery* d, bool succeeded) {
+  if (!d->running_key.empty()) {
+    auto it = running_ids_.find(d->running_key);
+    if (it != running_ids_.end() && it->second == d) running_ids_.erase(it);
+    d->running_key.clear();
+  }
+  if (d->twins.empty()) return;
+  auto twins = std::move(d->twins);
+  d->twins.clear();
+  if (succeeded) {
+    for (auto* t : twins) {
+      t->g->m->queue(t->queue).duplicates->inc();
+      ack(*t);
+    }
+    return;
+  }
+  Delivery* next = twins.front();
+  if (state_ != State::Running || !is_live(next)) {
+    for (auto* t : twins) {
+      if (is_live(t)) link_.nack(t->channel, t->env.delivery_tag, true);
+      release(t);
+    }
+    return;
+  }
+  next->twins.assign(twins.begin() + 1, twins.end());
+  auto [it, fresh] = running_ids_.try_emplace(d->g->cfg->queues[d->queue].name + '\0' + next->envelope.event_id, next);
+  if (fresh) next->running_key = it->first;
+  start_or_wait(next);
+}
+
+bool Consumer::is_live(const Delivery* d) const {
+  return link_.live(d->connection, *d->qc, d->incarnation, d->channel);
+}
+
+void Consumer::ack(settle::Settling& s) {
+  auto* d = static_cast<Delivery*>(&s);
+  if (is_live(d)) link_.ack(d->channel, d->env.delivery_tag);
+  release(d);
+}
+
+// The original stays unacked, so the broker still owns it; give it back after
+// a pause so that a copy the broker keeps refusing (a full DLQ with
+// reject-publish, say) does not become a hot redelivery loop.
+void Consumer::hand_back_later(settle::Settling& s, const char* why) {
+  auto* d = static_cast<Delivery*>(&s);
+  log::error(why, {{"queue", d->qc->name}, {"event_id", d->envelope.event_id},
+                   {"retry_in_ms", std::to_string(milliseconds(kHandBackPause).count())}});
+  auto timer = std::make_shared<asio::steady_timer>(io_, kHandBackPause);
+  std::weak_ptr<bool> alive = alive_;
+  timer->async_wait([this, d, timer, alive](boost::system::error_code) {
+    if (alive.expired()) return;
+    if (is_live(d)) link_.nack(d->channel, d->env.delivery_tag, /*requeue*/ true);
+    release(d);
+  });
+}
+
+void Consumer::drop(settle::Settling& s) { release(static_cast<Delivery*>(&s)); }
+
+bool Consumer::live(const settle::Settling& s) const { return is_live(static_cast<const Delivery*>(&s)); }
+
+void Consumer::publish(settle::Settling& s) {
+  auto* d = static_cast<Delivery*>(&s);
+  d->published = steady_clock::now();
+  std::weak_ptr<bool> alive = alive_;
+  link_.publish(d->copy_target, d->copy->get(), d->env.message.body, [this, d, alive](settle::CopyResult r) {
+    if (alive.expired()) return;
+    auto& m = *current_->m;
+    m.confirm_latency->observe(std::chrono::duration<double>(steady_clock::now() - d->published).count());
+    (r == settle::CopyResult::Confirmed  ? m.confirms_ack
+     : r == settle::CopyResult::Returned ? m.confirms_returned
+                                         : m.confirms_nack)
+        ->inc();
+    settler_.copy_result(*d, r);
+  });
+}
+
+void Consumer::queue_channel_lost(QueueChannel& qc) {
+  drop_waiting(qc);
+  close_if_drained(qc);
+}
+
+void Consumer::link_down() {
+  for_each_generation([&](Generation& g) {
+    for (auto& qc : g.channels) drop_waiting(*qc);
+  });
+  for (auto& qc : retired_) drop_waiting(*qc);
+  if (state_ == State::Draining) {
+    // Nothing can be acked any more; what is unacked is redelivered.
+    link_.close();
+    maybe_finish_stop();
+  }
+}
+
+void Consumer::link_failed(const std::string& why) {
+  // A topology the broker refuses will not fix itself by retrying.
+  log::error(why);
+  exit_code_ = 1;
+  state_ = State::Draining;
+  finish_stop();
+}
+
+// Events of this queue channel still waiting for a handler slot, in every
+// generation that is alive: they have not started; hand them back.
+void Consumer::drop_waiting(const QueueChannel& qc) {
+  for_each_generation([&](Generation& g) {
+    for (size_t i = 0; i < g.channels.size(); ++i) {
+      for (auto& slot : g.rt->queues[i].slots()) {
+        if (slot.waiting.empty()) continue;
+        std::deque<dispatch::Job*> keep;
+        for (auto* j : slot.waiting) {
+          auto* d = static_cast<Delivery*>(j);
+          if (d->qc.get() != &qc) {
+            keep.push_back(j);
+            continue;
+          }
+          if (is_live(d)) link_.nack(d->channel, d->env.delivery_tag, true);
+          release(d);
+        }
+        slot.waiting = std::move(keep);
+      }
+    }
+  });
+}
+
+// A retired consumer closes its channel once its last delivery is settled
+// (what it still had prefetched goes back to the queue).
+void Consumer::close_if_drained(QueueChannel& qc) {
+  if (!qc.retired || qc.in_flight != 0) return;
+  auto it = std::find_if(retired_.begin(), retired_.end(), [&](const auto& p) { return p.get() == &qc; });
+  if (it == retired_.end()) return;
+  std::shared_ptr<QueueChannel> keep = *it;
+  retired_.erase(it);
+  // Not from inside a settlement that the link may be in the middle of.
+  std::weak_ptr<bool> alive = alive_;
+  asio::post(io_, [this, keep, alive] {
+    if (alive.expired() || keep->channel == 0) return;
+    link_.close_queue(*keep);
+    bool removed = std::none_of(current_->channels.begin(), current_->channels.end(),
+                                [&](const auto& c) { return c->name == keep->name; });
+    log::info(removed ? "stopped consuming a queue removed from the config" : "stopped a replaced consumer",
+              {{"queue", keep->name}, {"prefetch", std::to_string(keep->prefetch)}});
+  });
+}
+
+void Consumer::switch_to(std::unique_ptr<dispatch::Runtime> runtime, std::shared_ptr<dedupe::Store> dedupe) {
+  const config::Config& prev = *current_->cfg;
+  auto g = make_generation(std::move(runtime), std::move(dedupe));
+  if (prev.broker.urls != g->cfg->broker.urls) log::warn("broker URLs changed; they apply at the next reconnect");
+  // Consumers the new generation does not keep drain and close.
+  for (auto& qc : current_->channels) {
+    if (std::find(g->channels.begin(), g->channels.end(), qc) != g->channels.end()) continue;
+    qc->retired = true;
+    qc->recover_timer.cancel();
+    link_.cancel_consumer(*qc);
+    retired_.push_back(qc);
+  }
+  for (size_t i = 0; i < g->channels.size(); ++i) g->channels[i]->index = i;
+  const bool had_store = current_->dedupe != nullptr;
+  current_ = std::move(g);
+  link_.set_config(current_->rt->config);
+  if (current_->dedupe && !had_store && state_ == State::Running) arm_dedupe_flush();
+  if (state_ == State::Running && link_.connected()) {
+    for (auto& qc : current_->channels)
+      if (qc->channel == 0) link_.open_queue(qc);  // new, or a new prefetch: a new consumer
+  }
+  auto retired = retired_;
+  for (auto& qc : retired) close_if_drained(*qc);
+  log::info("reloaded", {{"queues", std::to_string(current_->cfg->queues.size())}});
+}
+
+void Consumer::stop() {
+  if (state_ == State::Draining || state_ == State::Stopped) return;
+  log::info("stopping", {{"in_flight", std::to_string(in_flight_)},
+                         {"shutdown_timeout_ms", std::to_string(config().shutdown_timeout.count())}});
+  state_ = State::Draining;
+  for (auto& qc : current_->channels) {
+    qc->recover_timer.cancel();
+    link_.cancel_consumer(*qc);
+  }
+  // Events waiting for a handler slot have not started: hand them back.
+  for_each_generation([&](Generation& g) {
+    for (auto& qc : g.channels) drop_waiting(*qc);
+  });
+  for (auto& qc : retired_) drop_waiting(*qc);
+  deadline_timer_.expires_after(config().shutdown_timeout);
+  deadline_timer_.async_wait([this](boost::system::error_code ec) {
+    if (ec || state_ == State::Stopped) return;
+    log::warn("shutdown_timeout passed; abandoning in-flight events, the broker will redeliver them",
+              {{"in_flight", std::to_string(in_flight_)}});
+    aborted_ = true;
+    for_each_generation([](Generation& g) {
+      for (auto& q : g.rt->queues)
+        for (auto& slot : q.slots()) slot.handler->abort_all();
+    });
+    finish_stop();
+  });
+  if (!link_.connected()) link_.close();  // no reconnecting while draining
+  maybe_finish_stop();
+}
+
+void Consumer::maybe_finish_stop() {
+  if (state_ == State::Draining && in_flight_ == 0) finish_stop();
+}
+
+void Consumer::finish_stop() {
+  if (state_ == State::Stopped) return;
+  state_ = State::Stopped;
+  dedupe_timer_.cancel();
+  if (auto store = current_->dedupe) {
+    try {
+      store->flush(true);
+    } catch (const std::exception& e) {
+      log::error("dedupe store", {{"error", e.what()}});
+    }
+  }
+  deadline_timer_.cancel();
+  for (auto& qc : current_->channels) qc->recover_timer.cancel();
+  link_.close();
+  log::info("stopped", {{"unsettled", std::to_string(in_flight_)}});
+  if (on_stopped_) asio::post(io_, std::move(on_stopped_));
+}
+
+Delivery* Consumer::acquire() {
+  if (pool_.empty()) {
+    auto d = std::make_unique<Delivery>();
+    d->consumer = this;
+    return d.release();
+  }
+  Delivery* d = pool_.back().release();
+  pool_.pop_back();
+  return d;
+}
+
+void Consumer::release(Delivery* d) {
+  // Copies waiting for this one must not be stranded with it.
+  if (!d->twins.empty() || !d->running_key.empty()) finish_twins(d, false);
+  if (d->has_env) amqp_destroy_envelope(&d->env);
+  d->has_env = false;
+  d->slot = nullptr;
+  d->copy.reset();
+  std::shared_ptr<QueueChannel> qc = std::move(d->qc);
+  d->qc.reset();
+  d->g.reset();  // the last event of an old generation unloads its handlers
+  --in_flight_;
+  --qc->in_flight;
+  pool_.emplace_back(d);
+  close_if_drained(*qc);
+  maybe_finish_stop();
+}
+
+}  // namespace er::consume

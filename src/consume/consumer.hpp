@@ -1,0 +1,132 @@
+#pragma once
+// The consumer: takes deliveries from the broker link, runs them through
+// intake, hands them to their handler within its concurrency limit, and gives
+// the verdict to the settler, whose decisions it carries out on the link.
+// It owns the generations (see generation.hpp) and the drain on stop().
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/steady_timer.hpp>
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "consume/generation.hpp"
+#include "consume/link.hpp"
+#include "settle/settler.hpp"
+
+namespace er::consume {
+
+struct Delivery;
+
+class Consumer final : LinkEvents, settle::Outbox {
+ public:
+  Consumer(boost::asio::io_context& io, std::unique_ptr<dispatch::Runtime> runtime, metrics::Registry& registry,
+           std::shared_ptr<dedupe::Store> dedupe);
+  ~Consumer() override;
+  Consumer(const Consumer&) = delete;
+  Consumer& operator=(const Consumer&) = delete;
+
+  // Connects (retrying with backoff until stop()), declares, consumes.
+  // `on_ready` runs each time every queue is being consumed; `on_stopped`
+  // once, after stop() drained or after a fatal error (see exit_code()).
+  void start(std::function<void()> on_ready, std::function<void()> on_stopped);
+
+  // Stop consuming, let in-flight handlers finish (up to shutdown_timeout),
+  // settle them, close the connection, then call `on_stopped`.
+  void stop();
+
+  // Switches to a runtime that is already built (and whose topology is
+  // declared): one step that cannot fail. New events go to the new handlers;
+  // in-flight ones finish on their own generation and settle on their
+  // channel. Queues that are new, or whose prefetch changed, get a new
+  // consumer; removed ones and replaced consumers drain, then close.
+  void switch_to(std::unique_ptr<dispatch::Runtime> runtime, std::shared_ptr<dedupe::Store> dedupe);
+
+  const config::Config& config() const { return *current_->cfg; }
+  std::shared_ptr<const config::Config> config_ptr() const { return current_->rt->config; }
+  std::shared_ptr<dedupe::Store> dedupe_store() const { return current_->dedupe; }
+
+  // Non-zero when the consumer gave up for a reason a restart will not fix
+  // (e.g. the broker's queue has different arguments than the config).
+  int exit_code() const { return exit_code_; }
+  // True if stop() had to abandon running handlers at the deadline.
+  bool aborted() const { return aborted_; }
+  size_t in_flight() const { return in_flight_; }
+  // Connected and consuming every queue; else `reason` says why not.
+  bool ready(std::string& reason) const;
+  // Masked URL of the broker node of the current connection.
+  const std::string& node() const { return link_.node(); }
+
+  struct Stats {
+    uint64_t received = 0;
+    uint64_t acked = 0;  // handled successfully, or unhandled with `unhandled: ack`
+    uint64_t retried = 0;
+    uint64_t dead_lettered = 0;
+    uint64_t reconnects = 0;
+  };
+  Stats stats() const;
+
+ private:
+  friend struct Delivery;
+  enum class State { Idle, Running, Draining, Stopped };
+
+  // LinkEvents
+  void link_up() override;
+  void delivery(QueueChannel& qc, amqp_envelope_t& env, uint64_t body_size) override;
+  void queue_channel_lost(QueueChannel& qc) override;
+  void link_down() override;
+  void link_failed(const std::string& why) override;
+  // settle::Outbox
+  void ack(settle::Settling& s) override;
+  void hand_back_later(settle::Settling& s, const char* why) override;
+  void drop(settle::Settling& s) override;
+  void publish(settle::Settling& s) override;
+  bool live(const settle::Settling& s) const override;
+
+  std::shared_ptr<Generation> make_generation(std::unique_ptr<dispatch::Runtime> rt,
+                                              std::shared_ptr<dedupe::Store> dedupe);
+  template <class F>
+  void for_each_generation(F&& f);
+  void start_or_wait(Delivery* d);
+  void start_job(Delivery* d);
+  void start_waiting(dispatch::HandlerSlot& slot);
+  void on_finished(Delivery* d, dispatch::Outcome outcome);
+  void finish_twins(Delivery* d, bool succeeded);
+  bool is_live(const Delivery* d) const;
+  void remember_success(const Delivery* d);
+  void drop_waiting(const QueueChannel& qc);
+  void close_if_drained(QueueChannel& qc);
+  void arm_dedupe_flush();
+  void maybe_finish_stop();
+  void finish_stop();
+  Delivery* acquire();
+  void release(Delivery* d);
+
+  boost::asio::io_context& io_;
+  metrics::Registry& registry_;
+  BrokerLink link_;
+  settle::Settler settler_;
+  std::shared_ptr<Generation> current_;
+  std::vector<std::weak_ptr<Generation>> generations_;  // current and those in-flight events still use
+  std::vector<std::shared_ptr<QueueChannel>> retired_;   // draining until their last delivery settles
+  State state_ = State::Idle;
+  size_t in_flight_ = 0;
+  uint64_t received_ = 0;
+  // Dedupe for copies in flight: queue + '\0' + event_id -> the delivery
+  // running it. A second copy waits for that run's outcome.
+  std::unordered_map<std::string, Delivery*> running_ids_;
+  std::vector<std::unique_ptr<Delivery>> pool_;  // recycled Delivery objects
+  std::string detail_;                           // scratch for decode errors
+  boost::asio::steady_timer deadline_timer_;
+  boost::asio::steady_timer dedupe_timer_;
+  unsigned dedupe_ticks_ = 0;
+  std::function<void()> on_ready_;
+  std::function<void()> on_stopped_;
+  int exit_code_ = 0;
+  bool aborted_ = false;
+  std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);  // guards timers that outlive a delivery
+};
+
+}  // namespace er::consume

@@ -1,0 +1,45 @@
+#include "consume/intake.hpp"
+
+namespace er::consume {
+
+Decision decide(const IntakeInput& in, const config::QueueConfig& q, dispatch::QueueRouter& router,
+                const event::SchemaSet* schemas, const std::function<bool(std::string_view)>& seen,
+                event::Envelope& envelope, std::string& detail) {
+  Decision d;
+  d.kind = Decision::Kind::DeadLetter;
+  if (in.body_size > q.max_message_bytes) {
+    envelope.clear();
+    detail = "body of " + std::to_string(in.body_size) + " bytes exceeds max_message_bytes " +
+             std::to_string(q.max_message_bytes);
+    d.reason = "too_large";
+    return d;
+  }
+  const char* body = static_cast<const char*>(in.body.bytes);
+  auto status = event::decode(body, in.body.len, in.routing_key, envelope, detail);
+  if (status != event::DecodeStatus::Ok) {
+    d.reason = event::reason_code(status);
+    return d;
+  }
+  if (schemas && !schemas->validate(body, in.body.len, envelope.event_type, detail)) {
+    d.reason = "schema_violation";
+    return d;
+  }
+  if (q.dedupe_ttl.count() > 0 && !envelope.event_id.empty() && seen && seen(envelope.event_id)) {
+    d.kind = Decision::Kind::Duplicate;
+    return d;
+  }
+  d.slot = router.route(envelope.event_type);
+  if (d.slot) {
+    d.kind = Decision::Kind::Handle;
+    return d;
+  }
+  if (q.unhandled == config::Unhandled::Ack) {
+    d.kind = Decision::Kind::UnhandledAck;
+    return d;
+  }
+  detail = "no handler of queue '" + q.name + "' takes event type '" + envelope.event_type + "'";
+  d.reason = "unhandled";
+  return d;
+}
+
+}  // namespace er::consume

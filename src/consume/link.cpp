@@ -1,0 +1,597 @@
+#include "consume/link.hpp"
+
+#include <boost/asio/post.hpp>
+
+#include <algorithm>
+#include <cstring>
+
+#include "amqp/topology.hpp"
+#include "consume/frame_reader.hpp"
+#include "util/log.hpp"
+
+namespace er::consume {
+
+namespace asio = boost::asio;
+using std::chrono::milliseconds;
+
+namespace {
+// Frames handled per turn of the loop before other handlers (timers,
+// /healthz, handler I/O) get theirs.
+constexpr int kFramesPerTurn = 256;
+
+std::string_view sv(amqp_bytes_t b) { return amqp::view(b); }
+
+milliseconds next_backoff(milliseconds current, milliseconds initial, milliseconds max) {
+  return current.count() == 0 ? initial : std::min(current * 2, max);
+}
+}  // namespace
+
+BrokerLink::BrokerLink(asio::io_context& io, LinkEvents& events)
+    : io_(io), events_(events), heartbeat_timer_(io), reconnect_timer_(io) {}
+
+BrokerLink::~BrokerLink() {
+  *alive_ = false;
+  if (socket_) socket_->release();  // the fd belongs to rabbitmq-c
+}
+
+void BrokerLink::start() { connect(); }
+
+amqp_channel_t BrokerLink::next_channel() {
+  // Numbers are never reused within a connection, so a late frame of a
+  // closed channel cannot be taken for one of its successor.
+  if (next_channel_ > conn_->channel_max()) return 0;
+  return next_channel_++;
+}
+
+void BrokerLink::connect() {
+  if (closing_) return;
+  const config::Config& cfg = *cfg_;
+  const std::string& url = cfg.broker.urls[url_index_ % cfg.broker.urls.size()];
+  const std::string masked = log::mask_url(url);
+  try {
+    conn_.emplace(amqp::Connection::open(amqp::connect_options(cfg.broker, url_index_)));
+  } catch (const amqp::AmqpError& e) {
+    conn_.reset();
+    schedule_reconnect(e.what());
+    return;
+  }
+  ++connection_id_;
+  node_ = masked;
+  log::info("connected", {{"broker", masked}, {"server_version", conn_->server_version()}});
+  by_channel_.assign(static_cast<size_t>(conn_->channel_max()) + 1, nullptr);
+  next_channel_ = 1;
+  pending_.clear();
+  blocked_ = false;
+  reader_ = FrameReader{};
+  const uint64_t id = connection_id_;
+  try {
+    open_publish_channel();
+    if (!declare_all()) return;
+  } catch (const amqp::AmqpError& e) {
+    if (id == connection_id_ && conn_) lost(e.what());
+    return;
+  }
+  if (connected_once_) ++reconnects_;
+  connected_once_ = true;
+  backoff_ = milliseconds(0);
+  socket_.emplace(io_, conn_->fd());
+  socket_armed_ = false;
+  events_.link_up();  // opens the queue channels
+  if (id != connection_id_ || !conn_) return;
+  arm_heartbeat();
+  pump();  // the RPCs above may have buffered frames
+}
+
+// Declares the exchange and every queue. A queue the broker cannot declare
+// now (NOT_FOUND: its home node is down) is left to its channel's recovery;
+// only refusals a retry cannot fix are fatal. False if the link went away.
+bool BrokerLink::declare_all() {
+  const config::Config& cfg = *cfg_;
+  const uint64_t id = connection_id_;
+  try {
+    amqp::declare_exchange(*conn_, publish_channel_, cfg);
+  } catch (const amqp::AmqpError& e) {
+    if (e.permanent()) {
+      close();
+      events_.link_failed(e.what());
+      return false;
+    }
+    throw;
+  }
+  for (const auto& q : cfg.queues) {
+    try {
+      amqp::declare_queue(*conn_, publish_channel_, cfg, q);
+    } catch (const amqp::AmqpError& e) {
+      if (e.permanent()) {
+        close();
+        events_.link_failed(e.what());
+        return false;
+      }
+      if (!e.channel_closed()) throw;
+      log::error("cannot declare a queue now; its consumer retries", {{"queue", q.name}, {"reason", e.what()}});
+      amqp_channel_close_ok_t ok{};
+      amqp_send_method(conn_->get(), publish_channel_, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+      open_publish_channel();
+    }
+    if (id != connection_id_ || !conn_) return false;
+  }
+  return true;
+}
+
+// A fresh confirm channel. Copies pending on the old one are never confirmed.
+void BrokerLink::open_publish_channel() {
+  amqp_channel_t ch = next_channel();
+  if (ch == 0) throw amqp::AmqpError("out of channel numbers; reconnecting");
+  conn_->open_channel(ch);
+  amqp_confirm_select(conn_->get(), ch);
+  amqp::check_reply(amqp_get_rpc_reply(conn_->get()), "enabling publisher confirms");
+  publish_channel_ = ch;
+  next_seq_ = 1;
+}
+
+void BrokerLink::schedule_reconnect(const std::string& why) {
+  if (closing_) return;
+  // Try each URL in turn; back off only after a whole round failed, so one
+  // dead node of a cluster costs no waiting.
+  const config::Config& cfg = *cfg_;
+  milliseconds wait{100};
+  ++url_index_;
+  if (url_index_ % cfg.broker.urls.size() == 0) {
+    backoff_ = next_backoff(backoff_, cfg.broker.reconnect_initial, cfg.broker.reconnect_max);
+    // Jitter spreads the reconnects of many daemons after a broker restart.
+    std::uniform_int_distribution<long> jitter(0, backoff_.count() / 4);
+    wait = std::min(backoff_ + milliseconds(jitter(rng_)), cfg.broker.reconnect_max);
+  }
+  const std::string& next = cfg.broker.urls[url_index_ % cfg.broker.urls.size()];
+  log::error("broker unavailable, retrying",
+             {{"reason", why}, {"next_broker", log::mask_url(next)}, {"retry_in_ms", std::to_string(wait.count())}});
+  reconnect_timer_.expires_after(wait);
+  reconnect_timer_.async_wait([this](boost::system::error_code ec) {
+    if (!ec) connect();
+  });
+}
+
+void BrokerLink::open_queue(const std::shared_ptr<QueueChannel>& qc) {
+  if (!conn_ || qc->retired) return;
+  const uint64_t id = connection_id_;
+  amqp_connection_state_t c = conn_->get();
+  amqp_channel_t ch = next_channel();
+  if (ch == 0) {
+    lost("out of channel numbers; reconnecting");
+    return;
+  }
+  try {
+    conn_->open_channel(ch);
+    qc->channel = ch;  // so that a refusal below closes this channel
+    amqp_basic_qos(c, ch, 0, qc->prefetch, 0);
+    amqp::check_reply(amqp_get_rpc_reply(c), "setting prefetch on queue '" + qc->name + "'");
+    auto* ok = amqp_basic_consume(c, ch, amqp::bytes(qc->name), amqp_empty_bytes, 0, /*no_ack*/ 0, 0,
+                                  amqp_empty_table);
+    amqp::check_reply(amqp_get_rpc_reply(c), "consuming queue '" + qc->name + "'");
+    qc->consumer_tag = std::string(sv(ok->consumer_tag));
+  } catch (const amqp::AmqpError& e) {
+    if (id != connection_id_ || !conn_) return;
+    if (!e.channel_closed()) {
+      lost(e.what());
+      return;
+    }
+    amqp_channel_close_ok_t ok{};
+    amqp_send_method(c, ch, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+    qc->channel = 0;
+    recover_later(qc, e.what());
+    return;
+  }
+  qc->consuming = true;
+  by_channel_[ch] = qc;
+  log::info("consuming", {{"queue", qc->name}, {"prefetch", std::to_string(qc->prefetch)},
+                          {"channel", std::to_string(ch)}});
+}
+
+void BrokerLink::cancel_consumer(QueueChannel& qc) {
+  if (!conn_ || qc.channel == 0 || !qc.consuming) return;
+  qc.consuming = false;
+  amqp_basic_cancel_t req{};
+  req.consumer_tag = amqp::bytes(qc.consumer_tag);
+  // Asynchronous: the cancel-ok arrives with the frames; deliveries already
+  // on the wire still come and are handed back by the caller.
+  int rc = amqp_send_method(conn_->get(), qc.channel, AMQP_BASIC_CANCEL_METHOD, &req);
+  if (rc != AMQP_STATUS_OK) lost(std::string("cancelling a consumer: ") + amqp_error_string2(rc));
+}
+
+void BrokerLink::close_queue(QueueChannel& qc) {
+  if (qc.channel == 0) return;
+  amqp_channel_t ch = qc.channel;
+  drop_channel(qc);
+  if (!conn_) return;
+  amqp_rpc_reply_t r = amqp_channel_close(conn_->get(), ch, AMQP_REPLY_SUCCESS);
+  if (r.reply_type != AMQP_RESPONSE_NORMAL) lost(amqp::describe_reply(r, "closing channel " + std::to_string(ch)));
+}
+
+// Forget the channel: results of its deliveries are stale from now on.
+void BrokerLink::drop_channel(QueueChannel& qc) {
+  if (qc.channel != 0 && qc.channel < by_channel_.size()) {
+    by_channel_[qc.channel] = nullptr;
+    reader_.forget(qc.channel);
+  }
+  qc.channel = 0;
+  qc.consuming = false;
+  ++qc.incarnation;
+}
+
+// The broker closed one queue's channel or cancelled its consumer: the other
+// queues keep flowing while this one is declared again and re-consumed, with backoff.
+void BrokerLink::recover_later(const std::shared_ptr<QueueChannel>& qc, const std::string& why) {
+  if (qc->retired || closing_) return;
+  const auto& b = cfg_->broker;
+  qc->backoff = next_backoff(qc->backoff, b.reconnect_initial, b.reconnect_max);
+  log::error("queue channel lost, recovering",
+             {{"queue", qc->name}, {"reason", why}, {"retry_in_ms", std::to_string(qc->backoff.count())}});
+  const uint64_t id = connection_id_;
+  std::weak_ptr<QueueChannel> weak = qc;
+  qc->recover_timer.expires_after(qc->backoff);
+  qc->recover_timer.async_wait([this, weak, id](boost::system::error_code ec) {
+    auto q = weak.lock();
+    if (ec || !q || id != connection_id_ || !conn_ || q->retired || q->channel != 0) return;
+    const config::QueueConfig* qcfg = nullptr;
+    for (const auto& c : cfg_->queues)
+      if (c.name == q->name) qcfg = &c;
+    if (!qcfg) return;
+    try {
+      declare_queue(*qcfg);
+    } catch (const amqp::AmqpError& e) {
+      if (id != connection_id_ || !conn_) return;
+      if (e.permanent()) {
+        close();
+        events_.link_failed(e.what());
+        return;
+      }
+      if (!e.channel_closed()) {
+        lost(e.what());
+        return;
+      }
+      recover_later(q, e.what());
+      return;
+    }
+    open_queue(q);
+    if (q->channel != 0) {
+      q->backoff = milliseconds(0);
+      pump();
+    }
+  });
+}
+
+void BrokerLink::declare_queue(const config::QueueConfig& q) {
+  try {
+    amqp::declare_queue(*conn_, publish_channel_, *cfg_, q);
+  } catch (const amqp::AmqpError& e) {
+    if (e.channel_closed() && conn_) {
+      // The declare channel is also the confirm channel: start a fresh one.
+      amqp_channel_close_ok_t ok{};
+      amqp_send_method(conn_->get(), publish_channel_, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+      fail_pending(CopyResult::Refused);
+      open_publish_channel();
+    }
+    throw;
+  }
+}
+
+bool BrokerLink::ack(amqp_channel_t ch, uint64_t tag) {
+  if (!conn_) return false;
+  int rc = amqp_basic_ack(conn_->get(), ch, tag, 0);
+  if (rc == AMQP_STATUS_OK) return true;
+  lost(std::string("acknowledging: ") + amqp_error_string2(rc));
+  return false;
+}
+
+bool BrokerLink::nack(amqp_channel_t ch, uint64_t tag, bool requeue) {
+  if (!conn_) return false;
+  int rc = amqp_basic_nack(conn_->get(), ch, tag, 0, requeue ? 1 : 0);
+  if (rc == AMQP_STATUS_OK) return true;
+  lost(std::string("handing back a delivery: ") + amqp_error_string2(rc));
+  return false;
+}
+
+void BrokerLink::publish(std::string routing_key, const amqp_basic_properties_t* props, amqp_bytes_t body,
+                         CopyDone done) {
+  if (!conn_) {
+    done(CopyResult::Lost);
+    return;
+  }
+  Held h{std::move(routing_key), props, body, std::move(done)};
+  if (blocked_) {
+    held_.push_back(std::move(h));
+    return;
+  }
+  send_now(std::move(h));
+}
+
+void BrokerLink::send_now(Held h) {
+  int rc = amqp_basic_publish(conn_->get(), publish_channel_, amqp_empty_bytes, amqp::bytes(h.routing_key),
+                              /*mandatory*/ 1, 0, h.props, h.body);
+  if (rc != AMQP_STATUS_OK) {
+    // The socket failed or a frame is half written: the connection is unusable.
+    h.done(CopyResult::Lost);
+    lost(std::string("publishing a copy: ") + amqp_error_string2(rc));
+    return;
+  }
+  pending_.emplace(next_seq_++, Pending{std::move(h.routing_key), std::move(h.done), false});
+}
+
+void BrokerLink::on_confirm(uint64_t tag, bool multiple, bool acked) {
+  std::vector<Pending> done;
+  if (multiple) {
+    auto end = pending_.upper_bound(tag);
+    for (auto it = pending_.begin(); it != end; ++it) done.push_back(std::move(it->second));
+    pending_.erase(pending_.begin(), end);
+  } else if (auto it = pending_.find(tag); it != pending_.end()) {
+    done.push_back(std::move(it->second));
+    pending_.erase(it);
+  }
+  for (auto& p : done)
+    p.done(!acked ? CopyResult::Refused : p.returned ? CopyResult::Returned : CopyResult::Confirmed);
+}
+
+void BrokerLink::fail_pending(CopyResult result) {
+  auto pending = std::move(pending_);
+  pending_.clear();
+  for (auto& kv : pending) kv.second.done(result);
+}
+
+void BrokerLink::close() {
+  closing_ = true;
+  heartbeat_timer_.cancel();
+  reconnect_timer_.cancel();
+  if (socket_) {
+    socket_->release();
+    socket_.reset();
+  }
+  if (conn_) {
+    conn_->close();
+    conn_.reset();
+  }
+  ++connection_id_;
+  for (auto& qc : by_channel_)
+    if (qc) {
+      qc->channel = 0;
+      ++qc->incarnation;
+    }
+  by_channel_.clear();
+}
+
+void BrokerLink::lost(const std::string& why) {
+  if (!conn_) return;
+  log::error("connection lost", {{"reason", why}, {"broker", node_}});
+  ++connection_id_;  // every result still out belongs to the dead connection now
+  if (socket_) {
+    socket_->release();
+    socket_.reset();
+  }
+  socket_armed_ = false;
+  heartbeat_timer_.cancel();
+  conn_.reset();
+  reader_ = FrameReader{};
+  auto channels = std::move(by_channel_);
+  by_channel_.clear();
+  for (auto& qc : channels) {
+    if (!qc) continue;
+    qc->channel = 0;
+    qc->consuming = false;
+    ++qc->incarnation;
+    qc->recover_timer.cancel();
+  }
+  fail_pending(CopyResult::Lost);
+  auto held = std::move(held_);
+  held_.clear();
+  for (auto& h : held) h.done(CopyResult::Lost);
+  blocked_ = false;
+  events_.link_down();
+  schedule_reconnect(why);
+}
+
+void BrokerLink::arm_socket() {
+  if (!socket_ || socket_armed_) return;
+  socket_armed_ = true;
+  const uint64_t id = connection_id_;
+  socket_->async_wait(asio::posix::stream_descriptor::wait_read, [this, id](boost::system::error_code ec) {
+    if (id != connection_id_) return;
+    socket_armed_ = false;
+    if (ec) return;  // cancelled: the connection is being torn down
+    pump();
+  });
+}
+
+// rabbitmq-c sends heartbeats and notices a silent peer only inside its read
+// calls, so turn the crank at least twice per interval when idle; the same
+// tick bounds how long a delivery's frames may take to arrive.
+void BrokerLink::arm_heartbeat() {
+  const auto& b = cfg_->broker;
+  auto period = b.rpc_timeout / 2;
+  if (b.heartbeat.count() > 0) period = std::min(period, std::chrono::duration_cast<milliseconds>(b.heartbeat / 2));
+  period = std::max(milliseconds(200), std::chrono::duration_cast<milliseconds>(period));
+  const uint64_t id = connection_id_;
+  heartbeat_timer_.expires_after(period);
+  heartbeat_timer_.async_wait([this, id](boost::system::error_code ec) {
+    if (ec || id != connection_id_ || !conn_) return;
+    if (reader_.stalled(cfg_->broker.rpc_timeout)) {
+      lost("a message's frames stopped arriving for longer than rpc_timeout");
+      return;
+    }
+    pump();
+    if (id == connection_id_ && conn_) arm_heartbeat();
+  });
+}
+
+void BrokerLink::pump() {
+  if (!conn_) return;
+  const uint64_t id = connection_id_;
+  amqp_connection_state_t c = conn_->get();
+  for (int n = 0; n < kFramesPerTurn; ++n) {
+    amqp_maybe_release_buffers(c);
+    timeval zero{0, 0};
+    amqp_frame_t frame;
+    int rc = amqp_simple_wait_frame_noblock(c, &frame, &zero);
+    if (rc == AMQP_STATUS_TIMEOUT) {
+      arm_socket();
+      return;
+    }
+    if (rc != AMQP_STATUS_OK) {
+      lost(std::string("reading from the broker: ") + amqp_error_string2(rc));
+      return;
+    }
+    on_frame(frame);
+    if (id != connection_id_ || !conn_) return;
+  }
+  // More is waiting: let the loop's other work run first.
+  std::weak_ptr<bool> alive = alive_;
+  asio::post(io_, [this, alive, id] {
+    if (!alive.expired() && id == connection_id_) pump();
+  });
+}
+
+void BrokerLink::on_frame(const amqp_frame_t& frame) {
+  if (frame.frame_type != AMQP_FRAME_METHOD) {
+    // Content of a message being assembled (deliveries and returns).
+    FrameReader::Done done;
+    if (!reader_.content(frame, done)) {
+      lost("the broker sent content that does not follow a message");
+      return;
+    }
+    if (done.kind == FrameReader::Kind::Delivery) {
+      auto qc = frame.channel < by_channel_.size() ? by_channel_[frame.channel] : nullptr;
+      if (qc) {
+        events_.delivery(*qc, done.env, done.body_size);
+      } else {
+        amqp_destroy_envelope(&done.env);
+      }
+    } else if (done.kind == FrameReader::Kind::Return) {
+      on_return(done);
+    }
+    return;
+  }
+  amqp_connection_state_t c = conn_->get();
+  const amqp_channel_t ch = frame.channel;
+  std::shared_ptr<QueueChannel> qc = ch < by_channel_.size() ? by_channel_[ch] : nullptr;
+  switch (frame.payload.method.id) {
+    case AMQP_BASIC_DELIVER_METHOD: {
+      auto* m = static_cast<amqp_basic_deliver_t*>(frame.payload.method.decoded);
+      // Bodies are kept up to the queue's max_message_bytes; beyond that only
+      // the size is counted, so a huge message costs a bounded amount of memory.
+      size_t keep = 0;
+      if (qc && !qc->retired && qc->index < cfg_->queues.size()) keep = cfg_->queues[qc->index].max_message_bytes;
+      reader_.start_delivery(ch, *m, keep);
+      break;
+    }
+    case AMQP_BASIC_RETURN_METHOD: {
+      auto* m = static_cast<amqp_basic_return_t*>(frame.payload.method.decoded);
+      reader_.start_return(ch, *m);
+      break;
+    }
+    case AMQP_BASIC_ACK_METHOD: {
+      auto* m = static_cast<amqp_basic_ack_t*>(frame.payload.method.decoded);
+      if (ch == publish_channel_) on_confirm(m->delivery_tag, m->multiple, true);
+      break;
+    }
+    case AMQP_BASIC_NACK_METHOD: {
+      auto* m = static_cast<amqp_basic_nack_t*>(frame.payload.method.decoded);
+      if (ch == publish_channel_) on_confirm(m->delivery_tag, m->multiple, false);
+      break;
+    }
+    case AMQP_BASIC_CANCEL_OK_METHOD:
+      break;
+    case AMQP_BASIC_CANCEL_METHOD: {
+      // The broker cancelled a consumer (its queue was deleted, or its node
+      // went down). Close that channel and consume again on a fresh one.
+      if (!qc) break;
+      drop_channel(*qc);
+      events_.queue_channel_lost(*qc);
+      amqp_rpc_reply_t r = amqp_channel_close(c, ch, AMQP_REPLY_SUCCESS);  // other frames are queued meanwhile
+      if (r.reply_type != AMQP_RESPONSE_NORMAL) {
+        lost(amqp::describe_reply(r, "closing a cancelled consumer's channel"));
+        return;
+      }
+      recover_later(qc, "the broker cancelled the consumer (queue deleted?)");
+      break;
+    }
+    case AMQP_CHANNEL_CLOSE_METHOD: {
+      auto* m = static_cast<amqp_channel_close_t*>(frame.payload.method.decoded);
+      std::string why = "the broker closed channel " + std::to_string(ch) + ": " + std::string(sv(m->reply_text));
+      amqp_channel_close_ok_t ok{};
+      amqp_send_method(c, ch, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+      reader_.forget(ch);
+      if (qc) {
+        drop_channel(*qc);
+        events_.queue_channel_lost(*qc);
+        recover_later(qc, why);
+      } else if (ch == publish_channel_) {
+        // A copy the broker refused (406 and such) closed the confirm
+        // channel: every copy on it is refused; the link carries on.
+        log::error("the broker closed the publish channel", {{"reason", why}});
+        fail_pending(CopyResult::Refused);
+        try {
+          if (conn_) open_publish_channel();
+        } catch (const amqp::AmqpError& e) {
+          lost(e.what());
+        }
+      }
+      break;
+    }
+    case AMQP_CONNECTION_CLOSE_METHOD: {
+      auto* m = static_cast<amqp_connection_close_t*>(frame.payload.method.decoded);
+      std::string why = "the broker closed the connection: " + std::string(sv(m->reply_text));
+      amqp_connection_close_ok_t ok{};
+      amqp_send_method(c, 0, AMQP_CONNECTION_CLOSE_OK_METHOD, &ok);
+      lost(why);
+      break;
+    }
+    case AMQP_CONNECTION_BLOCKED_METHOD: {
+      auto* m = static_cast<amqp_connection_blocked_t*>(frame.payload.method.decoded);
+      blocked_ = true;
+      log::warn("the broker blocked publishing (resource alarm); copies wait, consuming goes on",
+                {{"reason", sv(m->reason)}});
+      break;
+    }
+    case AMQP_CONNECTION_UNBLOCKED_METHOD: {
+      blocked_ = false;
+      log::info("the broker unblocked publishing", {{"waiting", std::to_string(held_.size())}});
+      const uint64_t id = connection_id_;
+      auto held = std::move(held_);
+      held_.clear();
+      for (auto& h : held) {
+        if (id != connection_id_ || !conn_) {
+          h.done(CopyResult::Lost);
+          continue;
+        }
+        send_now(std::move(h));
+      }
+      break;
+    }
+    default:
+      log::debug("ignored frame", {{"method", std::to_string(frame.payload.method.id)}});
+  }
+}
+
+// A copy could not be routed (its queue was deleted). Copies are published
+// mandatory, so the broker says so before it confirms them: every pending
+// copy to that queue counts as returned (the original goes back to the
+// broker: never lost, at worst copied twice), and the queues are declared again.
+void BrokerLink::on_return(const FrameReader::Done& done) {
+  const std::string& target = done.routing_key;
+  for (auto& kv : pending_)
+    if (kv.second.routing_key == target) kv.second.returned = true;
+  log::error("the broker could not route a copy; declaring the queues again", {{"target", target}});
+  const uint64_t id = connection_id_;
+  for (const auto& q : cfg_->queues) {
+    try {
+      declare_queue(q);
+    } catch (const amqp::AmqpError& e) {
+      if (id != connection_id_ || !conn_) return;
+      if (!e.channel_closed()) {
+        lost(e.what());
+        return;
+      }
+      log::error("cannot declare a queue now", {{"queue", q.name}, {"reason", e.what()}});
+    }
+  }
+}
+
+}  // namespace er::consume

@@ -1,0 +1,157 @@
+#pragma once
+// The broker link: the one AMQP connection, owned by the event loop thread.
+// It turns frames into deliveries and carries out acks, nacks and confirmed
+// publishes. Channel 1 declares and publishes (with confirms); each queue is
+// consumed on a channel of its own. It reconnects by itself (every URL in
+// turn, then backoff) and recovers one queue's channel without disturbing the
+// others. Every broker call it makes is bounded by broker.rpc_timeout, and one
+// turn of the read loop handles a bounded number of frames.
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/asio/steady_timer.hpp>
+
+#include <atomic>
+#include <deque>
+#include <map>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "amqp/connection.hpp"
+#include "config/config.hpp"
+#include "consume/frame_reader.hpp"
+#include "consume/queue_channel.hpp"
+#include "settle/settler.hpp"
+
+namespace er::consume {
+
+// What the link reports upward. Called on the loop thread.
+class LinkEvents {
+ public:
+  virtual ~LinkEvents() = default;
+  // Connected and the topology declared: open the queue channels now.
+  virtual void link_up() = 0;
+  // A delivery; the callee owns `env` (amqp_destroy_envelope). Its body holds
+  // at most the queue's max_message_bytes of the `body_size` announced.
+  virtual void delivery(QueueChannel& qc, amqp_envelope_t& env, uint64_t body_size) = 0;
+  // One queue's channel is gone: its deliveries are stale (the broker has them back).
+  virtual void queue_channel_lost(QueueChannel& qc) = 0;
+  // The connection is gone: every delivery is stale, every pending copy failed.
+  virtual void link_down() = 0;
+  // The broker refused the topology in a way a retry cannot fix.
+  virtual void link_failed(const std::string& why) = 0;
+};
+
+using settle::CopyResult;
+
+class BrokerLink {
+ public:
+  using CopyDone = std::function<void(CopyResult)>;
+  using Queues = std::function<std::vector<std::shared_ptr<QueueChannel>>()>;
+
+  BrokerLink(boost::asio::io_context& io, LinkEvents& events);
+  ~BrokerLink();
+  BrokerLink(const BrokerLink&) = delete;
+  BrokerLink& operator=(const BrokerLink&) = delete;
+
+  // The config the next declares and connects use (URLs, topology, timeouts).
+  void set_config(std::shared_ptr<const config::Config> cfg) { cfg_ = std::move(cfg); }
+  void start();
+  // Closes the connection; nothing is reported afterwards.
+  void close();
+
+  bool connected() const { return conn_.has_value(); }
+  // Read by worker threads (Job::stale).
+  uint64_t connection_id() const { return connection_id_.load(std::memory_order_relaxed); }
+  const std::string& node() const { return node_; }
+  uint64_t reconnects() const { return reconnects_; }
+  bool blocked() const { return blocked_; }
+
+  // Opens a fresh channel for `qc`, sets its prefetch and consumes. On a
+  // failure the queue is recovered with backoff (reported as lost).
+  void open_queue(const std::shared_ptr<QueueChannel>& qc);
+  // Stops the consumer (the channel stays open so its deliveries can settle).
+  void cancel_consumer(QueueChannel& qc);
+  // Closes the channel: what it still had unacked goes back to the queue.
+  void close_queue(QueueChannel& qc);
+
+  // Whether a delivery taken on (`connection`, `incarnation`, `channel`) can
+  // still be settled.
+  bool live(uint64_t connection, const QueueChannel& qc, uint64_t incarnation, amqp_channel_t channel) const {
+    return conn_ && connection == connection_id() && qc.channel == channel &&
+           qc.incarnation.load(std::memory_order_relaxed) == incarnation;
+  }
+  // Socket errors drop the connection (and report link_down); false then.
+  bool ack(amqp_channel_t ch, uint64_t tag);
+  bool nack(amqp_channel_t ch, uint64_t tag, bool requeue);
+
+  // Publishes mandatory through the default exchange on the confirm channel;
+  // `done` runs exactly once. `props` and `body` must stay valid until then.
+  // Held while the broker blocks publishing.
+  void publish(std::string routing_key, const amqp_basic_properties_t* props, amqp_bytes_t body, CopyDone done);
+  size_t held_copies() const { return held_.size(); }
+
+  // Re-runs the queue's declare (after a reload that added it); throws amqp::AmqpError.
+  void declare_queue(const config::QueueConfig& q);
+
+ private:
+  struct Pending {
+    std::string routing_key;
+    CopyDone done;
+    bool returned = false;
+  };
+  struct Held {
+    std::string routing_key;
+    const amqp_basic_properties_t* props;
+    amqp_bytes_t body;
+    CopyDone done;
+  };
+
+  void connect();
+  void schedule_reconnect(const std::string& why);
+  bool declare_all();  // false: the connection went away
+  void open_publish_channel();
+  void recover_later(const std::shared_ptr<QueueChannel>& qc, const std::string& why);
+  void drop_channel(QueueChannel& qc);
+  void lost(const std::string& why);
+  void arm_socket();
+  void arm_heartbeat();
+  void pump();
+  void on_frame(const amqp_frame_t& frame);
+  void on_return(const FrameReader::Done& done);
+  void on_confirm(uint64_t tag, bool multiple, bool acked);
+  void fail_pending(CopyResult result);
+  void send_now(Held h);
+  amqp_channel_t next_channel();
+
+  boost::asio::io_context& io_;
+  LinkEvents& events_;
+  std::shared_ptr<const config::Config> cfg_;
+  std::optional<amqp::Connection> conn_;
+  std::optional<boost::asio::posix::stream_descriptor> socket_;
+  bool socket_armed_ = false;
+  bool closing_ = false;
+  std::atomic<uint64_t> connection_id_{0};  // bumps per connection and at its loss
+  size_t url_index_ = 0;
+  std::string node_;
+  uint64_t reconnects_ = 0;
+  bool connected_once_ = false;
+  FrameReader reader_;
+  std::vector<std::shared_ptr<QueueChannel>> by_channel_;  // channel number -> its queue
+  amqp_channel_t next_channel_ = 2;
+  amqp_channel_t publish_channel_ = 1;
+  uint64_t next_seq_ = 1;                  // publisher confirm sequence of publish_channel_
+  std::map<uint64_t, Pending> pending_;
+  bool blocked_ = false;
+  std::deque<Held> held_;
+  boost::asio::steady_timer heartbeat_timer_;
+  boost::asio::steady_timer reconnect_timer_;
+  std::chrono::milliseconds backoff_{0};
+  std::mt19937 rng_{std::random_device{}()};
+  std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);  // guards posted continuations
+};
+
+}  // namespace er::consume

@@ -1,0 +1,39 @@
+#pragma once
+// One consumer of one queue: the AMQP channel it runs on and the deliveries
+// it has out. A reload that keeps a queue as it is keeps its QueueChannel; one
+// that removes the queue or changes its prefetch retires it (it drains, then
+// closes) and, for a change, starts a new one beside it.
+#include <amqp.h>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/steady_timer.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <string>
+
+namespace er::consume {
+
+struct QueueChannel {
+  QueueChannel(boost::asio::io_context& io, std::string queue, uint16_t prefetch_)
+      : name(std::move(queue)), prefetch(prefetch_), recover_timer(io) {}
+  QueueChannel(const QueueChannel&) = delete;
+  QueueChannel& operator=(const QueueChannel&) = delete;
+
+  const std::string name;
+  const uint16_t prefetch;     // basic.qos only applies to consumers started after it
+  size_t index = 0;            // in the current generation's queues (while not retired)
+  bool retired = false;        // removed or replaced by a reload: drains, then closes
+  amqp_channel_t channel = 0;  // 0 = no channel
+  bool consuming = false;      // its consumer is active (not cancelled)
+  // Bumps whenever the channel goes away, so a result for a delivery of an
+  // earlier incarnation is never settled on a later one. Read by worker threads.
+  std::atomic<uint64_t> incarnation{0};
+  size_t in_flight = 0;        // deliveries not yet settled
+  std::string consumer_tag;
+  std::chrono::milliseconds backoff{0};
+  boost::asio::steady_timer recover_timer;
+};
+
+}  // namespace er::consume

@@ -1,0 +1,132 @@
+#include "settle/settler.hpp"
+
+#include "amqp/topology.hpp"
+#include "util/log.hpp"
+
+namespace er::settle {
+
+std::vector<RetryStep> retry_steps(const config::QueueConfig& q) {
+  std::vector<RetryStep> out;
+  for (auto d : q.retry_steps()) out.push_back({d, amqp::retry_queue_name(q.name, d)});
+  return out;
+}
+
+const RetryStep* choose_step(const std::vector<RetryStep>& steps, config::Duration want) {
+  if (steps.empty()) return nullptr;
+  for (const auto& s : steps)
+    if (s.delay >= want) return &s;
+  return &steps.back();
+}
+
+Settler::Settler(Outbox& out, metrics::Registry& r)
+    : out_(out),
+      retries_(&r.counter("event_router_retries_total", "Events republished to a delay queue for another attempt.",
+                          {"queue", "reason"})),
+      dead_letters_(&r.counter("event_router_dead_letters_total", "Events moved to a dead-letter queue, by reason.",
+                               {"queue", "reason"})) {}
+
+void Settler::settle(Settling& s, const dispatch::Outcome& outcome, std::string_view handler,
+                     const config::RetryConfig& policy) {
+  switch (outcome.verdict) {
+    case dispatch::Verdict::Ack:
+      ack(s);
+      break;
+    case dispatch::Verdict::Retry:
+      retry(s, outcome, handler, policy);
+      break;
+    case dispatch::Verdict::DeadLetter:
+      dead_letter(s, outcome.reason.empty() ? "handler_failed" : outcome.reason, outcome.detail, handler);
+      break;
+  }
+}
+
+void Settler::ack(Settling& s) {
+  ++stats_.acked;
+  out_.ack(s);
+}
+
+void Settler::dead_letter(Settling& s, std::string_view reason, std::string_view detail, std::string_view handler) {
+  const auto& q = *s.queue_cfg;
+  DeadLetterInfo info;
+  info.reason = reason;
+  info.detail = detail;
+  info.handler = handler;
+  info.queue = q.name;
+  info.exchange = s.exchange;
+  info.routing_key = s.routing_key;
+  info.attempts = s.attempt;
+  ++stats_.dead_lettered;
+  dead_letters_->with({q.name, std::string(reason)}).inc();
+  log::warn("dead-lettering", {{"queue", q.name}, {"event_type", s.event_type}, {"event_id", s.event_id},
+                               {"handler", handler}, {"reason", reason}, {"detail", detail},
+                               {"dlq", q.dead_letter_queue}});
+  s.copy_target = q.dead_letter_queue;
+  s.copy = std::make_unique<CopyProperties>(*s.properties, info);
+  send(s);
+}
+
+void Settler::retry(Settling& s, const dispatch::Outcome& outcome, std::string_view handler,
+                    const config::RetryConfig& policy) {
+  const auto& q = *s.queue_cfg;
+  const std::string reason = outcome.reason.empty() ? "handler_failed" : outcome.reason;
+  const uint32_t attempt = s.attempt;
+  // The policy's wait, or the handler's own request if that is longer; both
+  // land on a declared step, so no queue is ever created on the hot path.
+  const RetryStep* step = choose_step(*s.steps, std::max(policy.delay_before(attempt + 1), outcome.retry_delay));
+  if (attempt >= policy.max_attempts || !step) {
+    dead_letter(s, "max_attempts",
+                "gave up after " + std::to_string(attempt) + " attempt" + (attempt == 1 ? "" : "s") +
+                    "; last error: " + reason + (outcome.detail.empty() ? "" : ": " + outcome.detail),
+                handler);
+    return;
+  }
+  // A little jitter (up to 10%, at most 1 s) spreads a burst of failures.
+  long long base = step->delay.count();
+  std::uniform_int_distribution<long long> jitter(0, std::min(base / 10, 1000LL));
+  uint64_t expiration = static_cast<uint64_t>(base + jitter(rng_));
+
+  DeadLetterInfo info;
+  info.reason = reason;
+  info.detail = outcome.detail;
+  info.handler = handler;
+  info.queue = q.name;
+  info.exchange = s.exchange;
+  info.routing_key = s.routing_key;
+  info.attempts = attempt;
+  ++stats_.retried;
+  retries_->with({q.name, reason}).inc();
+  log::warn("retrying later", {{"queue", q.name}, {"event_type", s.event_type}, {"event_id", s.event_id},
+                               {"handler", handler}, {"attempt", std::to_string(attempt)},
+                               {"next_attempt_in_ms", std::to_string(expiration)}, {"detail", outcome.detail}});
+  s.copy_target = step->queue;
+  s.copy = std::make_unique<CopyProperties>(*s.properties, info, attempt + 1, expiration);
+  send(s);
+}
+
+void Settler::send(Settling& s) {
+  if (!out_.live(s)) {
+    out_.drop(s);
+    return;
+  }
+  out_.publish(s);
+}
+
+void Settler::copy_result(Settling& s, CopyResult result) {
+  if (result == CopyResult::Lost || !out_.live(s)) {
+    out_.drop(s);
+    return;
+  }
+  switch (result) {
+    case CopyResult::Confirmed:
+      out_.ack(s);
+      break;
+    case CopyResult::Returned:
+      out_.hand_back_later(s, "the copy could not be routed; the event goes back to its queue");
+      break;
+    default:
+      out_.hand_back_later(s, "the broker refused the copy; the event goes back to its queue");
+      break;
+  }
+}
+
+}  // namespace er::settle

@@ -1,0 +1,103 @@
+#pragma once
+// The settler turns a handler's verdict into broker operations: an ack, or a
+// copy (a retry copy into a delay queue, a dead-letter copy into <queue>.dlq)
+// that is confirmed before the original is acked. It decides; an Outbox
+// carries the decisions out (the consumer on the broker link; a fake in tests).
+#include <amqp.h>
+
+#include <memory>
+#include <random>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "config/config.hpp"
+#include "dispatch/handler.hpp"
+#include "metrics/metrics.hpp"
+#include "settle/settle.hpp"
+
+namespace er::settle {
+
+// The broker's answer to a copy.
+enum class CopyResult {
+  Confirmed,  // the broker has it
+  Returned,   // mandatory and unroutable (its queue is gone)
+  Refused,    // nacked, or its channel was closed by the broker
+  Lost,       // the connection went away before the confirm
+};
+
+// One step of a queue's retry ladder: a delay and the queue that holds it.
+struct RetryStep {
+  config::Duration delay;
+  std::string queue;
+};
+std::vector<RetryStep> retry_steps(const config::QueueConfig& q);
+
+// The step for a wait of `want`: the shortest declared step that is at least
+// as long, else the longest. Null when there are none.
+const RetryStep* choose_step(const std::vector<RetryStep>& steps, config::Duration want);
+
+// One event being settled: what its copy is made of and where the original
+// came from. The consumer's delivery is one.
+struct Settling {
+  const amqp_basic_properties_t* properties = nullptr;
+  amqp_bytes_t body = amqp_empty_bytes;
+  const config::QueueConfig* queue_cfg = nullptr;
+  const std::vector<RetryStep>* steps = nullptr;
+  std::string_view exchange;     // as first published (from verified history)
+  std::string_view routing_key;
+  uint32_t attempt = 1;
+  std::string_view event_id;
+  std::string_view event_type;
+  std::unique_ptr<CopyProperties> copy;  // the copy in flight, kept until its result
+  std::string copy_target;
+};
+
+// The broker operations a settlement needs.
+class Outbox {
+ public:
+  virtual ~Outbox() = default;
+  // The original is done: ack it (if its channel still lives) and release it.
+  virtual void ack(Settling& s) = 0;
+  // Give the original back to its queue after a pause, then release it.
+  virtual void hand_back_later(Settling& s, const char* why) = 0;
+  // Its channel is gone; the broker redelivers it. Release it.
+  virtual void drop(Settling& s) = 0;
+  // Publish s.copy to `s.copy_target`; the answer comes to Settler::copy_result.
+  virtual void publish(Settling& s) = 0;
+  // Whether the original can still be settled.
+  virtual bool live(const Settling& s) const = 0;
+};
+
+class Settler {
+ public:
+  struct Stats {
+    uint64_t acked = 0;  // handled successfully, or unhandled with `unhandled: ack`
+    uint64_t retried = 0;
+    uint64_t dead_lettered = 0;
+  };
+
+  Settler(Outbox& out, metrics::Registry& registry);
+
+  // A handler's verdict. `policy` is the handler's retry policy.
+  void settle(Settling& s, const dispatch::Outcome& outcome, std::string_view handler,
+              const config::RetryConfig& policy);
+  void ack(Settling& s);
+  void dead_letter(Settling& s, std::string_view reason, std::string_view detail, std::string_view handler);
+  void retry(Settling& s, const dispatch::Outcome& outcome, std::string_view handler,
+             const config::RetryConfig& policy);
+  // The broker's answer to s.copy.
+  void copy_result(Settling& s, CopyResult result);
+
+  const Stats& stats() const { return stats_; }
+
+ private:
+  void send(Settling& s);
+  Outbox& out_;
+  metrics::CounterFamily* retries_;
+  metrics::CounterFamily* dead_letters_;
+  Stats stats_;
+  std::mt19937 rng_{std::random_device{}()};
+};
+
+}  // namespace er::settle
