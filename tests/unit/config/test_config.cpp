@@ -622,7 +622,11 @@ queues: [{name: "${ER_T_EMPTY}q$$"}]
   }
   SECTION("unterminated reference") {
     CHECK(error_of("broker: {url: 'amqp://h'}\nexchange: {name: \"${ER_T_URL:-x\"}\nqueues: [{name: q}]\n", "/") ==
-          "t.yaml:2:18: key 'exchange.name': unterminated '${' (missing '}') in '${ER_T_URL:-x'");
+          "t.yaml:2:18: key 'exchange.name': unterminated '${' at character 1 of the value (missing '}')");
+    // The error names the place, not the value, which may hold a password.
+    std::string e = error_of("broker: {url: \"amqp://u:s3cret@h/${ER_T_X\"}\nexchange: {name: x}\nqueues: [{name: q}]\n", "/");
+    CHECK(e == "t.yaml:1:15: key 'broker.url': unterminated '${' at character 19 of the value (missing '}')");
+    CHECK(e.find("s3cret") == std::string::npos);
   }
   SECTION("inside list items") {
     EnvGuard topic("ER_T_TOPIC", "speaker");
