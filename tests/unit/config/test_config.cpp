@@ -1100,3 +1100,17 @@ queues: [{name: q}]
   CHECK(error_of("broker:\n  url: amqps://h/\n  tls: {cert_file: tls/client.pem}\nexchange: {name: ex}\nqueues: [{name: q}]\n",
                  d.path) == "t.yaml:3:8: broker.tls: cert_file and key_file go together (client certificate authentication)");
 }
+
+TEST_CASE("broker.tls with a plain amqp:// URL is refused, not ignored", "[config]") {
+  TempDir d;
+  // The password would go over the wire in clear while the config says TLS.
+  CHECK(error_of("broker:\n  url: amqp://u:s3cret@h/\n  tls: {verify_peer: true}\nexchange: {name: ex}\nqueues: [{name: q}]\n",
+                 d.path) == "t.yaml:3:8: broker.tls: TLS settings need amqps:// URLs, but 'amqp://u:****@h/' is not "
+                            "amqps:// (the connection would not use TLS)");
+  // One plain URL in a list is enough to refuse.
+  CHECK(error_of("broker:\n  urls: [amqps://a/, amqp://b/]\n  tls: {}\nexchange: {name: ex}\nqueues: [{name: q}]\n",
+                 d.path)
+            .rfind("t.yaml:3:8: broker.tls: TLS settings need amqps:// URLs, but 'amqp://b/'", 0) == 0);
+  CHECK(error_of("broker:\n  urls: [amqps://a/, amqps://b/]\n  tls: {}\nexchange: {name: ex}\nqueues: [{name: q}]\n",
+                 d.path) == "<no error>");
+}
