@@ -88,8 +88,10 @@ void print_plan(const Runtime& rt, std::ostream& out) {
       if (h.kind == config::HandlerKind::Plugin) {
         out << "plugin " << h.plugin_path;
       } else {
-        out << "exec";
-        for (const auto& a : h.argv) out << " " << a;
+        // Arguments may carry secrets and --check output reaches the journal
+        // (ExecStartPre, ExecReload): the program and the count only.
+        out << "exec " << (h.argv.empty() ? std::string() : h.argv[0]) << " (" << (h.argv.empty() ? 0 : h.argv.size() - 1)
+            << (h.argv.size() == 2 ? " argument)" : " arguments)");
         out << " timeout " << h.timeout.count() << "ms";
       }
       out << " concurrency " << h.concurrency << "\n";

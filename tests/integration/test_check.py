@@ -30,7 +30,7 @@ queues:
         config: {prefix: "speaker"}
       - name: catch-all-rec
         events: ["#"]
-        exec: ["%(record)s", "/tmp/never-written.jsonl"]
+        exec: ["%(record)s", "/tmp/never-written.jsonl", "--token=%(secret)s-arg"]
         timeout: 30s
         env: {FOO: bar}
         inherit_env: [HOME]
@@ -96,6 +96,9 @@ class CheckTest(RouterTestCase):
             self.assertIn(name, out, "--check output lacks %r:\n%s" % (name, out))
         self.assertNotIn(SECRET, p.stdout + p.stderr, "broker password leaked by --check")
         self.assertNotIn("${", out, "unsubstituted variable in the plan")
+        # Exec handlers: the program and the argument count, never the arguments.
+        self.assertIn("exec %s (2 arguments)" % RECORD_HANDLER, out)
+        self.assertNotIn("never-written", out)
 
     async def test_env_default_is_overridden_by_variable(self):
         env = dict(self.env, ER_TEST_EXCHANGE=self.prefix + ".from-env")
