@@ -562,6 +562,12 @@ void Loader::load_broker(const Val& v, BrokerConfig& b) const {
       fail(t, "cert_file and key_file go together (client certificate authentication)");
     if (Val p = child(t, "verify_peer"); p.present) b.tls.verify_peer = boolean(p);
     if (Val h = child(t, "verify_hostname"); h.present) b.tls.verify_hostname = boolean(h);
+    // TLS settings on a plain amqp:// URL would be ignored and the password
+    // sent in clear: refuse rather than let the operator believe it is TLS.
+    for (const auto& u : b.urls)
+      if (u.rfind("amqps://", 0) != 0)
+        fail(t, "TLS settings need amqps:// URLs, but '" + log::mask_url(u) +
+                    "' is not amqps:// (the connection would not use TLS)");
   }
   if (Val r = child(v, "reconnect"); r.present) {
     expect_map(r);

@@ -32,9 +32,9 @@ size_t find_close(const std::string& s, size_t from) {
   return std::string::npos;
 }
 
-}  // namespace
-
-std::string substitute_env(const std::string& text) {
+// `base`: where `text` starts in the whole value, so nested defaults report
+// positions in the value the user wrote.
+std::string substitute(const std::string& text, size_t base) {
   std::string out;
   out.reserve(text.size());
   for (size_t i = 0; i < text.size(); ++i) {
@@ -54,14 +54,16 @@ std::string substitute_env(const std::string& text) {
     }
     size_t body = i + 2;
     size_t close = find_close(text, body);
+    // Errors give the position, never the text: the value may hold a secret.
     if (close == std::string::npos)
-      throw std::invalid_argument("unterminated '${' (missing '}') in '" + text + "'");
+      throw std::invalid_argument("unterminated '${' at character " + std::to_string(base + i + 1) +
+                                  " of the value (missing '}')");
     size_t p = body;
     while (p < close && is_name_char(text[p])) ++p;
     std::string name = text.substr(body, p - body);
     if (name.empty() || !is_name_start(name[0]))
-      throw std::invalid_argument("invalid environment variable reference '" +
-                                  text.substr(i, close - i + 1) + "'");
+      throw std::invalid_argument("invalid environment variable reference at character " +
+                                  std::to_string(base + i + 1) + " of the value (use ${VAR} or ${VAR:-default})");
     const char* value = std::getenv(name.c_str());
     if (p == close) {
       if (!value)
@@ -72,16 +74,19 @@ std::string substitute_env(const std::string& text) {
       if (value && *value)
         out += value;
       else
-        out += substitute_env(text.substr(p + 2, close - p - 2));
+        out += substitute(text.substr(p + 2, close - p - 2), base + p + 2);
     } else {
-      throw std::invalid_argument("invalid environment variable reference '" +
-                                  text.substr(i, close - i + 1) +
-                                  "' (use ${VAR} or ${VAR:-default})");
+      throw std::invalid_argument("invalid environment variable reference at character " +
+                                  std::to_string(base + i + 1) + " of the value (use ${VAR} or ${VAR:-default})");
     }
     i = close;
   }
   return out;
 }
+
+}  // namespace
+
+std::string substitute_env(const std::string& text) { return substitute(text, 0); }
 
 Duration parse_duration(const std::string& text) {
   // Cap well below the int64 nanosecond range so callers can add durations to

@@ -1,5 +1,6 @@
 #include "config/topic.hpp"
 
+#include <algorithm>
 #include <stdexcept>
 
 namespace er {
@@ -27,25 +28,44 @@ struct KeyCursor {
   }
 };
 
-bool match_from(const std::vector<std::string>& words, size_t pi, KeyCursor key) {
-  while (pi < words.size()) {
-    const std::string& w = words[pi];
-    if (w == "#") {
-      // "#.#" is the same as "#"; collapsing keeps backtracking shallow.
-      while (pi + 1 < words.size() && words[pi + 1] == "#") ++pi;
-      if (pi + 1 == words.size()) return true;
-      for (;;) {
-        if (match_from(words, pi + 1, key)) return true;
-        if (!key.has_more) return false;
-        key.next();
+// NFA simulation: `live[i]` = the first i pattern words can match the key
+// words read so far. One pass over the key, O(pattern x key) steps, so no
+// pattern can make an attacker-chosen event type backtrack exponentially.
+bool match_words(const std::vector<std::string>& words, KeyCursor key, size_t* steps) {
+  const size_t n = words.size();
+  std::vector<char> live(n + 1, 0), next(n + 1, 0);
+  size_t count = 0;
+  // '#' may match zero words: its state also reaches the next one.
+  auto close_over_hash = [&](std::vector<char>& s) {
+    for (size_t i = 0; i < n; ++i, ++count)
+      if (s[i] && words[i] == "#") s[i + 1] = 1;
+  };
+  live[0] = 1;
+  close_over_hash(live);
+  while (key.has_more) {
+    std::string_view word = key.next();
+    std::fill(next.begin(), next.end(), 0);
+    bool any = false;
+    for (size_t i = 0; i < n; ++i, ++count) {
+      if (!live[i]) continue;
+      const std::string& w = words[i];
+      if (w == "#") {
+        next[i] = 1;  // '#' swallows this word and may take more
+        any = true;
+      } else if (w == "*" || w == word) {
+        next[i + 1] = 1;
+        any = true;
       }
     }
-    if (!key.has_more) return false;
-    std::string_view word = key.next();
-    if (w != "*" && w != word) return false;
-    ++pi;
+    if (!any) {
+      if (steps) *steps = count;
+      return false;
+    }
+    close_over_hash(next);
+    live.swap(next);
   }
-  return !key.has_more;
+  if (steps) *steps = count;
+  return live[n] != 0;
 }
 
 }  // namespace
@@ -67,8 +87,8 @@ TopicPattern::TopicPattern(std::string_view pattern) : text_(pattern) {
   }
 }
 
-bool TopicPattern::matches(std::string_view routing_key) const {
-  return match_from(words_, 0, KeyCursor(routing_key));
+bool TopicPattern::matches(std::string_view routing_key, size_t* steps) const {
+  return match_words(words_, KeyCursor(routing_key), steps);
 }
 
 }  // namespace er

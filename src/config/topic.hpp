@@ -13,7 +13,9 @@ class TopicPattern {
   // (empty pattern, empty word, '*' or '#' mixed with other characters in a word).
   explicit TopicPattern(std::string_view pattern);
 
-  bool matches(std::string_view routing_key) const;
+  // Time is O(pattern words x key words). `steps`, if given, receives the
+  // number of inner steps taken (tests use it to check the bound).
+  bool matches(std::string_view routing_key, size_t* steps = nullptr) const;
   const std::string& text() const { return text_; }
 
  private:

@@ -52,6 +52,14 @@ std::vector<std::string> plan_warnings(const config::Config& cfg) {
   // consumer_timeout (30 min by default), which would redeliver the event.
   constexpr auto kAckTimeout = std::chrono::minutes(30);
   std::vector<std::string> out;
+  bool amqps = std::any_of(cfg.broker.urls.begin(), cfg.broker.urls.end(),
+                           [](const std::string& u) { return u.rfind("amqps://", 0) == 0; });
+  if (amqps && !cfg.broker.tls.verify_peer)
+    out.push_back("broker.tls.verify_peer is false: the broker's certificate is not checked, so anyone on the "
+                  "network path can pose as the broker and read the password and every event");
+  else if (amqps && !cfg.broker.tls.verify_hostname)
+    out.push_back("broker.tls.verify_hostname is false: any certificate from the trusted CA is accepted for this "
+                  "broker, whatever host it was issued to");
   for (const auto& q : cfg.queues) {
     for (const auto& h : q.handlers) {
       if (h.kind == config::HandlerKind::Exec && h.timeout + h.kill_grace >= kAckTimeout)
@@ -80,8 +88,10 @@ void print_plan(const Runtime& rt, std::ostream& out) {
       if (h.kind == config::HandlerKind::Plugin) {
         out << "plugin " << h.plugin_path;
       } else {
-        out << "exec";
-        for (const auto& a : h.argv) out << " " << a;
+        // Arguments may carry secrets and --check output reaches the journal
+        // (ExecStartPre, ExecReload): the program and the count only.
+        out << "exec " << (h.argv.empty() ? std::string() : h.argv[0]) << " (" << (h.argv.empty() ? 0 : h.argv.size() - 1)
+            << (h.argv.size() == 2 ? " argument)" : " arguments)");
         out << " timeout " << h.timeout.count() << "ms";
       }
       out << " concurrency " << h.concurrency << "\n";

@@ -76,6 +76,7 @@ struct ServerState : std::enable_shared_from_this<ServerState> {
   bool started = false;
   bool stopped = false;
   std::unordered_map<Session*, std::weak_ptr<Session>> sessions;
+  std::uint64_t read_seq = 0;  // orders sessions by when they began waiting for a request
 };
 
 }  // namespace detail
@@ -94,7 +95,13 @@ class Session : public std::enable_shared_from_this<Session> {
     do_read();
   }
 
+  // Waiting for (or reading) a request, since `since()`: may be evicted.
+  bool reading() const { return reading_ && !closed_; }
+  std::uint64_t since() const { return read_seq_; }  // order of the waits' starts
+
   void close() {
+    closed_ = true;
+    st_->sessions.erase(this);  // frees its slot now; handlers finish later
     error_code ec;
     stream_.socket().shutdown(tcp::socket::shutdown_both, ec);
     stream_.close();  // cancels the pending read/write and the timer
@@ -106,11 +113,14 @@ class Session : public std::enable_shared_from_this<Session> {
     parser_->header_limit(st_->limits.header_limit);
     parser_->body_limit(0);
     stream_.expires_after(st_->limits.idle_timeout);
+    reading_ = true;
+    read_seq_ = ++st_->read_seq;
     bhttp::async_read(stream_, buffer_, *parser_, beast::bind_front_handler(&Session::on_read, shared_from_this()));
   }
 
   void on_read(error_code ec, std::size_t) {
-    if (st_->stopped) return;
+    reading_ = false;
+    if (st_->stopped || closed_) return;
     if (ec == bhttp::error::end_of_stream) return shutdown_send();
     if (ec) {
       // Malformed or oversized request: answer, then close. Socket errors and
@@ -185,6 +195,9 @@ class Session : public std::enable_shared_from_this<Session> {
   std::optional<bhttp::request_parser<bhttp::empty_body>> parser_;  // fresh per request, as limits are per message
   bhttp::response<bhttp::string_body> res_;  // must outlive async_write
   std::shared_ptr<detail::ServerState> st_;
+  bool reading_ = false;
+  bool closed_ = false;
+  std::uint64_t read_seq_ = 0;
 };
 
 }  // namespace
@@ -203,6 +216,16 @@ void ServerState::on_accept(error_code ec, tcp::socket s) {
       if (!e && !self->stopped) self->do_accept();
     });
     return;
+  }
+  if (sessions.size() >= limits.max_connections) {
+    // Make room by closing the connection idle the longest: an attacker's
+    // idle sockets then cycle out instead of locking /healthz out.
+    std::shared_ptr<Session> oldest;
+    for (auto& kv : sessions) {
+      auto live = kv.second.lock();
+      if (live && live->reading() && (!oldest || live->since() < oldest->since())) oldest = std::move(live);
+    }
+    if (oldest) oldest->close();
   }
   if (sessions.size() >= limits.max_connections) {
     error_code ignored;

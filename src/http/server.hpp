@@ -25,8 +25,13 @@ struct Handlers {
 };
 
 struct Limits {
-  std::size_t max_connections = 64;          // further connections are closed at once
-  std::chrono::milliseconds idle_timeout{30000};  // per read or write
+  // At the limit a new connection closes the one that has waited longest for
+  // a request, so idle sockets cannot lock out health checks; it is refused
+  // only when every connection is busy writing a response.
+  std::size_t max_connections = 64;
+  // Deadline for reading one whole request (or for one response write): a
+  // slow or silent client is dropped after this, whatever it trickles.
+  std::chrono::milliseconds idle_timeout{10000};
   std::uint32_t header_limit = 8 * 1024;     // requests carry no body
 };
 

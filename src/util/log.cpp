@@ -173,8 +173,10 @@ std::string mask_url(std::string_view url) {
   auto scheme = out.find("://");
   if (scheme == std::string::npos) return out;
   auto start = scheme + 3;
-  auto at = out.find('@', start);
-  if (at == std::string::npos) return out;
+  // The last '@' ends the user info: an unencoded '@' in the password must
+  // not end the masking early. (An '@' in the vhost over-masks: harmless.)
+  auto at = out.rfind('@');
+  if (at == std::string::npos || at < start) return out;
   auto colon = out.find(':', start);
   if (colon == std::string::npos || colon > at) return out;
   out.replace(colon + 1, at - colon - 1, "****");

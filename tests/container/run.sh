@@ -29,10 +29,16 @@ phase() {
   PHASE_T=$now
 }
 
+# --static: only the compose check (no buildah, no broker), for quick runs.
+STATIC_ONLY=0
+[ "${1:-}" = --static ] && STATIC_ONLY=1
+
 # --- prerequisites ------------------------------------------------------------
+if [ "$STATIC_ONLY" = 0 ]; then
 command -v buildah >/dev/null 2>&1 || skip "buildah is not installed (apt-get install buildah debootstrap)"
 [ "$(id -u)" -eq 0 ] || skip "needs root (buildah with chroot isolation and the system storage)"
 buildah info >/dev/null 2>&1 || skip "buildah is unusable here: $(buildah info 2>&1 | tail -1)"
+fi
 "$PY" -c "import aio_pika, yaml" 2>/dev/null ||
   fail "$PY lacks aio_pika or yaml: apt-get install python3-aio-pika python3-yaml (scripts/install-deps.sh)"
 
@@ -146,8 +152,38 @@ def compose_check(src):
                     ref = os.path.join(src, "config", exe)
                     if os.path.isfile(p) and os.path.isfile(ref) and open(p, "rb").read() != open(ref, "rb").read():
                         print("note: docker/%s differs from config/%s" % (exe, exe))
+    errs += compose_hardening(d, c)
     if errs: sys.exit("compose check failed: " + "; ".join(errs))
     print("compose ok: services", ", ".join(svc))
+
+def compose_hardening(d, c):
+    """SECURITY.md's promises for docker/: host ports on loopback, credentials
+    from .env (none in the file), a locked-down router container."""
+    errs = []
+    text = open(os.path.join(d, "docker-compose.yml")).read()
+    if re.search(r"guest", text): errs.append("compose file mentions guest credentials")
+    for name, s in c.get("services", {}).items():
+        for p in s.get("ports", []):
+            if not str(p).startswith("127.0.0.1:"): errs.append("%s: port %r not bound to 127.0.0.1" % (name, p))
+    mq, rt = c["services"].get("rabbitmq", {}), c["services"].get("event-router", {})
+    needed = set(re.findall(r"\$\{(\w+):\?", text))
+    for k in ("RABBITMQ_DEFAULT_USER", "RABBITMQ_DEFAULT_PASS"):
+        if not re.fullmatch(r"\$\{\w+:\?[^}]*\}", str(mq.get("environment", {}).get(k, ""))):
+            errs.append("rabbitmq: %s must be a required ${VAR:?...} from .env" % k)
+    if not re.fullmatch(r"amqps?://\$\{\w+:\?[^}]*\}:\$\{\w+:\?[^}]*\}@.+", str(rt.get("environment", {}).get("RABBITMQ_URL", ""))):
+        errs.append("router: RABBITMQ_URL credentials must come from .env")
+    example = os.path.join(d, ".env.example")
+    if not os.path.isfile(example): errs.append(".env.example missing")
+    else:
+        defined = set(re.findall(r"(?m)^(\w+)=", open(example).read()))
+        if needed - defined: errs.append(".env.example lacks " + ", ".join(sorted(needed - defined)))
+    if rt.get("read_only") is not True: errs.append("router: read_only: true")
+    if "ALL" not in (rt.get("cap_drop") or []): errs.append("router: cap_drop: [ALL]")
+    if "no-new-privileges:true" not in (rt.get("security_opt") or []): errs.append("router: no-new-privileges")
+    if "/tmp" not in [str(t).split(":")[0] for t in (rt.get("tmpfs") or [])]: errs.append("router: tmpfs /tmp")
+    state = [v for v in rt.get("volumes", []) if v.split(":")[1:2] == ["/var/lib/event-router"]]
+    if not state or state[0].startswith((".", "/")): errs.append("router: state on a named volume")
+    return errs
 
 def image_check(inspect_json):
     c = json.loads(inspect_json)["Docker"]["config"]
@@ -224,6 +260,7 @@ trap 'exit 130' INT TERM
 # --- static checks ------------------------------------------------------------
 helper compose-check "$SRC" | sed 's/^/container-test: /'
 phase "compose file and mounted config checked"
+[ "$STATIC_ONLY" = 1 ] && exit 0
 
 # One run at a time (shared image tag and cache).
 exec 9>"$CACHE/lock"

@@ -30,7 +30,7 @@ queues:
         config: {prefix: "speaker"}
       - name: catch-all-rec
         events: ["#"]
-        exec: ["%(record)s", "/tmp/never-written.jsonl"]
+        exec: ["%(record)s", "/tmp/never-written.jsonl", "--token=%(secret)s-arg"]
         timeout: 30s
         env: {FOO: bar}
         inherit_env: [HOME]
@@ -96,6 +96,9 @@ class CheckTest(RouterTestCase):
             self.assertIn(name, out, "--check output lacks %r:\n%s" % (name, out))
         self.assertNotIn(SECRET, p.stdout + p.stderr, "broker password leaked by --check")
         self.assertNotIn("${", out, "unsubstituted variable in the plan")
+        # Exec handlers: the program and the argument count, never the arguments.
+        self.assertIn("exec %s (2 arguments)" % RECORD_HANDLER, out)
+        self.assertNotIn("never-written", out)
 
     async def test_env_default_is_overridden_by_variable(self):
         env = dict(self.env, ER_TEST_EXCHANGE=self.prefix + ".from-env")
@@ -139,6 +142,33 @@ class CheckTest(RouterTestCase):
                 bad = self.good.replace('url: "amqp://alice:%s@127.0.0.1:5672/"' % SECRET, 'url: "%s"' % url)
                 self.assertNotEqual(bad, self.good)
                 self.assert_error_at(bad, "url:", names="url")
+
+    async def test_tls_block_with_plain_url_is_refused(self):
+        # Ignoring it would send the password in clear while the config reads as TLS.
+        bad = self.good.replace("  heartbeat: 30s\n", "  heartbeat: 30s\n  tls: {verify_peer: true}\n", 1)
+        self.assertNotEqual(bad, self.good)
+        m = self.assert_error_at(bad, "tls:", names="broker.tls")
+        self.assertIn("amqps://", m.group(3))
+
+    async def test_tls_without_verification_warns(self):
+        for key in ("verify_peer", "verify_hostname"):
+            with self.subTest(key=key):
+                text = self.good.replace('url: "amqp://alice:', 'url: "amqps://alice:', 1).replace(
+                    "  heartbeat: 30s\n", "  heartbeat: 30s\n  tls: {%s: false}\n" % key, 1)
+                path, p = self.check(text)
+                self.assertEqual(p.returncode, 0, p.stderr)
+                self.assertRegex(p.stderr, r"(?m)^%s: warning: broker\.tls\.%s is false" % (re.escape(path), key))
+                self.assertNotIn(SECRET, p.stdout + p.stderr)
+        path, p = self.check(self.good.replace('url: "amqp://alice:', 'url: "amqps://alice:', 1))
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertNotIn("warning", p.stderr)
+
+    async def test_unterminated_variable_names_the_place_not_the_value(self):
+        bad = self.good.replace('url: "amqp://alice:%s@127.0.0.1:5672/"' % SECRET,
+                                'url: "amqp://alice:%s@127.0.0.1:5672/${VHOST"' % SECRET)
+        self.assertNotEqual(bad, self.good)
+        m = self.assert_error_at(bad, "url:", names="broker.url")  # also asserts SECRET is not printed
+        self.assertIn("unterminated", m.group(3))
 
     async def test_missing_plugin(self):
         bad = self.good.replace("plugin: liblog_plugin.so", "plugin: libdoes_not_exist_xyz.so")

@@ -622,7 +622,11 @@ queues: [{name: "${ER_T_EMPTY}q$$"}]
   }
   SECTION("unterminated reference") {
     CHECK(error_of("broker: {url: 'amqp://h'}\nexchange: {name: \"${ER_T_URL:-x\"}\nqueues: [{name: q}]\n", "/") ==
-          "t.yaml:2:18: key 'exchange.name': unterminated '${' (missing '}') in '${ER_T_URL:-x'");
+          "t.yaml:2:18: key 'exchange.name': unterminated '${' at character 1 of the value (missing '}')");
+    // The error names the place, not the value, which may hold a password.
+    std::string e = error_of("broker: {url: \"amqp://u:s3cret@h/${ER_T_X\"}\nexchange: {name: x}\nqueues: [{name: q}]\n", "/");
+    CHECK(e == "t.yaml:1:15: key 'broker.url': unterminated '${' at character 19 of the value (missing '}')");
+    CHECK(e.find("s3cret") == std::string::npos);
   }
   SECTION("inside list items") {
     EnvGuard topic("ER_T_TOPIC", "speaker");
@@ -1095,4 +1099,18 @@ queues: [{name: q}]
                  d.path) == "t.yaml:3:18: broker.tls.ca_file: cannot read " + d.path + "/nope.pem: No such file or directory");
   CHECK(error_of("broker:\n  url: amqps://h/\n  tls: {cert_file: tls/client.pem}\nexchange: {name: ex}\nqueues: [{name: q}]\n",
                  d.path) == "t.yaml:3:8: broker.tls: cert_file and key_file go together (client certificate authentication)");
+}
+
+TEST_CASE("broker.tls with a plain amqp:// URL is refused, not ignored", "[config]") {
+  TempDir d;
+  // The password would go over the wire in clear while the config says TLS.
+  CHECK(error_of("broker:\n  url: amqp://u:s3cret@h/\n  tls: {verify_peer: true}\nexchange: {name: ex}\nqueues: [{name: q}]\n",
+                 d.path) == "t.yaml:3:8: broker.tls: TLS settings need amqps:// URLs, but 'amqp://u:****@h/' is not "
+                            "amqps:// (the connection would not use TLS)");
+  // One plain URL in a list is enough to refuse.
+  CHECK(error_of("broker:\n  urls: [amqps://a/, amqp://b/]\n  tls: {}\nexchange: {name: ex}\nqueues: [{name: q}]\n",
+                 d.path)
+            .rfind("t.yaml:3:8: broker.tls: TLS settings need amqps:// URLs, but 'amqp://b/'", 0) == 0);
+  CHECK(error_of("broker:\n  urls: [amqps://a/, amqps://b/]\n  tls: {}\nexchange: {name: ex}\nqueues: [{name: q}]\n",
+                 d.path) == "<no error>");
 }

@@ -50,12 +50,33 @@ TEST_CASE("substitute_env errors", "[env]") {
   CHECK_THROWS_WITH(substitute_env("x${ER_T_UNSET}y"),
                     "environment variable ER_T_UNSET is not set and has no default");
   CHECK_THROWS_WITH(substitute_env("${ER_T_UNSET:-a"),
-                    "unterminated '${' (missing '}') in '${ER_T_UNSET:-a'");
+                    "unterminated '${' at character 1 of the value (missing '}')");
   CHECK_THROWS_AS(substitute_env("abc${"), std::invalid_argument);
   CHECK_THROWS_AS(substitute_env("${}"), std::invalid_argument);
   CHECK_THROWS_AS(substitute_env("${1X}"), std::invalid_argument);
   CHECK_THROWS_AS(substitute_env("${A B}"), std::invalid_argument);
   CHECK_THROWS_AS(substitute_env("${ER_T_UNSET-x}"), std::invalid_argument);
+}
+
+TEST_CASE("substitute_env errors never echo the value (it may be a secret)", "[env]") {
+  unsetenv("ER_T_UNSET");
+  auto message = [](const std::string& text) -> std::string {
+    try {
+      substitute_env(text);
+    } catch (const std::invalid_argument& e) {
+      return e.what();
+    }
+    return "no error";
+  };
+  std::string m = message("amqp://u:hunter2@h/${ER_T_UNSET:-x");
+  CHECK(m == "unterminated '${' at character 20 of the value (missing '}')");
+  m = message("hunter2${ER_T_UNSET:-${pw hunter3}}");
+  CHECK(m == "invalid environment variable reference at character 22 of the value (use ${VAR} or ${VAR:-default})");
+  m = message("${hunter2 x}");
+  CHECK(m.find("hunter") == std::string::npos);
+  CHECK(m.find("at character 1 ") != std::string::npos);
+  m = message("${}hunter2");
+  CHECK(m.find("hunter") == std::string::npos);
 }
 
 TEST_CASE("parse_duration accepts units and plain seconds", "[duration]") {

@@ -95,3 +95,24 @@ TEST_CASE("malformed patterns are rejected", "[topic]") {
   CHECK_NOTHROW(TopicPattern("#"));
   CHECK_NOTHROW(TopicPattern("a.*.#"));
 }
+
+TEST_CASE("'#' in the middle cannot make matching exponential", "[topic]") {
+  // A backtracking matcher tries C(60, k) splits of the key for these
+  // patterns and would not finish; an attacker chooses the event type.
+  std::string key = "a";
+  for (int i = 1; i < 60; ++i) key += ".a";
+  for (const char* pattern : {"#.a.#.a.#.a.#.a.#.a.#.a.#.x", "#.#.#.#.#.#.#.x", "#.*.#.*.#.*.#.*.#.b"}) {
+    TopicPattern p(pattern);
+    size_t words = 1;
+    for (const char* c = pattern; *c; ++c) words += *c == '.';
+    size_t steps = 0;
+    CHECK_FALSE(p.matches(key, &steps));
+    CHECK(steps > 0);
+    CHECK(steps <= (words + 1) * 61 * 2);  // linear in pattern x key
+  }
+  size_t steps = 0;
+  CHECK(TopicPattern("#.a.#.a.#.a.#.a.#.a.#.a.#.a").matches(key, &steps));
+  CHECK(steps <= 15 * 61 * 2);
+  CHECK(TopicPattern("#.a.#.a.#.a.#.a.#.a.#.a.#").matches(key + ".x"));
+  CHECK_FALSE(TopicPattern("#.a.#.a.#.a.#.a.#.a.#.a.#.a").matches(key + ".x"));
+}

@@ -40,3 +40,18 @@ TEST_CASE("router: the first handler whose pattern matches wins; unmatched types
     REQUIRE(r.route("") == nullptr);
   }
 }
+
+TEST_CASE("plan_warnings: TLS without certificate or hostname checks is flagged", "[router]") {
+  config::Config c;
+  c.broker.urls = {"amqps://h/"};
+  c.broker.url = c.broker.urls[0];
+  CHECK(dispatch::plan_warnings(c).empty());
+  c.broker.tls.verify_hostname = false;
+  auto w = dispatch::plan_warnings(c);
+  REQUIRE(w.size() == 1);
+  CHECK(w[0].find("broker.tls.verify_hostname is false") == 0);
+  c.broker.tls.verify_peer = false;
+  w = dispatch::plan_warnings(c);
+  REQUIRE(w.size() == 1);
+  CHECK(w[0].find("broker.tls.verify_peer is false") == 0);
+}

@@ -175,6 +175,25 @@ TEST_CASE("schema: envelope: ids, types and the payload", "[schema]") {
   CHECK(check(*set, R"(["event_id"])", "t") == "envelope.json: type: expected object, got array at #");
 }
 
+TEST_CASE("schema: envelope: event ids are short and safe in file names", "[schema]") {
+  auto set = shipped();
+  auto id = [&](const std::string& key, const std::string& v) {
+    return check(*set, "{\"" + key + "\":\"" + v + "\",\"event_type\":\"t\"}", "t");
+  };
+  for (const char* key : {"event_id", "eventId"}) {
+    CHECK(id(key, "50d48889-1c2e-4b5a-9f0e-1234567890ab") == "");
+    CHECK(id(key, "urn:evt:A_b.9") == "");
+    CHECK(id(key, std::string(128, 'a')) == "");
+    CHECK(id(key, "../../x").find("pattern") != std::string::npos);
+    CHECK(id(key, ".hidden").find("pattern") != std::string::npos);
+    CHECK(id(key, "a/b").find("pattern") != std::string::npos);
+    CHECK(id(key, "a b").find("pattern") != std::string::npos);
+    CHECK(id(key, "").find("pattern") != std::string::npos);
+    CHECK(id(key, std::string(129, 'a')).find("maxLength") != std::string::npos);
+  }
+  CHECK(check(*set, R"({"event_id":7,"event_type":"t"})", "t").find("type") != std::string::npos);
+}
+
 TEST_CASE("schema: an event type without a schema file is checked against the envelope only", "[schema]") {
   auto set = shipped();
   CHECK(check(*set, R"({"event_id":"1","event_type":"order.placed","payload":{"anything":[1,{"x":null}]}})",
