@@ -750,13 +750,12 @@ void Loader::load_security(const Val& v, SecurityConfig& s) const {
   if (file.present) {
     s.copy_key_file = absolute_in(dir_, nonempty_str(file));
     const std::string& path = s.copy_key_file;
-    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);  // O_NONBLOCK: a FIFO must not hang the load
+    // Checked before opening: opening a FIFO would hang the load, a device may act on open.
+    int err = 0;
+    if (!regular_file(path, &err))
+      fail(file, "cannot read " + path + ": " + (err == EISDIR ? "not a regular file" : std::strerror(err)));
+    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) fail(file, "cannot read " + path + ": " + std::strerror(errno));
-    struct stat st;
-    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-      ::close(fd);
-      fail(file, "cannot read " + path + ": not a regular file");
-    }
     char buf[kMaxKey + 1];
     size_t n = 0;
     while (n < sizeof buf) {

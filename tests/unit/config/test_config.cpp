@@ -1134,6 +1134,9 @@ TEST_CASE("security: copy key errors carry the position", "[config][security][er
         "t.yaml:4:27: security.copy_key_file: cannot read " + d.path + "/nope.key: No such file or directory");
   CHECK(error_of(head + "security: {copy_key_file: dir.key}\n", d.path) ==
         "t.yaml:4:27: security.copy_key_file: cannot read " + d.path + "/dir.key: not a regular file");
+  REQUIRE(mkfifo((d.path + "/fifo.key").c_str(), 0600) == 0);  // would block a plain open()
+  CHECK(error_of(head + "security: {copy_key_file: fifo.key}\n", d.path) ==
+        "t.yaml:4:27: security.copy_key_file: cannot read " + d.path + "/fifo.key: not a regular file");
   CHECK(error_of(head + "security: {copy_key_file: short.key}\n", d.path) ==
         "t.yaml:4:27: security.copy_key_file: " + d.path +
             "/short.key is 31 bytes; the copy key needs at least 32 (e.g. head -c 32 /dev/urandom > copy.key)");
