@@ -339,10 +339,14 @@ DeliveryHistory read_history(const amqp_basic_properties_t& props, std::string_v
       found[k] = &e.value;
     }
   }
-  if (!found[kSig] || found[kSig]->kind != AMQP_FIELD_KIND_UTF8) return fresh;
+  // Strings as longstr or byte array: the signature covers the bytes, whichever kind a relay chose.
+  auto is_text = [](const amqp_field_value_t* v) {
+    return v && (v->kind == AMQP_FIELD_KIND_UTF8 || v->kind == AMQP_FIELD_KIND_BYTES);
+  };
+  if (!is_text(found[kSig])) return fresh;
   if (!found[kAtt] == !found[kAtts]) return fresh;  // exactly one: a retry copy or a dead-letter copy
   for (int k : {kExch, kRk, kQueue, kFirst})
-    if (!found[k] || found[k]->kind != AMQP_FIELD_KIND_UTF8) return fresh;
+    if (!is_text(found[k])) return fresh;
   int64_t n;
   const amqp_field_value_t* att = found[kAtt] ? found[kAtt] : found[kAtts];
   if (!int_value(*att, &n) || n < 1 || n > kMaxAttempt) return fresh;
