@@ -153,14 +153,15 @@ void check_copy(const CopyProperties& c, bool retry, size_t frame_max, const Mes
                 uint32_t next_attempt, const CopySigner& signer, const CopySigner& wrong) {
   CHECK(c.fitted());
   // Encode as rabbitmq-c does for this frame_max, and decode: what the broker would get.
-  std::vector<char> buf(frame_max - kHeaderFrameOverhead);
+  static std::vector<char> scratch(131072);  // reused: zeroing 128 KiB per copy under ASan halves exec/s
+  amqp_bytes_t buf{frame_max - kHeaderFrameOverhead, scratch.data()};
   amqp_basic_properties_t p = *c.get();
-  int n = amqp_encode_properties(AMQP_BASIC_CLASS, &p, amqp_bytes_t{buf.size(), buf.data()});
+  int n = amqp_encode_properties(AMQP_BASIC_CLASS, &p, buf);
   CHECK(n >= 0);
   amqp_pool_t pool;
   init_amqp_pool(&pool, 4096);
   void* out = nullptr;
-  CHECK(amqp_decode_properties(AMQP_BASIC_CLASS, &pool, amqp_bytes_t{static_cast<size_t>(n), buf.data()}, &out) == 0);
+  CHECK(amqp_decode_properties(AMQP_BASIC_CLASS, &pool, amqp_bytes_t{static_cast<size_t>(n), buf.bytes}, &out) == 0);
   const auto& d = *static_cast<amqp_basic_properties_t*>(out);
 
   CHECK((d._flags & (AMQP_BASIC_USER_ID_FLAG | AMQP_BASIC_CLUSTER_ID_FLAG)) == 0);
