@@ -264,7 +264,10 @@ void CopyProperties::build(const Input& in, bool keep_headers, size_t detail_max
                "original headers did not fit in a frame (" + std::to_string(original_bytes) + " bytes)");
   }
 
-  if (in.retry) set_bytes(props_.expiration, std::to_string(in.expiration_ms)), props_._flags |= AMQP_BASIC_EXPIRATION_FLAG;
+  if (in.retry) {
+    set_bytes(props_.expiration, std::to_string(in.expiration_ms));
+    props_._flags |= AMQP_BASIC_EXPIRATION_FLAG;
+  }
   props_._flags |= AMQP_BASIC_HEADERS_FLAG | AMQP_BASIC_DELIVERY_MODE_FLAG;
   props_.delivery_mode = AMQP_DELIVERY_PERSISTENT;
   props_.headers.num_entries = static_cast<int>(entries_.size());

@@ -27,7 +27,7 @@ struct DeadLetterInfo {
   std::string_view queue;         // the queue it was consumed from
   std::string_view exchange;      // as delivered
   std::string_view routing_key;   // as delivered
-  uint32_t attempts = 1;
+  uint32_t attempts = 1;          // 1..1000000: read_history() refuses a count outside that range
 };
 
 // Caps (bytes) on the texts the daemon adds; a longer text is cut at a UTF-8
