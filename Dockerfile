@@ -9,7 +9,7 @@ ARG JOBS=2
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       build-essential cmake pkg-config \
-      librabbitmq-dev libboost-dev rapidjson-dev libyaml-cpp-dev libsqlite3-dev \
+      librabbitmq-dev libssl-dev libboost-dev rapidjson-dev libyaml-cpp-dev libsqlite3-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # Only what the build and `cmake --install` read (keeps the layer cache warm
@@ -30,7 +30,7 @@ COPY docker/router.yaml /out/etc/event-router/router.yaml
 
 # --- runtime -----------------------------------------------------------------
 FROM debian:bookworm-slim
-# Runtime libraries (from `ldd event-router`; libssl3 comes with librabbitmq4),
+# Runtime libraries (from `ldd event-router`; libssl3, also our libcrypto, comes with librabbitmq4),
 # CA certificates for amqps://, python3 for the example handler rag-notify.py.
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \

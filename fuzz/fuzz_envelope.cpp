@@ -62,6 +62,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     case DecodeStatus::Ok:
       CHECK(detail.empty());
       CHECK(!fresh.event_type.empty());
+      CHECK(fresh.event_id.size() <= er::event::kMaxFieldBytes && fresh.aggregate_id.size() <= er::event::kMaxFieldBytes &&
+            fresh.aggregate_type.size() <= er::event::kMaxFieldBytes &&
+            fresh.correlation_id.size() <= er::event::kMaxFieldBytes &&
+            fresh.timestamp.size() <= er::event::kMaxFieldBytes);
+      if (!fresh.type_from_routing_key) CHECK(fresh.event_type.size() <= er::event::kMaxEventTypeBytes);
       if (fresh.type_from_routing_key) CHECK(fresh.event_type == key && !key.empty());
       CHECK(no_nul(fresh.event_id) && no_nul(fresh.aggregate_id) &&
             no_nul(fresh.aggregate_type) && no_nul(fresh.correlation_id) &&
@@ -75,6 +80,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     case DecodeStatus::InvalidJson:
     case DecodeStatus::NotObject:
       CHECK(!detail.empty() && all_empty(fresh));
+      break;
+    case DecodeStatus::FieldTooLong:
+      // Names the field and quotes at most a short prefix, never the value.
+      CHECK(!detail.empty() && all_empty(fresh) && detail.size() < 200);
       break;
     default:
       CHECK(false);

@@ -3,7 +3,7 @@
 # bounded time on a copy of its seed corpus. Fails on any crash, hang, leak,
 # OOM or sanitizer report; exits 77 (skip) when clang/libFuzzer is missing.
 #
-#   scripts/fuzz.sh [SECONDS] [--target envelope|config]
+#   scripts/fuzz.sh [SECONDS] [--target envelope|config|copy_props]
 #   env: ER_FUZZ_SECONDS (default 30), ER_FUZZ_BUILD_DIR (default <repo>/build-fuzz),
 #        ER_FUZZ_ARGS (extra libFuzzer flags)
 # Crash inputs are kept in $ER_FUZZ_BUILD_DIR/artifacts/<target>/.
@@ -11,7 +11,7 @@ set -uo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 seconds="${ER_FUZZ_SECONDS:-30}"
-targets=(envelope config)
+targets=(envelope config copy_props)
 only=""
 
 while [ $# -gt 0 ]; do
@@ -26,7 +26,7 @@ done
 case "$seconds" in ''|*[!0-9]*) echo "fuzz.sh: seconds must be a whole number, got '$seconds'" >&2; exit 2 ;; esac
 if [ -n "$only" ]; then
   case " ${targets[*]} " in *" $only "*) targets=("$only") ;;
-    *) echo "fuzz.sh: unknown target '$only' (envelope, config)" >&2; exit 2 ;; esac
+    *) echo "fuzz.sh: unknown target '$only' (envelope, config, copy_props)" >&2; exit 2 ;; esac
 fi
 
 # Skip (77) when the toolchain is missing.

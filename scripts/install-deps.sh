@@ -9,7 +9,7 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 packages=(
   build-essential cmake pkg-config
-  librabbitmq-dev libboost-dev rapidjson-dev libyaml-cpp-dev catch2 libsqlite3-dev
+  librabbitmq-dev libssl-dev libboost-dev rapidjson-dev libyaml-cpp-dev catch2 libsqlite3-dev
   rabbitmq-server amqp-tools
   python3 python3-aio-pika python3-prometheus-client
   clang libclang-rt-14-dev

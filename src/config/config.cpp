@@ -355,6 +355,7 @@ class Loader {
   void load_queue(const Val& v, QueueConfig& q);
   void load_handler(const Val& v, const QueueConfig& q, HandlerConfig& h);
   void load_retry(const Val& v, RetryConfig& r) const;
+  void load_security(const Val& v, SecurityConfig& s) const;
   std::string resolve_dir(const Val& v) const;
   std::string resolve_plugin(const Val& v) const;
   std::string resolve_program(const Val& v) const;
@@ -415,7 +416,7 @@ Config Loader::load(const std::string& text) {
   if (!root.node.IsMap())
     fail(root, std::string("expected a mapping at the top level, got ") + describe(root.node));
   check_keys(root, {"broker", "exchange", "queues", "shutdown_timeout", "workers", "max_message_bytes",
-                    "schemas", "log", "state_dir", "http"});
+                    "schemas", "log", "state_dir", "http", "security"});
 
   Config c;
   c.path = file_;
@@ -452,6 +453,8 @@ Config Loader::load(const std::string& text) {
                                       {"error", LogLevel::Error}},
                                      {"debug", "info", "warn", "error"});
   }
+
+  if (Val v = child(root, "security"); v.present) load_security(expect_map(v), c.security);
 
   Val queues = required(root, "queues");
   auto items = list(queues, "queues");
@@ -737,6 +740,56 @@ void Loader::load_retry(const Val& v, RetryConfig& r) const {
   // Only `delay` is set here: the max_delay it exceeds is inherited.
   fail(delay, "delay " + format_duration(r.delay) + " is longer than max_delay " +
                   format_duration(r.max_delay) + " (set max_delay too)");
+}
+
+// The copy key is read here, so that a missing or short key stops the load
+// (and a reload) with the key's position instead of failing later.
+void Loader::load_security(const Val& v, SecurityConfig& s) const {
+  constexpr size_t kMinKey = 32, kMaxKey = 4096;  // kMinKey = settle::CopySigner::kMinKeyBytes
+  check_keys(v, {"copy_key_file", "copy_key_env"});
+  Val file = child(v, "copy_key_file");
+  Val env = child(v, "copy_key_env");
+  if (file.present && env.present)
+    fail(env.key_mark, v.path + ": set either 'copy_key_file' or 'copy_key_env', not both");
+  auto check_size = [&](const Val& at, const std::string& what, size_t n) {
+    if (n < kMinKey)
+      fail(at, what + " is " + std::to_string(n) + " bytes; the copy key needs at least " + std::to_string(kMinKey) +
+                   " (e.g. head -c 32 /dev/urandom > copy.key)");
+    if (n > kMaxKey) fail(at, what + " is larger than " + std::to_string(kMaxKey) + " bytes: not a key file?");
+  };
+  if (file.present) {
+    s.copy_key_file = absolute_in(dir_, nonempty_str(file));
+    const std::string& path = s.copy_key_file;
+    // Checked before opening: opening a FIFO would hang the load, a device may act on open.
+    int err = 0;
+    if (!regular_file(path, &err))
+      fail(file, "cannot read " + path + ": " + (err == EISDIR ? "not a regular file" : std::strerror(err)));
+    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) fail(file, "cannot read " + path + ": " + std::strerror(errno));
+    char buf[kMaxKey + 1];
+    size_t n = 0;
+    while (n < sizeof buf) {
+      ssize_t r = ::read(fd, buf + n, sizeof buf - n);
+      if (r < 0 && errno == EINTR) continue;
+      if (r < 0) {
+        int err = errno;
+        ::close(fd);
+        fail(file, "cannot read " + path + ": " + std::strerror(err));
+      }
+      if (r == 0) break;
+      n += static_cast<size_t>(r);
+    }
+    ::close(fd);
+    check_size(file, path, n);
+    s.copy_key.assign(buf, n);
+  }
+  if (env.present) {
+    s.copy_key_env = nonempty_str(env);
+    const char* value = std::getenv(s.copy_key_env.c_str());
+    if (!value) fail(env, "environment variable '" + s.copy_key_env + "' is not set");
+    check_size(env, "environment variable '" + s.copy_key_env + "'", std::strlen(value));
+    s.copy_key = value;
+  }
 }
 
 // Bytes, or a whole number with a unit: 512KiB, 1MiB, 2MB.

@@ -128,6 +128,18 @@ struct LogConfig {
   LogFormat format = LogFormat::Text;
 };
 
+// `security:` The key that signs the bookkeeping headers of retry and
+// dead-letter copies (settle/signer.hpp). Either `copy_key_file: PATH` (its
+// bytes as they are, a trailing newline included; relative to the config
+// file's folder) or `copy_key_env: VAR` (the variable's value). At least 32
+// bytes, at most 4096. Neither: settle::load_or_create_copy_key() uses
+// state_dir/copy.key. Instances that consume the same queues need the same key.
+struct SecurityConfig {
+  std::string copy_key;                  // the key bytes; empty = neither set
+  std::string copy_key_file;             // absolute, when set
+  std::string copy_key_env;              // the variable's name, when set
+};
+
 struct Config {
   std::string path;                      // the file it was loaded from
   std::string dir;                       // its folder (relative paths resolve here)
@@ -141,6 +153,7 @@ struct Config {
   std::string state_dir = "/var/lib/event-router";  // `state_dir:` (dedupe store)
   std::string http_listen;               // `http: {listen: 127.0.0.1:9090}`; empty = no HTTP server
   LogConfig log;
+  SecurityConfig security;
 };
 
 // Loads, substitutes ${VAR} / ${VAR:-default}, validates. Throws ConfigError.

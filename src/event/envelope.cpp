@@ -15,6 +15,9 @@
 //    empty string) count as absent.
 //  - \u0000 is fine in the payload, but InvalidJson in a top-level envelope
 //    string field: those become C strings and environment variables.
+//  - A top-level envelope string over its cap (kMaxFieldBytes, event_type
+//    kMaxEventTypeBytes) stops the parse at once: FieldTooLong. The value is
+//    never copied into the envelope; only RapidJSON's own parse buffer held it.
 #include "event/envelope.hpp"
 
 #include <rapidjson/error/en.h>
@@ -32,6 +35,7 @@ const char* reason_code(DecodeStatus s) {
     case DecodeStatus::InvalidJson: return "invalid_json";
     case DecodeStatus::NotObject: return "not_object";
     case DecodeStatus::NoEventType: return "no_event_type";
+    case DecodeStatus::FieldTooLong: return "field_too_long";
   }
   return "unknown";
 }
@@ -50,6 +54,25 @@ void Envelope::clear() {
 namespace {
 
 constexpr unsigned kMaxDepth = 64;
+constexpr size_t kQuotedPrefix = 16;
+
+// The first bytes of a value, safe for a log line or a header: printable
+// ASCII as is, anything else as \xNN.
+std::string escaped_prefix(const char* s, size_t len) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string out;
+  for (size_t i = 0; i < len && i < kQuotedPrefix; ++i) {
+    unsigned char c = static_cast<unsigned char>(s[i]);
+    if (c >= 0x20 && c < 0x7f && c != '"' && c != '\\') {
+      out += static_cast<char>(c);
+    } else {
+      out += "\\x";
+      out += kHex[c >> 4];
+      out += kHex[c & 15];
+    }
+  }
+  return out;
+}
 
 enum Field { kNone = -1, kEventId, kEventType, kAggregateId, kAggregateType, kCorrelationId,
              kTimestamp, kVersion, kFieldCount };
@@ -87,6 +110,10 @@ class EnvelopeHandler {
   const char* error = nullptr;  // set when the handler stopped the parse
   const char* error_key = nullptr;
   size_t error_key_len = 0;
+  bool too_long = false;        // the error is a field over its cap
+  size_t too_long_len = 0;
+  size_t too_long_cap = 0;
+  std::string too_long_prefix;  // escaped, for the detail
 
   bool Null() { return scalar(TopKind::Null); }
   bool Bool(bool) { return scalar(TopKind::Bool); }
@@ -109,6 +136,14 @@ class EnvelopeHandler {
     Field f = pending_;
     pending_ = kNone;
     if (f == kVersion) return true;
+    size_t cap = f == kEventType ? kMaxEventTypeBytes : kMaxFieldBytes;
+    if (len > cap) {
+      too_long = true;
+      too_long_len = len;
+      too_long_cap = cap;
+      too_long_prefix = escaped_prefix(s, len);
+      return false;
+    }
     if (std::memchr(s, '\0', len) != nullptr) {
       error = "NUL character in ";
       return false;
@@ -218,6 +253,14 @@ DecodeStatus decode(const char* body, size_t len, std::string_view routing_key, 
   rapidjson::ParseResult r = reader.Parse<kFlags>(stream, handler);
 
   if (r.IsError()) {
+    if (r.Code() == rapidjson::kParseErrorTermination && handler.too_long) {
+      detail.assign(handler.error_key, handler.error_key_len);
+      detail += " is " + std::to_string(handler.too_long_len) + " bytes, longer than the " +
+                std::to_string(handler.too_long_cap) +
+                " allowed: \"" + handler.too_long_prefix + "\"...";
+      out.clear();
+      return DecodeStatus::FieldTooLong;
+    }
     if (r.Code() == rapidjson::kParseErrorTermination && handler.error) {
       detail = handler.error;
       if (handler.error_key) detail.append(handler.error_key, handler.error_key_len);

@@ -84,7 +84,7 @@ class DlqTest(RouterTestCase):
         daemon = await self.start_daemon(self.cfg_path)
         events = [self.make_event("dlqt.created", {"n": i}) for i in range(3)]
         for ev in events:
-            await self.publish(ev, headers={"x-app-header": "keep-me"})
+            await self.publish(ev, headers={"app-header": "keep-me"})
         await self.wait_message_count(self.dlq, 3, timeout=60)
         self.assertEqual(await daemon.stop(), 0)
         ids = await self.listed_ids()
@@ -172,7 +172,7 @@ class DlqTest(RouterTestCase):
             self.assertEqual(m.routing_key, "dlqt.created")
             self.assertEqual(m.correlation_id, by_id[m.message_id]["correlation_id"])
             self.assertEqual(m.content_type, "application/json")
-            self.assertEqual(m.headers.get("x-app-header"), "keep-me", m.headers)
+            self.assertEqual(m.headers.get("app-header"), "keep-me", m.headers)
             self.assertEqual([k for k in m.headers if is_failure_header(k)], [], m.headers)
         self.assertEqual(await daemon.stop(), 0)
 

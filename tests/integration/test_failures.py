@@ -49,7 +49,7 @@ class FailuresTest(RouterTestCase):
     async def test_exit_3_dead_letters_with_detail_and_daemon_keeps_going(self):
         marker = "boom-" + secrets.token_hex(4)
         bad = self.make_event("work.fail", {"exit_code": 3, "stderr": marker})
-        body = await self.publish(bad, headers={"x-app-header": "keep-me"})
+        body = await self.publish(bad, headers={"app-header": "keep-me"})
         dead = await self.get_all(self.q_work + ".dlq", expect=1)
         self.assertEqual(len(dead), 1)
         m = dead[0]
@@ -58,7 +58,7 @@ class FailuresTest(RouterTestCase):
         self.assertEqual(m.correlation_id, bad["correlation_id"])
         self.assertEqual(m.content_type, "application/json")
         self.assertEqual(m.delivery_mode, 2, "dead letter should stay persistent")
-        self.assertEqual(m.headers.get("x-app-header"), "keep-me", "original headers lost: %r" % m.headers)
+        self.assertEqual(m.headers.get("app-header"), "keep-me", "original headers lost: %r" % m.headers)
         self.assert_dead_letter_headers(m, reason=RETRY_EXHAUSTED_REASONS, routing_key="work.fail",
                                         queue=self.q_work, handler="work-rec")
         detail = str(m.headers["x-death-detail"])

@@ -143,7 +143,7 @@ class RetryTest(RouterTestCase):
                                                    "retry": {"max_attempts": 3, "delay": "3s", "multiplier": 1}}]))
         d = await self.start_daemon(cfg_path)
         ev = self.make_event("k.job", {"actions": [75, 0]})
-        await self.publish(ev, headers={"x-app-header": "keep-me"})
+        await self.publish(ev, headers={"app-header": "keep-me"})
         await self.wait_records(self.recs["flaky"], 1)
         await d.wait_for_record("retrying later", event_id=ev["event_id"])
         # The copy is confirmed in the delay queue and the original acked: kill -9 now.
@@ -167,7 +167,7 @@ class RetryTest(RouterTestCase):
             self.assertEqual(hd.get("x-original-routing-key"), "k.job", hd)
             self.assertEqual(hd.get("x-original-queue"), q, hd)
             self.assertLessEqual(parse_iso(hd["x-first-failed-at"]), parse_iso(hd["x-last-failed-at"]), hd)
-            self.assertEqual(hd.get("x-app-header"), "keep-me", hd)
+            self.assertEqual(hd.get("app-header"), "keep-me", hd)
             # The per-message TTL: the 3 s step plus at most 10% jitter.
             self.assertIsNotNone(m.expiration, "the retry copy has no expiration")
             self.assertTrue(3000 <= round(float(m.expiration) * 1000) <= 3300, m.expiration)
@@ -197,7 +197,8 @@ class RetryTest(RouterTestCase):
         await ex.publish(aio_pika.Message(body=body, content_type="application/json", message_id=ev["event_id"],
                                           correlation_id=ev["correlation_id"], timestamp=ts, type="f.job",
                                           delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                                          headers={"x-app-header": "keep-me", "x-app-int": 42}),
+                                          headers={"app-header": "keep-me", "app-int": 42,
+                                                   "x-app-header": "dropped", "CC": ["elsewhere"]}),
                          routing_key="f.job")
         await self.wait_message_count(dlq, 1, timeout=20)
         await asyncio.sleep(0.3)
@@ -211,8 +212,11 @@ class RetryTest(RouterTestCase):
         self.assertEqual(int(m.delivery_mode), 2)
         got_ts = m.timestamp if m.timestamp.tzinfo else m.timestamp.replace(tzinfo=timezone.utc)
         self.assertEqual(got_ts, ts)
-        self.assertEqual(hd.get("x-app-header"), "keep-me", hd)
-        self.assertEqual(hd.get("x-app-int"), 42, hd)
+        self.assertEqual(hd.get("app-header"), "keep-me", hd)
+        self.assertEqual(hd.get("app-int"), 42, hd)
+        # Headers the broker acts on (CC) and every x- header of the original are not carried.
+        self.assertNotIn("x-app-header", hd)
+        self.assertNotIn("CC", hd)
         self.assertEqual(hd.get("x-death-reason"), "max_attempts", hd)
         self.assertEqual(int(hd.get("x-attempts")), 3, hd)
         detail = str(hd.get("x-death-detail"))

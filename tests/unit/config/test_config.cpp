@@ -1114,3 +1114,71 @@ TEST_CASE("broker.tls with a plain amqp:// URL is refused, not ignored", "[confi
   CHECK(error_of("broker:\n  urls: [amqps://a/, amqps://b/]\n  tls: {}\nexchange: {name: ex}\nqueues: [{name: q}]\n",
                  d.path) == "<no error>");
 }
+
+TEST_CASE("security: the copy key from a file or an environment variable", "[config][security]") {
+  TempDir d;
+  std::string key32(32, 'k');
+  d.file("keys/copy.key", 0600, key32 + "\n");  // the newline is part of the key
+  const std::string head = "broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues: [{name: q}]\n";
+
+  auto c = load_config_string(head + "security: {copy_key_file: keys/copy.key}\n", "t.yaml", d.path);
+  CHECK(c.security.copy_key == key32 + "\n");
+  CHECK(c.security.copy_key_file == d.path + "/keys/copy.key");
+  CHECK(c.security.copy_key_env.empty());
+
+  {
+    EnvGuard g("ER_TEST_COPY_KEY", "0123456789abcdef0123456789abcdef!");
+    auto e = load_config_string(head + "security: {copy_key_env: ER_TEST_COPY_KEY}\n", "t.yaml", d.path);
+    CHECK(e.security.copy_key == "0123456789abcdef0123456789abcdef!");
+    CHECK(e.security.copy_key_env == "ER_TEST_COPY_KEY");
+    CHECK(e.security.copy_key_file.empty());
+  }
+
+  auto none = load_config_string(head, "t.yaml", d.path);
+  CHECK(none.security.copy_key.empty());  // settle::load_or_create_copy_key() then uses state_dir
+}
+
+TEST_CASE("security: copy key errors carry the position", "[config][security][errors]") {
+  TempDir d;
+  d.file("short.key", 0600, std::string(31, 's'));
+  d.file("big.key", 0600, std::string(4097, 'b'));
+  d.file("ok.key", 0600, std::string(32, 'k'));
+  fs::create_directories(d.path + "/dir.key");
+  const std::string head = "broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues: [{name: q}]\n";
+
+  CHECK(error_of(head + "security: {copy_key_file: ok.key, copy_key_env: K}\n", d.path) ==
+        "t.yaml:4:35: security: set either 'copy_key_file' or 'copy_key_env', not both");
+  CHECK(error_of(head + "security: {copy_key_file: nope.key}\n", d.path) ==
+        "t.yaml:4:27: security.copy_key_file: cannot read " + d.path + "/nope.key: No such file or directory");
+  CHECK(error_of(head + "security: {copy_key_file: dir.key}\n", d.path) ==
+        "t.yaml:4:27: security.copy_key_file: cannot read " + d.path + "/dir.key: not a regular file");
+  REQUIRE(mkfifo((d.path + "/fifo.key").c_str(), 0600) == 0);  // would block a plain open()
+  CHECK(error_of(head + "security: {copy_key_file: fifo.key}\n", d.path) ==
+        "t.yaml:4:27: security.copy_key_file: cannot read " + d.path + "/fifo.key: not a regular file");
+  CHECK(error_of(head + "security: {copy_key_file: short.key}\n", d.path) ==
+        "t.yaml:4:27: security.copy_key_file: " + d.path +
+            "/short.key is 31 bytes; the copy key needs at least 32 (e.g. head -c 32 /dev/urandom > copy.key)");
+  CHECK(error_of(head + "security: {copy_key_file: big.key}\n", d.path) ==
+        "t.yaml:4:27: security.copy_key_file: " + d.path + "/big.key is larger than 4096 bytes: not a key file?");
+  CHECK(error_of(head + "security: {copy_key_file: ''}\n", d.path) ==
+        "t.yaml:4:27: security.copy_key_file: must not be empty");
+  CHECK(error_of(head + "security: {copy_key: x}\n", d.path).rfind("t.yaml:4:12: security: unknown key 'copy_key'", 0) == 0);
+  CHECK(error_of(head + "security: on\n", d.path) == "t.yaml:4:11: security: expected a mapping, got a scalar");
+  {
+    EnvGuard unset("ER_TEST_COPY_KEY", nullptr);
+    CHECK(error_of(head + "security:\n  copy_key_env: ER_TEST_COPY_KEY\n", d.path) ==
+          "t.yaml:5:17: security.copy_key_env: environment variable 'ER_TEST_COPY_KEY' is not set");
+  }
+  {
+    EnvGuard short_key("ER_TEST_COPY_KEY", "too short");
+    CHECK(error_of(head + "security:\n  copy_key_env: ER_TEST_COPY_KEY\n", d.path) ==
+          "t.yaml:5:17: security.copy_key_env: environment variable 'ER_TEST_COPY_KEY' is 9 bytes; the copy key "
+          "needs at least 32 (e.g. head -c 32 /dev/urandom > copy.key)");
+  }
+  // Permission denied: root reads any file, so this part only runs as another user.
+  if (geteuid() != 0) {
+    d.file("locked.key", 0000, std::string(32, 'k'));
+    CHECK(error_of(head + "security: {copy_key_file: locked.key}\n", d.path) ==
+          "t.yaml:4:27: security.copy_key_file: cannot read " + d.path + "/locked.key: Permission denied");
+  }
+}

@@ -302,3 +302,51 @@ TEST_CASE("envelope: reuse across calls resets every field", "[envelope]") {
   CHECK_FALSE(env.type_from_routing_key);
   CHECK(std::string(er::event::reason_code(DecodeStatus::Ok)) == "ok");
 }
+
+// Decision: every envelope field the daemon reads has a cap (event_type 255,
+// the routing-key limit; the others 256). A longer one fails the decode
+// without copying the value; the detail names the field and quotes only an
+// escaped 16-byte prefix.
+TEST_CASE("envelope: fields over their cap are field_too_long", "[envelope]") {
+  using er::event::kMaxEventTypeBytes;
+  using er::event::kMaxFieldBytes;
+  auto with = [](const char* key, const std::string& value) {
+    return run(std::string(R"({"event_type":"a.b",")") + key + "\":\"" + value + "\"}");
+  };
+  // At the cap: fine.
+  auto ok = with("event_id", std::string(kMaxFieldBytes, 'i'));
+  REQUIRE(ok.status == DecodeStatus::Ok);
+  CHECK(ok.env.event_id.size() == kMaxFieldBytes);
+  CHECK(run("{\"event_type\":\"" + std::string(kMaxEventTypeBytes, 't') + "\"}").status == DecodeStatus::Ok);
+
+  for (const char* key : {"event_id", "eventId", "aggregate_id", "aggregateId", "aggregate_type", "aggregateType",
+                          "correlation_id", "correlationId", "timestamp"}) {
+    INFO(key);
+    auto d = with(key, std::string(kMaxFieldBytes + 1, 'x'));
+    CHECK(d.status == DecodeStatus::FieldTooLong);
+    CHECK(std::string(er::event::reason_code(d.status)) == "field_too_long");
+    CHECK(d.detail == std::string(key) + " is 257 bytes, longer than the 256 allowed: \"xxxxxxxxxxxxxxxx\"...");
+    CHECK(d.env.event_type.empty());  // nothing half-decoded leaks out
+  }
+  auto t = run("{\"eventType\":\"" + std::string(kMaxEventTypeBytes + 1, 't') + "\"}");
+  CHECK(t.status == DecodeStatus::FieldTooLong);
+  CHECK(t.detail == "eventType is 256 bytes, longer than the 255 allowed: \"tttttttttttttttt\"...");
+
+  // The prefix is escaped: quotes, backslashes, control and non-ASCII bytes as \xNN.
+  std::string hostile = "\\\"<\\n\xc3\xa9" + std::string(1000000, 'A');
+  auto h = with("correlation_id", hostile);
+  CHECK(h.status == DecodeStatus::FieldTooLong);
+  CHECK(h.detail == "correlation_id is 1000005 bytes, longer than the 256 allowed: \"\\x22<\\x0a\\xc3\\xa9AAAAAAAAAAA\"...");
+
+  // Any occurrence counts, even after a usable one; strings in the payload or
+  // under `version` (read only as an integer) are not envelope fields.
+  CHECK(run("{\"event_id\":\"a\",\"eventId\":\"" + std::string(300, 'x') + "\",\"event_type\":\"t\"}").status ==
+        DecodeStatus::FieldTooLong);
+  auto payload = run("{\"event_type\":\"t\",\"version\":\"" + std::string(5000, 'v') + "\",\"payload\":{\"event_id\":\"" +
+                     std::string(5000, 'p') + "\"}}");
+  CHECK(payload.status == DecodeStatus::Ok);
+  CHECK(payload.env.version == 0);
+
+  // The cap stops the parse: trailing garbage after the long field is not reached.
+  CHECK(with("event_id", std::string(300, 'x') + "\"} garbage").status == DecodeStatus::FieldTooLong);
+}
