@@ -51,14 +51,14 @@ struct Delivery final : dispatch::Job, settle::Settling {
 };
 
 Consumer::Consumer(asio::io_context& io, std::unique_ptr<dispatch::Runtime> runtime, metrics::Registry& registry,
-                   std::shared_ptr<dedupe::Store> dedupe)
+                   Extras extras)
     : io_(io),
       registry_(registry),
       link_(io, *this),
       settler_(*this, registry),
       deadline_timer_(io),
       dedupe_timer_(io) {
-  current_ = make_generation(std::move(runtime), std::move(dedupe));
+  current_ = make_generation(std::move(runtime), std::move(extras));
   link_.set_config(current_->rt->config);
   registry.add_collector([this] {
     std::string reason;
@@ -71,12 +71,12 @@ Consumer::~Consumer() { *alive_ = false; }
 
 // Binds a runtime to queue channels: a queue kept as it was keeps its
 // channel; a new queue, or one whose prefetch changed, gets a new one.
-std::shared_ptr<Generation> Consumer::make_generation(std::unique_ptr<dispatch::Runtime> rt,
-                                                      std::shared_ptr<dedupe::Store> dedupe) {
+std::shared_ptr<Generation> Consumer::make_generation(std::unique_ptr<dispatch::Runtime> rt, Extras extras) {
   auto g = std::make_shared<Generation>();
   g->cfg = rt->config.get();
   g->m = std::make_unique<ConsumerMetrics>(registry_, *rt);
-  g->dedupe = std::move(dedupe);
+  g->dedupe = std::move(extras.dedupe);
+  g->signer = std::move(extras.signer);
   for (size_t i = 0; i < g->cfg->queues.size(); ++i) {
     const auto& q = g->cfg->queues[i];
     g->steps.push_back(settle::retry_steps(q));
@@ -213,8 +213,9 @@ void Consumer::delivery(QueueChannel& qc, amqp_envelope_t& env, uint64_t body_si
 
   const auto& props = d->env.message.properties;
   // A retry copy comes back through the default exchange: its headers say
-  // which attempt it is and where it was first published.
-  settle::DeliveryHistory history = settle::read_history(props);
+  // which attempt it is and where it was first published, and are believed
+  // only when our signature over them and the body verifies.
+  settle::DeliveryHistory history = settle::read_history(props, sv(d->env.message.body), *g.signer);
   std::string_view rk = history.has_original ? history.original_routing_key : sv(d->env.routing_key);
   auto& v = d->view_;
   v.body = sv(d->env.message.body);
@@ -231,6 +232,8 @@ void Consumer::delivery(QueueChannel& qc, amqp_envelope_t& env, uint64_t body_si
   d->exchange = v.exchange;
   d->routing_key = v.routing_key;
   d->attempt = v.attempt;
+  d->signer = g.signer.get();
+  d->frame_max = link_.frame_max();
 
   const auto& store = g.dedupe;
   std::function<bool(std::string_view)> seen;
@@ -498,9 +501,9 @@ void Consumer::close_if_drained(QueueChannel& qc) {
   });
 }
 
-void Consumer::switch_to(std::unique_ptr<dispatch::Runtime> runtime, std::shared_ptr<dedupe::Store> dedupe) {
+void Consumer::switch_to(std::unique_ptr<dispatch::Runtime> runtime, Extras extras) {
   const config::Config& prev = *current_->cfg;
-  auto g = make_generation(std::move(runtime), std::move(dedupe));
+  auto g = make_generation(std::move(runtime), std::move(extras));
   if (prev.broker.urls != g->cfg->broker.urls) log::warn("broker URLs changed; they apply at the next reconnect");
   // Consumers the new generation does not keep drain and close.
   for (auto& qc : current_->channels) {

@@ -22,8 +22,13 @@ struct Delivery;
 
 class Consumer final : LinkEvents, settle::Outbox {
  public:
+  // What a config builds besides its runtime.
+  struct Extras {
+    std::shared_ptr<dedupe::Store> dedupe;             // null: no queue dedupes
+    std::shared_ptr<const settle::CopySigner> signer;  // required
+  };
   Consumer(boost::asio::io_context& io, std::unique_ptr<dispatch::Runtime> runtime, metrics::Registry& registry,
-           std::shared_ptr<dedupe::Store> dedupe);
+           Extras extras);
   ~Consumer() override;
   Consumer(const Consumer&) = delete;
   Consumer& operator=(const Consumer&) = delete;
@@ -42,7 +47,7 @@ class Consumer final : LinkEvents, settle::Outbox {
   // in-flight ones finish on their own generation and settle on their
   // channel. Queues that are new, or whose prefetch changed, get a new
   // consumer; removed ones and replaced consumers drain, then close.
-  void switch_to(std::unique_ptr<dispatch::Runtime> runtime, std::shared_ptr<dedupe::Store> dedupe);
+  void switch_to(std::unique_ptr<dispatch::Runtime> runtime, Extras extras);
 
   const config::Config& config() const { return *current_->cfg; }
   std::shared_ptr<const config::Config> config_ptr() const { return current_->rt->config; }
@@ -85,8 +90,7 @@ class Consumer final : LinkEvents, settle::Outbox {
   void publish(settle::Settling& s) override;
   bool live(const settle::Settling& s) const override;
 
-  std::shared_ptr<Generation> make_generation(std::unique_ptr<dispatch::Runtime> rt,
-                                              std::shared_ptr<dedupe::Store> dedupe);
+  std::shared_ptr<Generation> make_generation(std::unique_ptr<dispatch::Runtime> rt, Extras extras);
   template <class F>
   void for_each_generation(F&& f);
   void start_or_wait(Delivery* d);

@@ -22,6 +22,7 @@ struct Generation {
   std::vector<std::vector<settle::RetryStep>> steps;   // per queue, ascending
   std::vector<std::shared_ptr<QueueChannel>> channels; // per queue
   std::shared_ptr<dedupe::Store> dedupe;               // null: no queue dedupes
+  std::shared_ptr<const settle::CopySigner> signer;    // signs and verifies copies' bookkeeping
 };
 
 }  // namespace er::consume

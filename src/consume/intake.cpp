@@ -9,8 +9,10 @@ Decision decide(const IntakeInput& in, const config::QueueConfig& q, dispatch::Q
   d.kind = Decision::Kind::DeadLetter;
   if (in.body_size > q.max_message_bytes) {
     envelope.clear();
+    // Only the first max_message_bytes were kept: the copy carries those.
     detail = "body of " + std::to_string(in.body_size) + " bytes exceeds max_message_bytes " +
-             std::to_string(q.max_message_bytes);
+             std::to_string(q.max_message_bytes) + "; this copy keeps its first " + std::to_string(in.body.len) +
+             " bytes";
     d.reason = "too_large";
     return d;
   }

@@ -69,6 +69,7 @@ class BrokerLink {
   const std::string& node() const { return node_; }
   uint64_t reconnects() const { return reconnects_; }
   bool blocked() const { return blocked_; }
+  size_t frame_max() const { return conn_ ? static_cast<size_t>(amqp_get_frame_max(conn_->get())) : 131072; }
 
   // Opens a fresh channel for `qc`, sets its prefetch and consumes. On a
   // failure the queue is recovered with backoff (reported as lost).

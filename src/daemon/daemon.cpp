@@ -17,6 +17,7 @@
 #include "daemon/reload.hpp"
 #include "daemon/notify.hpp"
 #include "dedupe/store.hpp"
+#include "settle/copy_key.hpp"
 #include "http/server.hpp"
 #include "metrics/metrics.hpp"
 #include "dispatch/router.hpp"
@@ -74,7 +75,14 @@ int run(const Options& opts) {
       return 1;
     }
   }
-  consume::Consumer session(io, std::move(rt), registry, std::move(dedupe));
+  std::shared_ptr<const settle::CopySigner> signer;
+  try {
+    signer = std::make_shared<const settle::CopySigner>(settle::load_or_create_copy_key(*cfg));
+  } catch (const std::exception& e) {
+    log::error("cannot load the copy key", {{"error", e.what()}});
+    return 1;
+  }
+  consume::Consumer session(io, std::move(rt), registry, {std::move(dedupe), std::move(signer)});
   Reloader reloader(io, pool, session, opts.config_path);
   std::unique_ptr<http::Server> http_server;
   if (!cfg->http_listen.empty()) {

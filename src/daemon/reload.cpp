@@ -6,6 +6,7 @@
 
 #include "amqp/topology.hpp"
 #include "config/config.hpp"
+#include "settle/copy_key.hpp"
 #include "util/log.hpp"
 
 namespace er::daemon {
@@ -18,6 +19,7 @@ struct Reloader::Built {
   std::shared_ptr<const config::Config> cfg;
   std::unique_ptr<dispatch::Runtime> rt;
   std::shared_ptr<dedupe::Store> store;
+  std::shared_ptr<const settle::CopySigner> signer;
   std::string error;
 };
 
@@ -66,6 +68,7 @@ void Reloader::begin() {
         else
           b->store = std::make_shared<dedupe::Store>(b->cfg->state_dir);
       }
+      b->signer = std::make_shared<const settle::CopySigner>(settle::load_or_create_copy_key(*b->cfg));
       std::string declared;
       try {
         if (!declare_for_reload(*b->prev, *b->cfg, declared))
@@ -93,7 +96,7 @@ void Reloader::finish(std::shared_ptr<Built> b) {
     const auto& next = *b->cfg;
     if (next.http_listen != prev.http_listen) log::warn("http.listen changed; it applies at the next restart");
     if (next.workers != prev.workers) log::warn("workers changed; it applies at the next restart");
-    consumer_.switch_to(std::move(b->rt), std::move(b->store));
+    consumer_.switch_to(std::move(b->rt), {std::move(b->store), std::move(b->signer)});
     log::set_level(next.log.level);
     log::set_format(next.log.format);
   }

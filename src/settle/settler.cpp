@@ -61,7 +61,7 @@ void Settler::dead_letter(Settling& s, std::string_view reason, std::string_view
                                {"handler", handler}, {"reason", reason}, {"detail", detail},
                                {"dlq", q.dead_letter_queue}});
   s.copy_target = q.dead_letter_queue;
-  s.copy = std::make_unique<CopyProperties>(*s.properties, info);
+  s.copy = std::make_unique<CopyProperties>(*s.properties, amqp::view(s.body), info, *s.signer, s.frame_max);
   send(s);
 }
 
@@ -99,13 +99,21 @@ void Settler::retry(Settling& s, const dispatch::Outcome& outcome, std::string_v
                                {"handler", handler}, {"attempt", std::to_string(attempt)},
                                {"next_attempt_in_ms", std::to_string(expiration)}, {"detail", outcome.detail}});
   s.copy_target = step->queue;
-  s.copy = std::make_unique<CopyProperties>(*s.properties, info, attempt + 1, expiration);
+  s.copy = std::make_unique<CopyProperties>(*s.properties, amqp::view(s.body), info, attempt + 1, expiration,
+                                            *s.signer, s.frame_max);
   send(s);
 }
 
 void Settler::send(Settling& s) {
   if (!out_.live(s)) {
     out_.drop(s);
+    return;
+  }
+  // rabbitmq-c writes the method frame before it encodes the header frame:
+  // a copy that does not encode must never reach the wire. (CopyProperties
+  // falls back to fewer headers until it fits any frame_max a broker allows.)
+  if (!s.copy->fitted()) {
+    out_.hand_back_later(s, "the copy does not fit in a frame; the event goes back to its queue");
     return;
   }
   out_.publish(s);

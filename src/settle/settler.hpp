@@ -49,6 +49,8 @@ struct Settling {
   uint32_t attempt = 1;
   std::string_view event_id;
   std::string_view event_type;
+  const CopySigner* signer = nullptr;    // signs the copy's bookkeeping
+  size_t frame_max = 131072;             // of the connection the copy goes out on
   std::unique_ptr<CopyProperties> copy;  // the copy in flight, kept until its result
   std::string copy_target;
 };

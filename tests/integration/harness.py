@@ -465,6 +465,8 @@ class RouterTestCase(unittest.IsolatedAsyncioTestCase):
             "broker": {"url": AMQP_URL, "heartbeat": "30s"},
             "exchange": {"name": self.exchange, "type": "topic"},
             "shutdown_timeout": "10s",
+            # The copy key (and a dedupe store) live here: nothing outside the test.
+            "state_dir": os.path.join(self.tmp, "state"),
             "queues": queues,
         }
         cfg.update(top)
