@@ -1,0 +1,130 @@
+// The settler against a fake outbox: which broker operations each verdict
+// and each answer to a copy lead to.
+#include <catch2/catch.hpp>
+
+#include <string>
+#include <vector>
+
+#include "settle/settler.hpp"
+
+using namespace er;
+using namespace er::settle;
+
+namespace {
+struct FakeOutbox : Outbox {
+  std::vector<std::string> ops;
+  bool is_live = true;
+  void ack(Settling&) override { ops.push_back("ack"); }
+  void hand_back_later(Settling&, const char* why) override { ops.push_back(std::string("hand_back: ") + why); }
+  void drop(Settling&) override { ops.push_back("drop"); }
+  void publish(Settling& s) override { ops.push_back("publish " + s.copy_target); }
+  bool live(const Settling&) const override { return is_live; }
+};
+
+struct Fixture {
+  config::QueueConfig q;
+  std::vector<RetryStep> steps;
+  amqp_basic_properties_t props{};
+  std::string body = R"({"event_type":"a.b"})";
+  CopySigner signer{std::string(32, 'k')};
+  metrics::Registry registry;
+  FakeOutbox out;
+  Settler settler{out, registry};
+  Settling s;
+
+  Fixture() {
+    q.name = "work";
+    q.dead_letter_queue = "work.dlq";
+    q.retry.delay = std::chrono::seconds(1);
+    q.retry.max_attempts = 3;
+    steps = retry_steps(q);
+    s.properties = &props;
+    s.body = amqp_bytes_t{body.size(), body.data()};
+    s.queue_cfg = &q;
+    s.steps = &steps;
+    s.exchange = "ex";
+    s.routing_key = "a.b";
+    s.signer = &signer;
+  }
+};
+
+std::string header(const amqp_basic_properties_t* p, const char* key) {
+  for (int i = 0; i < p->headers.num_entries; ++i) {
+    const auto& e = p->headers.entries[i];
+    if (std::string(static_cast<const char*>(e.key.bytes), e.key.len) == key) {
+      if (e.value.kind == AMQP_FIELD_KIND_I64) return std::to_string(e.value.value.i64);
+      return std::string(static_cast<const char*>(e.value.value.bytes.bytes), e.value.value.bytes.len);
+    }
+  }
+  return "<none>";
+}
+}  // namespace
+
+TEST_CASE("settler: ack acks; a copy is acked only after its confirm", "[settler]") {
+  Fixture f;
+  f.settler.settle(f.s, dispatch::Outcome::ack(), "h", f.q.retry);
+  CHECK(f.out.ops == std::vector<std::string>{"ack"});
+  CHECK(f.settler.stats().acked == 1);
+
+  f.out.ops.clear();
+  f.settler.settle(f.s, dispatch::Outcome::dead_letter("bad", "no"), "h", f.q.retry);
+  CHECK(f.out.ops == std::vector<std::string>{"publish work.dlq"});
+  CHECK(header(f.s.copy->get(), kReason) == "bad");
+  f.settler.copy_result(f.s, CopyResult::Confirmed);
+  CHECK(f.out.ops.back() == "ack");
+  CHECK(f.settler.stats().dead_lettered == 1);
+}
+
+TEST_CASE("settler: retry goes to the step's delay queue until max_attempts", "[settler]") {
+  Fixture f;
+  f.settler.settle(f.s, dispatch::Outcome::retry("busy", ""), "h", f.q.retry);
+  REQUIRE(f.out.ops.size() == 1);
+  CHECK(f.out.ops[0] == "publish " + f.steps[0].queue);
+  CHECK(header(f.s.copy->get(), kAttempt) == "2");
+  // The copy's history is ours and reads back with the key.
+  DeliveryHistory h = read_history(*f.s.copy->get(), f.body, f.signer);
+  CHECK(h.attempt == 2);
+  CHECK(h.original_routing_key == "a.b");
+
+  f.out.ops.clear();
+  f.s.attempt = 3;
+  f.settler.settle(f.s, dispatch::Outcome::retry("busy", "again"), "h", f.q.retry);
+  CHECK(f.out.ops == std::vector<std::string>{"publish work.dlq"});
+  CHECK(header(f.s.copy->get(), kReason) == "max_attempts");
+  CHECK(header(f.s.copy->get(), kDetail) == "gave up after 3 attempts; last error: busy: again");
+}
+
+TEST_CASE("settler: a refused or returned copy hands the original back; a lost one is dropped", "[settler]") {
+  Fixture f;
+  f.settler.dead_letter(f.s, "r", "d", "");
+  f.settler.copy_result(f.s, CopyResult::Returned);
+  CHECK(f.out.ops.back().rfind("hand_back: the copy could not be routed", 0) == 0);
+  f.settler.dead_letter(f.s, "r", "d", "");
+  f.settler.copy_result(f.s, CopyResult::Refused);
+  CHECK(f.out.ops.back().rfind("hand_back: the broker refused the copy", 0) == 0);
+  f.settler.dead_letter(f.s, "r", "d", "");
+  f.settler.copy_result(f.s, CopyResult::Lost);
+  CHECK(f.out.ops.back() == "drop");
+  // Confirmed, but the original's channel died meanwhile: the broker redelivers it.
+  f.settler.dead_letter(f.s, "r", "d", "");
+  f.out.is_live = false;
+  f.settler.copy_result(f.s, CopyResult::Confirmed);
+  CHECK(f.out.ops.back() == "drop");
+}
+
+TEST_CASE("settler: nothing is published for an original whose channel is gone", "[settler]") {
+  Fixture f;
+  f.out.is_live = false;
+  f.settler.settle(f.s, dispatch::Outcome::retry("x", ""), "h", f.q.retry);
+  CHECK(f.out.ops == std::vector<std::string>{"drop"});
+}
+
+TEST_CASE("choose_step: the shortest step that is long enough, else the longest", "[settler]") {
+  using std::chrono::milliseconds;
+  std::vector<RetryStep> steps{{milliseconds(100), "q.100"}, {milliseconds(1000), "q.1000"}};
+  CHECK(choose_step(steps, milliseconds(0))->queue == "q.100");
+  CHECK(choose_step(steps, milliseconds(100))->queue == "q.100");
+  CHECK(choose_step(steps, milliseconds(101))->queue == "q.1000");
+  CHECK(choose_step(steps, milliseconds(99999))->queue == "q.1000");
+  CHECK(choose_step({}, milliseconds(1)) == nullptr);
+}
