@@ -13,7 +13,6 @@ namespace {
 
 constexpr size_t kShortStrMax = 255;
 constexpr int kMaxTableDepth = 64;
-constexpr size_t kDefaultFrameMax = 131072;
 
 std::string_view view(amqp_bytes_t b) { return {static_cast<const char*>(b.bytes), b.len}; }
 
@@ -128,7 +127,7 @@ struct CopyProperties::Input {
   const amqp_basic_properties_t& original;
   std::string_view body;
   const DeadLetterInfo& info;
-  const CopySigner* signer;   // null: the transitional unsigned copy
+  const CopySigner* signer;
   bool retry;
   uint32_t next_attempt;
   uint64_t expiration_ms;
@@ -148,19 +147,6 @@ CopyProperties::CopyProperties(const amqp_basic_properties_t& original, std::str
   Input in{original, body, info, &signer, true, next_attempt, expiration_ms, {}};
   in.first_failed = std::string(read_history(original, body, signer).first_failed_at);
   make(in, frame_max);
-}
-
-CopyProperties::CopyProperties(const amqp_basic_properties_t& original, const DeadLetterInfo& info) {
-  Input in{original, {}, info, nullptr, false, 0, 0, {}};
-  in.first_failed = std::string(read_history(original).first_failed_at);
-  make(in, kDefaultFrameMax);
-}
-
-CopyProperties::CopyProperties(const amqp_basic_properties_t& original, const DeadLetterInfo& info,
-                               uint32_t next_attempt, uint64_t expiration_ms) {
-  Input in{original, {}, info, nullptr, true, next_attempt, expiration_ms, {}};
-  in.first_failed = std::string(read_history(original).first_failed_at);
-  make(in, kDefaultFrameMax);
 }
 
 void CopyProperties::make(const Input& in, size_t frame_max) {
@@ -301,29 +287,6 @@ void CopyProperties::add_int(const char* key, int64_t value) {
   e.value.kind = AMQP_FIELD_KIND_I64;
   e.value.value.i64 = value;
   entries_.push_back(e);
-}
-
-DeliveryHistory read_history(const amqp_basic_properties_t& props) {
-  DeliveryHistory h;
-  if (!(props._flags & AMQP_BASIC_HEADERS_FLAG)) return h;
-  for (int i = 0; i < props.headers.num_entries; ++i) {
-    const auto& e = props.headers.entries[i];
-    if (e.key.len < 2 || static_cast<const char*>(e.key.bytes)[0] != 'x') continue;  // cheap skip of foreign headers
-    int64_t n;
-    if (key_is(e, kAttempt) && int_value(e.value, &n) && n >= 1 && n <= kMaxAttempt) {
-      h.attempt = static_cast<uint32_t>(n);
-    } else if (key_is(e, kOriginalExchange)) {
-      h.original_exchange = string_value(e.value);
-    } else if (key_is(e, kOriginalRoutingKey)) {
-      h.original_routing_key = string_value(e.value);
-      h.has_original = true;
-    } else if (key_is(e, kOriginalQueue)) {
-      h.original_queue = string_value(e.value);
-    } else if (key_is(e, kFirstFailedAt)) {
-      h.first_failed_at = string_value(e.value);
-    }
-  }
-  return h;
 }
 
 DeliveryHistory read_history(const amqp_basic_properties_t& props, std::string_view body, const CopySigner& signer) {

@@ -83,12 +83,6 @@ class CopyProperties {
   CopyProperties(const amqp_basic_properties_t& original, std::string_view body, const DeadLetterInfo& info,
                  uint32_t next_attempt, uint64_t expiration_ms, const CopySigner& signer, size_t frame_max);
 
-  // Transitional, until session.cpp passes a signer: the same filtering and
-  // caps, unsigned, fitted to the 131072-byte frame RabbitMQ negotiates by default.
-  CopyProperties(const amqp_basic_properties_t& original, const DeadLetterInfo& info);
-  CopyProperties(const amqp_basic_properties_t& original, const DeadLetterInfo& info, uint32_t next_attempt,
-                 uint64_t expiration_ms);
-
   CopyProperties(const CopyProperties&) = delete;
   CopyProperties& operator=(const CopyProperties&) = delete;
 
@@ -134,9 +128,6 @@ struct DeliveryHistory {
 // the fresh history) a missing or wrong signature, a duplicated bookkeeping
 // header, both or neither of x-attempt / x-attempts, or a missing x-original-*.
 DeliveryHistory read_history(const amqp_basic_properties_t& props, std::string_view body, const CopySigner& signer);
-// Transitional, unsigned: believes the headers as they are. Only until
-// session.cpp passes a signer.
-DeliveryHistory read_history(const amqp_basic_properties_t& props);
 
 // Header names, shared with the tests and the dlq tooling.
 inline constexpr const char* kReason = "x-death-reason";
@@ -152,52 +143,5 @@ inline constexpr const char* kAttempt = "x-attempt";        // retry copies: the
 inline constexpr const char* kLastError = "x-last-error";   // retry copies: why the last attempt failed
 inline constexpr const char* kSignature = "x-er-sig";       // signed copies: see settle/signer.hpp
 inline constexpr const char* kHeadersDropped = "x-headers-dropped";  // the original headers did not fit
-
-// Publisher confirms on one channel: sequence numbers start at 1 and the
-// broker acks or nacks them, possibly several at once (`multiple`).
-template <class T>
-class ConfirmTracker {
- public:
-  uint64_t add(T item) {
-    uint64_t seq = next_++;
-    pending_.emplace(seq, std::move(item));
-    return seq;
-  }
-  // Calls f(item, acked) for every sequence number the confirm covers.
-  template <class F>
-  void confirm(uint64_t tag, bool multiple, bool acked, F&& f) {
-    if (multiple) {
-      auto end = pending_.upper_bound(tag);
-      std::vector<T> done;
-      for (auto it = pending_.begin(); it != end; ++it) done.push_back(std::move(it->second));
-      pending_.erase(pending_.begin(), end);
-      for (auto& item : done) f(item, acked);
-    } else {
-      auto it = pending_.find(tag);
-      if (it == pending_.end()) return;
-      T item = std::move(it->second);
-      pending_.erase(it);
-      f(item, acked);
-    }
-  }
-  // The channel is gone: nothing pending will ever be confirmed.
-  template <class F>
-  void fail_all(F&& f) {
-    auto items = std::move(pending_);
-    pending_.clear();
-    for (auto& kv : items) f(kv.second, false);
-  }
-  template <class F>
-  void for_each(F&& f) {
-    for (auto& kv : pending_) f(kv.second);
-  }
-  void reset() { pending_.clear(); next_ = 1; }
-  size_t size() const { return pending_.size(); }
-  bool empty() const { return pending_.empty(); }
-
- private:
-  uint64_t next_ = 1;
-  std::map<uint64_t, T> pending_;
-};
 
 }  // namespace er::settle
