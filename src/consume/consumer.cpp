@@ -597,6 +597,7 @@ void Consumer::release(Delivery* d) {
   d->has_env = false;
   d->slot = nullptr;
   d->copy.reset();
+  d->info.reset();
   std::shared_ptr<QueueChannel> qc = std::move(d->qc);
   d->qc.reset();
   d->g.reset();  // the last event of an old generation unloads its handlers

@@ -155,6 +155,7 @@ void CopyProperties::make(const Input& in, size_t frame_max) {
     size_t detail_max;
   };
   for (Step s : {Step{true, kMaxDetailBytes}, Step{false, kMaxDetailBytes}, Step{false, kMaxFallbackDetailBytes}}) {
+    if (in.info.plain && s.keep_headers) continue;
     build(in, s.keep_headers, s.detail_max);
     fitted_ = fits(frame_max);
     if (fitted_) return;
@@ -171,7 +172,7 @@ void CopyProperties::build(const Input& in, bool keep_headers, size_t detail_max
 
   // Content properties: only those listed in the header comment, only when encodable.
   auto carry = [&](amqp_flags_t flag, amqp_bytes_t amqp_basic_properties_t::*field) {
-    if ((o._flags & flag) && (o.*field).len <= kShortStrMax) {
+    if (!info.plain && (o._flags & flag) && (o.*field).len <= kShortStrMax) {
       props_._flags |= flag;
       props_.*field = o.*field;
     }
@@ -244,7 +245,10 @@ void CopyProperties::build(const Input& in, bool keep_headers, size_t detail_max
     sf.first_failed_at = first;
     add_string(kSignature, in.signer->sign(sf, in.body));
   }
-  if (!keep_headers && original_count > 0) {
+  if (info.plain) {
+    headers_dropped_ = true;
+    add_string(kHeadersDropped, "the broker refused the copy with the original's headers and properties");
+  } else if (!keep_headers && original_count > 0) {
     headers_dropped_ = true;
     add_string(kHeadersDropped,
                "original headers did not fit in a frame (" + std::to_string(original_bytes) + " bytes)");

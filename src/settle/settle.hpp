@@ -28,6 +28,9 @@ struct DeadLetterInfo {
   std::string_view exchange;      // as delivered
   std::string_view routing_key;   // as delivered
   uint32_t attempts = 1;          // 1..1000000: read_history() refuses a count outside that range
+  // Leave out the original's headers and content properties from the start
+  // (the broker refused the copy that had them); x-headers-dropped says so.
+  bool plain = false;
 };
 
 // Caps (bytes) on the texts the daemon adds; a longer text is cut at a UTF-8

@@ -61,7 +61,8 @@ void Settler::dead_letter(Settling& s, std::string_view reason, std::string_view
                                {"handler", handler}, {"reason", reason}, {"detail", detail},
                                {"dlq", q.dead_letter_queue}});
   s.copy_target = q.dead_letter_queue;
-  s.copy = std::make_unique<CopyProperties>(*s.properties, amqp::view(s.body), info, *s.signer, s.frame_max);
+  s.next_attempt = 0;
+  make_copy(s, info);
   send(s);
 }
 
@@ -99,9 +100,28 @@ void Settler::retry(Settling& s, const dispatch::Outcome& outcome, std::string_v
                                {"handler", handler}, {"attempt", std::to_string(attempt)},
                                {"next_attempt_in_ms", std::to_string(expiration)}, {"detail", outcome.detail}});
   s.copy_target = step->queue;
-  s.copy = std::make_unique<CopyProperties>(*s.properties, amqp::view(s.body), info, attempt + 1, expiration,
-                                            *s.signer, s.frame_max);
+  s.next_attempt = attempt + 1;
+  s.expiration_ms = expiration;
+  make_copy(s, info);
   send(s);
+}
+
+void Settler::make_copy(Settling& s, const DeadLetterInfo& info) {
+  s.copy = s.next_attempt == 0
+               ? std::make_unique<CopyProperties>(*s.properties, amqp::view(s.body), info, *s.signer, s.frame_max)
+               : std::make_unique<CopyProperties>(*s.properties, amqp::view(s.body), info, s.next_attempt,
+                                                  s.expiration_ms, *s.signer, s.frame_max);
+  // Kept for a plainer copy if the broker refuses this one; the views point
+  // into the settling (queue config, routing) or into info_text.
+  std::string text;  // `info` may point into the old text
+  text.reserve(info.reason.size() + 1 + info.detail.size());
+  text.append(info.reason).push_back('\0');
+  text.append(info.detail);
+  s.info = std::make_unique<DeadLetterInfo>(info);
+  s.info_text = std::move(text);
+  std::string_view t = s.info_text;
+  s.info->reason = t.substr(0, info.reason.size());
+  s.info->detail = t.substr(info.reason.size() + 1);
 }
 
 void Settler::send(Settling& s) {
@@ -132,6 +152,18 @@ void Settler::copy_result(Settling& s, CopyResult result) {
       out_.hand_back_later(s, "the copy could not be routed; the event goes back to its queue");
       break;
     default:
+      if (s.info && !s.info->plain) {
+        // What the broker refuses in a copy comes from the original (a
+        // property or header it acts on): a plain copy has none of it, so the
+        // same event does not come back into the same refusal.
+        log::warn("the broker refused a copy; publishing it without the original's headers and properties",
+                  {{"queue", s.queue_cfg->name}, {"event_id", s.event_id}, {"target", s.copy_target}});
+        s.info->plain = true;
+        DeadLetterInfo info = *s.info;
+        make_copy(s, info);
+        send(s);
+        return;
+      }
       out_.hand_back_later(s, "the broker refused the copy; the event goes back to its queue");
       break;
   }

@@ -53,6 +53,10 @@ struct Settling {
   size_t frame_max = 131072;             // of the connection the copy goes out on
   std::unique_ptr<CopyProperties> copy;  // the copy in flight, kept until its result
   std::string copy_target;
+  std::unique_ptr<DeadLetterInfo> info;  // what the copy was made from (for a plainer one)
+  std::string info_text;                 // owns info's reason and detail
+  uint32_t next_attempt = 0;             // retry copies: the attempt they will be; 0 = dead letter
+  uint64_t expiration_ms = 0;
 };
 
 // The broker operations a settlement needs.
@@ -94,6 +98,7 @@ class Settler {
   const Stats& stats() const { return stats_; }
 
  private:
+  void make_copy(Settling& s, const DeadLetterInfo& info);
   void send(Settling& s);
   Outbox& out_;
   metrics::CounterFamily* retries_;

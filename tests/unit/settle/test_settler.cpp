@@ -94,14 +94,37 @@ TEST_CASE("settler: retry goes to the step's delay queue until max_attempts", "[
   CHECK(header(f.s.copy->get(), kDetail) == "gave up after 3 attempts; last error: busy: again");
 }
 
-TEST_CASE("settler: a refused or returned copy hands the original back; a lost one is dropped", "[settler]") {
+TEST_CASE("settler: a refused copy is sent once more, plain; then the original goes back", "[settler]") {
+  Fixture f;
+  std::string uid = "mallory", hdr = "v";
+  amqp_table_entry_t e{};
+  e.key = amqp_cstring_bytes("app");
+  e.value.kind = AMQP_FIELD_KIND_UTF8;
+  e.value.value.bytes = amqp_bytes_t{hdr.size(), hdr.data()};
+  f.props._flags = AMQP_BASIC_HEADERS_FLAG | AMQP_BASIC_MESSAGE_ID_FLAG;
+  f.props.headers = amqp_table_t{1, &e};
+  f.props.message_id = amqp_bytes_t{uid.size(), uid.data()};
+  f.settler.dead_letter(f.s, "unhandled", "no handler", "h");
+  CHECK(header(f.s.copy->get(), "app") == "v");
+  f.settler.copy_result(f.s, CopyResult::Refused);
+  REQUIRE(f.out.ops == std::vector<std::string>{"publish work.dlq", "publish work.dlq"});
+  const amqp_basic_properties_t* p = f.s.copy->get();
+  CHECK(header(p, "app") == "<none>");
+  CHECK((p->_flags & AMQP_BASIC_MESSAGE_ID_FLAG) == 0);
+  CHECK(header(p, kHeadersDropped).find("refused") != std::string::npos);
+  CHECK(header(p, kReason) == "unhandled");
+  CHECK(header(p, kDetail) == "no handler");
+  CHECK(header(p, kHandler) == "h");
+  f.settler.copy_result(f.s, CopyResult::Refused);
+  CHECK(f.out.ops.back().rfind("hand_back: the broker refused the copy", 0) == 0);
+  CHECK(f.out.ops.size() == 3);
+}
+
+TEST_CASE("settler: a returned copy hands the original back; a lost one is dropped", "[settler]") {
   Fixture f;
   f.settler.dead_letter(f.s, "r", "d", "");
   f.settler.copy_result(f.s, CopyResult::Returned);
   CHECK(f.out.ops.back().rfind("hand_back: the copy could not be routed", 0) == 0);
-  f.settler.dead_letter(f.s, "r", "d", "");
-  f.settler.copy_result(f.s, CopyResult::Refused);
-  CHECK(f.out.ops.back().rfind("hand_back: the broker refused the copy", 0) == 0);
   f.settler.dead_letter(f.s, "r", "d", "");
   f.settler.copy_result(f.s, CopyResult::Lost);
   CHECK(f.out.ops.back() == "drop");
