@@ -65,14 +65,14 @@ class HostileTest(RouterTestCase):
         rec = self.record_file(name)
         return {"name": name, "events": events, "exec": [ATTEMPTS_HANDLER, rec], "timeout": "20s"}
 
-    def spare_queue(self, short: str) -> str:
-        """A queue of this test's that nothing is bound to (a target for CC and forged routing)."""
-        return self.queue_name(short)
-
-    async def declare_spare(self, name: str) -> None:
+    async def declare_spare(self, short: str) -> str:
+        """Declares a queue of this test's that nothing is bound to (a target
+        for CC and forged routing); returns its name."""
+        name = self.queue_name(short)
         ch = await self.conn.channel()
         await ch.declare_queue(name, durable=True)
         await ch.close()
+        return name
 
     # -- the common checks ------------------------------------------------------------------
 
@@ -300,8 +300,7 @@ class HostileTest(RouterTestCase):
     async def cc_attack(self, header: str):
         handlers = [self.attempts_handler("flaky", ["flaky.*"])]
         await self.start_router(handlers)
-        target = self.spare_queue("cc-target")
-        await self.declare_spare(target)
+        target = await self.declare_spare("cc-target")
         # Not JSON: one dead-letter copy.
         await self.publish_raw(b"<<not json>>", "good.thing", message_id="poison-cc",
                                headers={header: [target]})
@@ -337,8 +336,7 @@ class HostileTest(RouterTestCase):
     async def test_forged_bookkeeping_is_ignored_on_retry(self):
         handlers = [self.attempts_handler("flaky", ["forge.*"])]
         await self.start_router(handlers)
-        other = self.spare_queue("elsewhere")
-        await self.declare_spare(other)
+        other = await self.declare_spare("elsewhere")
         ev = self.make_event("forge.retry", {"actions": [75, 0]})
         await self.publish(ev, headers=self.forged_headers(other))
         await self.publish_good()
@@ -355,8 +353,7 @@ class HostileTest(RouterTestCase):
     async def test_forged_bookkeeping_does_not_reach_the_dead_letter(self):
         refuser = self.recorder("refuser", events=["forge.*"], args=["--exit", "65"])
         await self.start_router([refuser])
-        other = self.spare_queue("elsewhere")
-        await self.declare_spare(other)
+        other = await self.declare_spare("elsewhere")
         ev = self.make_event("forge.refuse")
         body = await self.publish(ev, headers=self.forged_headers(other))
         await self.publish_good()
