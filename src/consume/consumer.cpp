@@ -170,6 +170,10 @@ void Consumer::link_up() {
   // Consumers retired by a reload died with the old connection.
   retired_.erase(std::remove_if(retired_.begin(), retired_.end(), [](const auto& q) { return q->in_flight == 0; }),
                  retired_.end());
+  if (link_.reconnects() > reconnects_counted_) {
+    current_->m->reconnects->inc(link_.reconnects() - reconnects_counted_);
+    reconnects_counted_ = link_.reconnects();
+  }
   if (state_ != State::Running) return;
   const uint64_t id = link_.connection_id();
   for (auto& qc : current_->channels) {

@@ -118,6 +118,7 @@ class Consumer final : LinkEvents, settle::Outbox {
   State state_ = State::Idle;
   size_t in_flight_ = 0;
   uint64_t received_ = 0;
+  uint64_t reconnects_counted_ = 0;  // of link_.reconnects(), in the metric
   // Dedupe for copies in flight: queue + '\0' + event_id -> the delivery
   // running it. A second copy waits for that run's outcome.
   std::unordered_map<std::string, Delivery*> running_ids_;

@@ -123,6 +123,18 @@ std::string cap_text(std::string_view text, size_t max_bytes) {
   return out;
 }
 
+namespace {
+// The x-headers-dropped an earlier copy of ours carried (capped), or empty.
+std::string earlier_drop(const amqp_basic_properties_t& p) {
+  if (!(p._flags & AMQP_BASIC_HEADERS_FLAG)) return {};
+  for (int i = 0; i < p.headers.num_entries; ++i) {
+    const auto& e = p.headers.entries[i];
+    if (key_is(e, kHeadersDropped)) return cap_text(string_value(e.value), kMaxNameBytes);
+  }
+  return {};
+}
+}  // namespace
+
 struct CopyProperties::Input {
   const amqp_basic_properties_t& original;
   std::string_view body;
@@ -132,12 +144,14 @@ struct CopyProperties::Input {
   uint32_t next_attempt;
   uint64_t expiration_ms;
   std::string first_failed;  // from the original's history, else empty (= now)
+  std::string dropped;       // x-headers-dropped of a verified copy of ours: carried on
 };
 
 CopyProperties::CopyProperties(const amqp_basic_properties_t& original, std::string_view body,
                                const DeadLetterInfo& info, const CopySigner& signer, size_t frame_max) {
   Input in{original, body, info, &signer, false, 0, 0, {}};
   in.first_failed = std::string(read_history(original, body, signer).first_failed_at);
+  if (!in.first_failed.empty()) in.dropped = earlier_drop(original);
   make(in, frame_max);
 }
 
@@ -146,6 +160,7 @@ CopyProperties::CopyProperties(const amqp_basic_properties_t& original, std::str
                                const CopySigner& signer, size_t frame_max) {
   Input in{original, body, info, &signer, true, next_attempt, expiration_ms, {}};
   in.first_failed = std::string(read_history(original, body, signer).first_failed_at);
+  if (!in.first_failed.empty()) in.dropped = earlier_drop(original);
   make(in, frame_max);
 }
 
@@ -252,6 +267,10 @@ void CopyProperties::build(const Input& in, bool keep_headers, size_t detail_max
     headers_dropped_ = true;
     add_string(kHeadersDropped,
                "original headers did not fit in a frame (" + std::to_string(original_bytes) + " bytes)");
+  } else if (!in.dropped.empty()) {
+    // An earlier copy of ours lost the publisher's headers: say so on this one too.
+    headers_dropped_ = true;
+    add_string(kHeadersDropped, in.dropped);
   }
 
   if (in.retry) {
