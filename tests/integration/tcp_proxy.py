@@ -10,6 +10,10 @@ broker and cut the connections on command or at random moments.
     proxy.set_refusing(True)               # new connections are closed at once
     proxy.freeze()                         # stop forwarding, keep sockets open
     proxy.freeze_current()                 # ... on current connections only
+    proxy.freeze_after(1 << 20)            # current ones: pass 1 MiB more from the
+                                           # broker, then hold both directions
+    proxy.freeze_new_after_method(40, 11)  # new ones: hold right after the broker's
+                                           # exchange.declare-ok (None: stop doing so)
     proxy.stop()
 
 Thread-safe control: every method may be called from any thread (the tests
@@ -45,6 +49,7 @@ class TcpProxy:
         self._random_task = None
         self._refusing = False
         self._frozen = False
+        self._hold_after_method: Optional[Tuple[int, int]] = None
         self._ready = threading.Event()
         self._lock = threading.Lock()
 
@@ -137,6 +142,31 @@ class TcpProxy:
             p.set_paused(True)
         return len(self._conns)
 
+    def freeze_after(self, nbytes: int) -> int:
+        """On the connections open now, forwards at most `nbytes` more bytes
+        from the broker to the client, then holds: both directions stop, the
+        sockets stay open (a broker that stops answering mid-message). What
+        the broker sends meanwhile stays in the proxy; freeze(False) forwards
+        it and resumes. Returns how many connections were armed."""
+        return self._call(self._freeze_after, nbytes)
+
+    def _freeze_after(self, nbytes: int) -> int:
+        for p in self._conns:
+            p.hold_after(nbytes)
+        return len(self._conns)
+
+    def freeze_new_after_method(self, class_id: Optional[int], method_id: int = 0) -> None:
+        """Connections accepted from now on forward the broker's frames up to
+        and including the first method frame (class_id, method_id), e.g.
+        (10, 41) connection.open-ok or (40, 11) exchange.declare-ok, then hold
+        like freeze_after(). None stops arming new connections; freeze(False)
+        releases the held ones."""
+        self._hold_after_method = None if class_id is None else (class_id, method_id)
+
+    def held_count(self) -> int:
+        """Connections holding now after freeze_after / freeze_new_after_method."""
+        return self._call(lambda: sum(1 for p in self._conns if p.holding))
+
     def _set_frozen(self, frozen: bool) -> None:
         self._frozen = frozen
         for p in self._conns:
@@ -180,6 +210,8 @@ class TcpProxy:
         self._conns.add(pair)
         if self._frozen:
             pair.set_paused(True)
+        if self._hold_after_method is not None:
+            pair.hold_after_method(*self._hold_after_method)
         try:
             await pair.run()
         finally:
@@ -198,18 +230,78 @@ def _abort(w: asyncio.StreamWriter) -> None:
     w.transport.abort()
 
 
+class _MethodScanner:
+    """Finds the end of the first AMQP method frame (class_id, method_id) in
+    a byte stream fed in pieces. Frames: type(1) channel(2) size(4) payload
+    frame-end(1); a method payload starts with class-id(2) method-id(2)."""
+
+    LIMIT = 1 << 20  # give up (never match) past this many bytes
+
+    def __init__(self, class_id: int, method_id: int):
+        self.want = (class_id, method_id)
+        self.buf = bytearray()
+        self.pos = 0  # start of the next unparsed frame in buf
+
+    def feed(self, data: bytes) -> Optional[int]:
+        """How many bytes of `data` to forward before holding (the frame's
+        end), or None if the frame is not complete within `data`."""
+        base = len(self.buf)
+        self.buf += data
+        while len(self.buf) - self.pos >= 7:
+            ftype = self.buf[self.pos]
+            size = int.from_bytes(self.buf[self.pos + 3:self.pos + 7], "big")
+            end = self.pos + 7 + size + 1
+            if len(self.buf) < end:
+                break
+            if ftype == 1 and size >= 4:
+                cm = (int.from_bytes(self.buf[self.pos + 7:self.pos + 9], "big"),
+                      int.from_bytes(self.buf[self.pos + 9:self.pos + 11], "big"))
+                if cm == self.want:
+                    return end - base
+            self.pos = end
+        if len(self.buf) > self.LIMIT:
+            self.buf = bytearray()
+            self.pos = 0
+            self.want = (-1, -1)
+        return None
+
+
 class _Pair:
     def __init__(self, cr, cw, ur, uw):
         self.cr, self.cw, self.ur, self.uw = cr, cw, ur, uw
         self._resume = asyncio.Event()
         self._resume.set()
         self._tasks = []
+        # broker -> client bytes still allowed before holding (None: no limit)
+        self._budget: Optional[int] = None
+        self._scanner: Optional[_MethodScanner] = None
+        self.holding = False
 
     def set_paused(self, paused: bool) -> None:
         if paused:
             self._resume.clear()
         else:
+            # a release ends a hold too (and disarms a pending one)
+            self._budget = None
+            self._scanner = None
+            self.holding = False
             self._resume.set()
+
+    def hold_after(self, nbytes: int) -> None:
+        self._scanner = None
+        self._budget = max(0, nbytes)
+        if self._budget == 0:
+            self._hold()
+
+    def hold_after_method(self, class_id: int, method_id: int) -> None:
+        self._budget = None
+        self._scanner = _MethodScanner(class_id, method_id)
+
+    def _hold(self) -> None:
+        self._budget = None
+        self._scanner = None
+        self.holding = True
+        self._resume.clear()
 
     def abort(self) -> None:
         _abort(self.cw)
@@ -217,16 +309,45 @@ class _Pair:
         for t in self._tasks:
             t.cancel()
 
-    async def _pipe(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    def _allowed(self, data: bytes) -> int:
+        """How much of `data` (broker -> client) may pass before a hold."""
+        if self._scanner is not None:
+            n = self._scanner.feed(data)
+            if n is not None:
+                self._scanner = None
+                self._budget = n  # pass the matching frame, then hold
+        if self._budget is None:
+            return len(data)
+        return min(self._budget, len(data))
+
+    async def _pipe(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, from_broker: bool) -> None:
         try:
             while True:
                 await self._resume.wait()
                 data = await r.read(65536)
                 if not data:
                     break
-                await self._resume.wait()
-                w.write(data)
-                await w.drain()
+                scanned = False
+                while data:
+                    await self._resume.wait()
+                    if from_broker:
+                        if not scanned:
+                            n = self._allowed(data)
+                            scanned = True
+                        else:
+                            n = len(data) if self._budget is None else min(self._budget, len(data))
+                        if self._budget is not None and self._budget == 0:
+                            self._hold()  # keep the rest until released
+                            continue
+                        chunk, data = data[:n], data[n:]
+                        if self._budget is not None:
+                            self._budget -= len(chunk)
+                    else:
+                        chunk, data = data, b""
+                    w.write(chunk)
+                    await w.drain()
+                    if from_broker and self._budget == 0:
+                        self._hold()
         except (OSError, asyncio.CancelledError):
             pass
         finally:
@@ -239,8 +360,8 @@ class _Pair:
             pass
 
     async def run(self) -> None:
-        self._tasks = [asyncio.ensure_future(self._pipe(self.cr, self.uw)),
-                       asyncio.ensure_future(self._pipe(self.ur, self.cw))]
+        self._tasks = [asyncio.ensure_future(self._pipe(self.cr, self.uw, False)),
+                       asyncio.ensure_future(self._pipe(self.ur, self.cw, True))]
         await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
         # one side ended: tear the other down too
         for t in self._tasks:
