@@ -160,6 +160,10 @@ Connection Connection::open(const ConnectOptions& opts) {
   client_props[1].value.kind = AMQP_FIELD_KIND_UTF8;
   client_props[1].value.value.bytes = amqp_cstring_bytes("event-router");
   amqp_table_t props_table{2, client_props};
+  // The login waits no longer than any other reply.
+  timeval handshake{static_cast<time_t>(opts.rpc_timeout.count() / 1000),
+                    static_cast<suseconds_t>((opts.rpc_timeout.count() % 1000) * 1000)};
+  amqp_set_handshake_timeout(c.conn_.get(), &handshake);
   amqp_rpc_reply_t r =
       amqp_login_with_properties(c.conn_.get(), info.vhost, AMQP_DEFAULT_MAX_CHANNELS, AMQP_DEFAULT_FRAME_SIZE,
                                  heartbeat_s, &props_table, AMQP_SASL_METHOD_PLAIN, info.user, info.password);

@@ -81,6 +81,8 @@ class Connection {
   amqp_channel_t channel_max() const;
   // Graceful connection.close; errors are ignored (we are leaving anyway).
   void close() noexcept;
+  // The peer is gone or stalled: free everything without waiting for it.
+  void abandon() noexcept { closed_ = true; }
 
  private:
   Connection() = default;

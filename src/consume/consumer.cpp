@@ -177,8 +177,8 @@ void Consumer::link_up() {
   if (state_ != State::Running) return;
   const uint64_t id = link_.connection_id();
   for (auto& qc : current_->channels) {
-    qc->backoff = milliseconds(0);
-    link_.open_queue(qc);
+    if (qc->channel != 0 || qc->recovering) continue;  // started by the connector, or being recovered
+    link_.open_queue(qc);  // new since the connection was opened
     if (id != link_.connection_id()) return;
   }
   log::info("ready", {{"queues", std::to_string(current_->channels.size())}, {"broker", link_.node()}});
@@ -516,6 +516,9 @@ void Consumer::switch_to(std::unique_ptr<dispatch::Runtime> runtime, Extras extr
     qc->recover_timer.cancel();
     link_.cancel_consumer(*qc);
     retired_.push_back(qc);
+    // What it had prefetched and not started goes back to the queue now, for
+    // the new consumer: not after the old handlers worked through it.
+    drop_waiting(*qc);
   }
   for (size_t i = 0; i < g->channels.size(); ++i) g->channels[i]->index = i;
   const bool had_store = current_->dedupe != nullptr;
@@ -524,7 +527,7 @@ void Consumer::switch_to(std::unique_ptr<dispatch::Runtime> runtime, Extras extr
   if (current_->dedupe && !had_store && state_ == State::Running) arm_dedupe_flush();
   if (state_ == State::Running && link_.connected()) {
     for (auto& qc : current_->channels)
-      if (qc->channel == 0) link_.open_queue(qc);  // new, or a new prefetch: a new consumer
+      if (qc->channel == 0 && !qc->recovering) link_.open_queue(qc);  // new, or a new prefetch: a new consumer
   }
   auto retired = retired_;
   for (auto& qc : retired) close_if_drained(*qc);

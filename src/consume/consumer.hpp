@@ -78,6 +78,7 @@ class Consumer final : LinkEvents, settle::Outbox {
   enum class State { Idle, Running, Draining, Stopped };
 
   // LinkEvents
+  std::vector<std::shared_ptr<QueueChannel>> wanted_queues() override { return current_->channels; }
   void link_up() override;
   void delivery(QueueChannel& qc, amqp_envelope_t& env, uint64_t body_size) override;
   void queue_channel_lost(QueueChannel& qc) override;

@@ -31,6 +31,7 @@ BrokerLink::BrokerLink(asio::io_context& io, LinkEvents& events)
 
 BrokerLink::~BrokerLink() {
   *alive_ = false;
+  if (connector_.joinable()) connector_.join();
   if (socket_) socket_->release();  // the fd belongs to rabbitmq-c
 }
 
@@ -43,79 +44,171 @@ amqp_channel_t BrokerLink::next_channel() {
   return next_channel_++;
 }
 
-void BrokerLink::connect() {
-  if (closing_) return;
-  const config::Config& cfg = *cfg_;
-  const std::string& url = cfg.broker.urls[url_index_ % cfg.broker.urls.size()];
-  const std::string masked = log::mask_url(url);
+// What the connector thread does and hands back. It touches nothing of the
+// link: the connection is the loop's only once it is handed over.
+struct BrokerLink::Opening {
+  std::shared_ptr<const config::Config> cfg;
+  size_t url_index = 0;
+  std::vector<std::pair<std::string, uint16_t>> queues;  // name, prefetch
+  std::optional<amqp::Connection> conn;
+  std::string error;
+  bool permanent = false;
+  amqp_channel_t publish_channel = 0;
+  amqp_channel_t next_channel = 1;
+  struct Started {
+    amqp_channel_t channel = 0;  // 0: not started (see error)
+    std::string tag;
+    std::string error;
+  };
+  std::vector<Started> started;
+};
+
+namespace {
+// Connects, declares the exchange and every queue, and starts the wanted
+// consumers. A queue the broker cannot declare now (NOT_FOUND: its home node
+// is down) is left to its consumer's recovery; only refusals a retry cannot
+// fix are permanent. Runs on the connector thread; every wait is bounded by
+// the connect and rpc timeouts.
+template <class O>
+void open_connection(O& o) {
+  const config::Config& cfg = *o.cfg;
   try {
-    conn_.emplace(amqp::Connection::open(amqp::connect_options(cfg.broker, url_index_)));
+    o.conn.emplace(amqp::Connection::open(amqp::connect_options(cfg.broker, o.url_index)));
   } catch (const amqp::AmqpError& e) {
-    conn_.reset();
-    schedule_reconnect(e.what());
+    o.error = e.what();
     return;
   }
+  amqp::Connection& conn = *o.conn;
+  amqp_connection_state_t c = conn.get();
+  auto next = [&]() -> amqp_channel_t {
+    if (o.next_channel > conn.channel_max()) throw amqp::AmqpError("out of channel numbers; reconnecting");
+    return o.next_channel++;
+  };
+  auto open_publish = [&] {
+    amqp_channel_t ch = next();
+    conn.open_channel(ch);
+    amqp_confirm_select(c, ch);
+    amqp::check_reply(amqp_get_rpc_reply(c), "enabling publisher confirms");
+    o.publish_channel = ch;
+  };
+  auto close_ok = [&](amqp_channel_t ch) {
+    amqp_channel_close_ok_t ok{};
+    amqp_send_method(c, ch, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+  };
+  try {
+    open_publish();
+    amqp::declare_exchange(conn, o.publish_channel, cfg);
+    for (const auto& q : cfg.queues) {
+      try {
+        amqp::declare_queue(conn, o.publish_channel, cfg, q);
+      } catch (const amqp::AmqpError& e) {
+        if (e.permanent() || !e.channel_closed()) throw;
+        log::error("cannot declare a queue now; its consumer retries", {{"queue", q.name}, {"reason", e.what()}});
+        close_ok(o.publish_channel);
+        open_publish();
+      }
+    }
+    for (const auto& [name, prefetch] : o.queues) {
+      typename O::Started s;
+      amqp_channel_t ch = next();
+      try {
+        conn.open_channel(ch);
+        amqp_basic_qos(c, ch, 0, prefetch, 0);
+        amqp::check_reply(amqp_get_rpc_reply(c), "setting prefetch on queue '" + name + "'");
+        auto* ok = amqp_basic_consume(c, ch, amqp::bytes(name), amqp_empty_bytes, 0, /*no_ack*/ 0, 0,
+                                      amqp_empty_table);
+        amqp::check_reply(amqp_get_rpc_reply(c), "consuming queue '" + name + "'");
+        s.channel = ch;
+        s.tag = std::string(sv(ok->consumer_tag));
+      } catch (const amqp::AmqpError& e) {
+        if (e.permanent() || !e.channel_closed()) throw;
+        close_ok(ch);
+        s.error = e.what();
+      }
+      o.started.push_back(std::move(s));
+    }
+  } catch (const amqp::AmqpError& e) {
+    o.error = e.what();
+    o.permanent = e.permanent();
+    o.conn->close();  // bounded by rpc_timeout, on this thread
+    o.conn.reset();
+  }
+}
+}  // namespace
+
+void BrokerLink::connect() {
+  if (closing_ || connecting_ || conn_) return;
+  if (connector_.joinable()) connector_.join();  // it has handed over already
+  connecting_ = true;
+  auto o = std::make_shared<Opening>();
+  o->cfg = cfg_;
+  o->url_index = url_index_;
+  opening_ = events_.wanted_queues();
+  for (const auto& qc : opening_) o->queues.emplace_back(qc->name, qc->prefetch);
+  std::weak_ptr<bool> alive = alive_;
+  connector_ = std::thread([this, o, alive] {
+    open_connection(*o);
+    asio::post(io_, [this, o, alive] {
+      if (!alive.expired()) connected(o);
+    });
+  });
+}
+
+void BrokerLink::connected(std::shared_ptr<Opening> o) {
+  connecting_ = false;
+  auto wanted = std::move(opening_);
+  opening_.clear();
+  if (closing_) {
+    if (o->conn) o->conn->abandon();
+    return;
+  }
+  if (!o->conn) {
+    if (o->permanent) {
+      closing_ = true;
+      events_.link_failed(o->error);
+    } else {
+      schedule_reconnect(o->error);
+    }
+    return;
+  }
+  conn_ = std::move(o->conn);
   ++connection_id_;
-  node_ = masked;
-  log::info("connected", {{"broker", masked}, {"server_version", conn_->server_version()}});
+  node_ = log::mask_url(cfg_->broker.urls[url_index_ % cfg_->broker.urls.size()]);
+  log::info("connected", {{"broker", node_}, {"server_version", conn_->server_version()}});
   by_channel_.assign(static_cast<size_t>(conn_->channel_max()) + 1, nullptr);
-  next_channel_ = 1;
+  next_channel_ = o->next_channel;
+  publish_channel_ = o->publish_channel;
+  next_seq_ = 1;
   pending_.clear();
   blocked_ = false;
   reader_ = FrameReader{};
-  const uint64_t id = connection_id_;
-  try {
-    open_publish_channel();
-    if (!declare_all()) return;
-  } catch (const amqp::AmqpError& e) {
-    if (id == connection_id_ && conn_) lost(e.what());
-    return;
-  }
   if (connected_once_) ++reconnects_;
   connected_once_ = true;
   backoff_ = milliseconds(0);
   socket_.emplace(io_, conn_->fd());
   socket_armed_ = false;
-  events_.link_up();  // opens the queue channels
+  const uint64_t id = connection_id_;
+  for (size_t i = 0; i < wanted.size() && i < o->started.size(); ++i) {
+    const auto& qc = wanted[i];
+    const auto& s = o->started[i];
+    if (s.channel == 0) {
+      recover_later(qc, s.error);
+      continue;
+    }
+    qc->channel = s.channel;
+    qc->consuming = true;
+    qc->consumer_tag = s.tag;
+    qc->backoff = milliseconds(0);
+    by_channel_[s.channel] = qc;
+    log::info("consuming", {{"queue", qc->name}, {"prefetch", std::to_string(qc->prefetch)},
+                            {"channel", std::to_string(s.channel)}});
+    if (qc->retired) close_queue(*qc);  // a reload retired it meanwhile
+    if (id != connection_id_) return;
+  }
+  events_.link_up();
   if (id != connection_id_ || !conn_) return;
   arm_heartbeat();
-  pump();  // the RPCs above may have buffered frames
-}
-
-// Declares the exchange and every queue. A queue the broker cannot declare
-// now (NOT_FOUND: its home node is down) is left to its channel's recovery;
-// only refusals a retry cannot fix are fatal. False if the link went away.
-bool BrokerLink::declare_all() {
-  const config::Config& cfg = *cfg_;
-  const uint64_t id = connection_id_;
-  try {
-    amqp::declare_exchange(*conn_, publish_channel_, cfg);
-  } catch (const amqp::AmqpError& e) {
-    if (e.permanent()) {
-      close();
-      events_.link_failed(e.what());
-      return false;
-    }
-    throw;
-  }
-  for (const auto& q : cfg.queues) {
-    try {
-      amqp::declare_queue(*conn_, publish_channel_, cfg, q);
-    } catch (const amqp::AmqpError& e) {
-      if (e.permanent()) {
-        close();
-        events_.link_failed(e.what());
-        return false;
-      }
-      if (!e.channel_closed()) throw;
-      log::error("cannot declare a queue now; its consumer retries", {{"queue", q.name}, {"reason", e.what()}});
-      amqp_channel_close_ok_t ok{};
-      amqp_send_method(conn_->get(), publish_channel_, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
-      open_publish_channel();
-    }
-    if (id != connection_id_ || !conn_) return false;
-  }
-  return true;
+  pump();  // frames that arrived during the handshake are buffered
 }
 
 // A fresh confirm channel. Copies pending on the old one are never confirmed.
@@ -228,9 +321,11 @@ void BrokerLink::recover_later(const std::shared_ptr<QueueChannel>& qc, const st
              {{"queue", qc->name}, {"reason", why}, {"retry_in_ms", std::to_string(qc->backoff.count())}});
   const uint64_t id = connection_id_;
   std::weak_ptr<QueueChannel> weak = qc;
+  qc->recovering = true;
   qc->recover_timer.expires_after(qc->backoff);
   qc->recover_timer.async_wait([this, weak, id](boost::system::error_code ec) {
     auto q = weak.lock();
+    if (q) q->recovering = false;
     if (ec || !q || id != connection_id_ || !conn_ || q->retired || q->channel != 0) return;
     const config::QueueConfig* qcfg = nullptr;
     for (const auto& c : cfg_->queues)
@@ -368,6 +463,7 @@ void BrokerLink::lost(const std::string& why) {
   }
   socket_armed_ = false;
   heartbeat_timer_.cancel();
+  conn_->abandon();  // it is dead or stalled: a close would wait for it
   conn_.reset();
   reader_ = FrameReader{};
   auto channels = std::move(by_channel_);
@@ -378,6 +474,7 @@ void BrokerLink::lost(const std::string& why) {
     qc->consuming = false;
     ++qc->incarnation;
     qc->recover_timer.cancel();
+    qc->recovering = false;
   }
   fail_pending(CopyResult::Lost);
   auto held = std::move(held_);

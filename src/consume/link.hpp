@@ -18,6 +18,7 @@
 #include <optional>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "amqp/connection.hpp"
@@ -32,7 +33,10 @@ namespace er::consume {
 class LinkEvents {
  public:
   virtual ~LinkEvents() = default;
-  // Connected and the topology declared: open the queue channels now.
+  // The consumers a new connection starts with (read when it is opened).
+  virtual std::vector<std::shared_ptr<QueueChannel>> wanted_queues() = 0;
+  // Connected, the topology declared and the wanted consumers started (or
+  // being recovered): start any consumer still missing.
   virtual void link_up() = 0;
   // A delivery; the callee owns `env` (amqp_destroy_envelope). Its body holds
   // at most the queue's max_message_bytes of the `body_size` announced.
@@ -111,9 +115,10 @@ class BrokerLink {
     CopyDone done;
   };
 
+  struct Opening;
   void connect();
+  void connected(std::shared_ptr<Opening> o);
   void schedule_reconnect(const std::string& why);
-  bool declare_all();  // false: the connection went away
   void open_publish_channel();
   void recover_later(const std::shared_ptr<QueueChannel>& qc, const std::string& why);
   void drop_channel(QueueChannel& qc);
@@ -152,6 +157,9 @@ class BrokerLink {
   boost::asio::steady_timer reconnect_timer_;
   std::chrono::milliseconds backoff_{0};
   std::mt19937 rng_{std::random_device{}()};
+  std::thread connector_;  // opens connections: login and declares never hold the loop
+  bool connecting_ = false;
+  std::vector<std::shared_ptr<QueueChannel>> opening_;  // the consumers the connector starts
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);  // guards posted continuations
 };
 

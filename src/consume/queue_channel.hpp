@@ -33,6 +33,7 @@ struct QueueChannel {
   size_t in_flight = 0;        // deliveries not yet settled
   std::string consumer_tag;
   std::chrono::milliseconds backoff{0};
+  bool recovering = false;     // a recovery is scheduled
   boost::asio::steady_timer recover_timer;
 };
 
