@@ -260,7 +260,17 @@ amqp_bytes_t clone_bytes(amqp_bytes_t b, amqp_pool_t* pool) {
 // time bound, but every frame must come before `deadline`.
 void read_content(amqp::Connection& conn, amqp_channel_t ch, MessageGuard& m, Clock::time_point deadline,
                   const std::string& what) {
-  amqp_frame_t f = wait_frame(conn, deadline, what);
+  // connection.blocked / unblocked may come in between (we asked for them).
+  auto next = [&] {
+    for (;;) {
+      amqp_frame_t f = wait_frame(conn, deadline, what);
+      bool blocking = f.channel == 0 && f.frame_type == AMQP_FRAME_METHOD &&
+                      (f.payload.method.id == AMQP_CONNECTION_BLOCKED_METHOD ||
+                       f.payload.method.id == AMQP_CONNECTION_UNBLOCKED_METHOD);
+      if (!blocking) return f;
+    }
+  };
+  amqp_frame_t f = next();
   if (f.channel != ch || f.frame_type != AMQP_FRAME_HEADER)
     throw Failure(what + ": unexpected frame from the broker (type " + std::to_string(f.frame_type) + ")");
   init_amqp_pool(&m.msg.pool, 4096);
@@ -285,7 +295,7 @@ void read_content(amqp::Connection& conn, amqp_channel_t ch, MessageGuard& m, Cl
   if (size && !m.msg.body.bytes) throw std::bad_alloc();
   size_t have = 0;
   while (have < size) {
-    f = wait_frame(conn, deadline, what);
+    f = next();
     if (f.channel != ch || f.frame_type != AMQP_FRAME_BODY)
       throw Failure(what + ": unexpected frame from the broker (type " + std::to_string(f.frame_type) + ")");
     amqp_bytes_t part = f.payload.body_fragment;
