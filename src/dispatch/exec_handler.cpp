@@ -14,11 +14,11 @@ extern "C" {
 #include <array>
 #include <cerrno>
 #include <charconv>
-#include <mutex>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <unordered_set>
 #include <utility>
