@@ -189,6 +189,9 @@ class DlqTest(RouterTestCase):
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
         self.assertIn("replayed event %s" % ids[0], p.stdout)
         self.assertEqual(await self.listed_ids(), [ids[2]])
+        # Handled before the next replay: two handlers running at once may
+        # start (and record) in either order on a loaded machine.
+        await self.wait_records(self.rec, 2)
         p = await self.dlq_cmd("replay", "--queue", self.queue)
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
         self.assertIn("replayed event %s" % ids[2], p.stdout)
