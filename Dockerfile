@@ -57,5 +57,8 @@ STOPSIGNAL SIGTERM
 # Reads /etc/event-router/router.yaml (or $EVENT_ROUTER_CONFIG) for http.listen.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
   CMD ["event-router", "health", "--ready"]
+# No init such as tini: as PID 1 the daemon reaps every orphan itself, with
+# the same code that reaps them as a child subreaper outside a container, and
+# it handles SIGTERM/SIGINT/SIGHUP itself (no forwarding needed).
 ENTRYPOINT ["event-router"]
 CMD ["--config", "/etc/event-router/router.yaml"]

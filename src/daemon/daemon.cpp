@@ -1,5 +1,6 @@
 #include "daemon/daemon.hpp"
 
+#include <sys/prctl.h>
 #include <unistd.h>
 
 #include <boost/asio/io_context.hpp>
@@ -20,6 +21,7 @@
 #include "settle/copy_key.hpp"
 #include "http/server.hpp"
 #include "metrics/metrics.hpp"
+#include "dispatch/exec_handler.hpp"
 #include "dispatch/router.hpp"
 #include "util/log.hpp"
 
@@ -64,6 +66,11 @@ int run(const Options& opts) {
 
   log::info("starting", {{"version", ER_VERSION}, {"config", cfg->path},
                          {"queues", std::to_string(cfg->queues.size())}});
+  // Processes handlers leave behind are reparented to us, not to init, and
+  // reaped here (as PID 1 in a container we are their reaper anyway).
+  if (::prctl(PR_SET_CHILD_SUBREAPER, 1) != 0)
+    log::warn("cannot become a child subreaper; orphaned handler processes go to init");
+  dispatch::OrphanReaper reaper(io);
   Notifier notifier;
   metrics::Registry registry;
   std::shared_ptr<dedupe::Store> dedupe;
@@ -178,6 +185,7 @@ int run(const Options& opts) {
       },
       [&] {
         signals.cancel();
+        reaper.stop();
         status_timer.cancel();
         watchdog_timer.cancel();
         if (http_server) http_server->stop();

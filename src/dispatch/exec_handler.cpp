@@ -18,7 +18,9 @@ extern "C" {
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -43,6 +45,35 @@ constexpr size_t kTailBytes = 2048;
 constexpr auto kDrainGrace = std::chrono::milliseconds(100);  // pipes held by grandchildren
 constexpr size_t kMaxSpareBuffers = 16;
 constexpr const char* kDefaultPath = "/usr/local/bin:/usr/bin:/bin";
+
+// Handler children not yet reaped by their handler: reap_orphans() leaves
+// them alone. The lock spans spawn + insert and reap + erase, so the orphan
+// reaper never sees one of them as untracked.
+struct Children {
+  std::mutex mu;
+  std::unordered_set<pid_t> pids;
+  bool reaper = false;  // an OrphanReaper exists
+};
+Children& children() {
+  static Children c;
+  return c;
+}
+
+// waitpid() of a handler's own child, then forgets it; once it is gone,
+// orphans that were waiting behind it (see reap_orphans) can be reaped.
+pid_t reap_child(pid_t pid, int* status, int flags) {
+  pid_t r;
+  bool reaper;
+  {
+    std::lock_guard<std::mutex> lock(children().mu);
+    do r = ::waitpid(pid, status, flags);
+    while (r < 0 && errno == EINTR);
+    if (r != 0) children().pids.erase(pid);  // reaped, or not ours (ECHILD)
+    reaper = children().reaper;
+  }
+  if (reaper && r > 0) reap_orphans();
+  return r;
+}
 
 std::string format_duration(std::chrono::milliseconds d) {
   auto ms = d.count();
@@ -336,7 +367,11 @@ void ExecHandler::start(Job& job) {
     if (rc == 0) rc = posix_spawn_file_actions_adddup2(&fa, out[1], 1);
     if (rc == 0) rc = posix_spawn_file_actions_adddup2(&fa, err[1], 2);
     if (rc == 0) rc = posix_spawn_file_actions_addclosefrom_np(&fa, 3);
-    if (rc == 0) rc = posix_spawn(&pid, argv_ptrs_[0], &fa, &attr_, argv_ptrs_.data(), envp_.data());
+    if (rc == 0) {
+      std::lock_guard<std::mutex> lock(children().mu);
+      rc = posix_spawn(&pid, argv_ptrs_[0], &fa, &attr_, argv_ptrs_.data(), envp_.data());
+      if (rc == 0) children().pids.insert(pid);
+    }
     posix_spawn_file_actions_destroy(&fa);
   }
   close_fd(in[0]);
@@ -377,7 +412,7 @@ void ExecHandler::start(Job& job) {
     close_all(*run);
     signal_group(*run, SIGKILL);
     int st;
-    while (::waitpid(pid, &st, 0) < 0 && errno == EINTR) {}
+    reap_child(pid, &st, 0);
     fail(job, "cannot watch child", watch_err);
     return;
   }
@@ -505,20 +540,30 @@ void ExecHandler::wait_exit(const std::shared_ptr<Run>& run) {
 
 void ExecHandler::on_exit(const std::shared_ptr<Run>& run, const error_code& ec) {
   if (run->done || ec == asio::error::operation_aborted) return;
-  int st = 0;
-  pid_t r;
-  do r = ::waitpid(run->pid, &st, WNOHANG);
-  while (r < 0 && errno == EINTR);
-  if (r == 0) {
+  // Peek first (WNOWAIT): while the child is an unreaped zombie its pid, and
+  // so its process group id, cannot be reused, and the group can be killed.
+  siginfo_t info{};
+  int w;
+  do w = ::waitid(P_PID, static_cast<id_t>(run->pid), &info, WEXITED | WNOHANG | WNOWAIT);
+  while (w < 0 && errno == EINTR);
+  if (w == 0 && info.si_pid == 0) {
     if (!ec) {
       wait_exit(run);  // not exited yet (spurious wakeup)
       return;
     }
     // The pidfd wait itself failed: do not lose the child.
     log::error("exec handler: waiting on child failed", {{"handler", name()}, {"error", ec.message()}});
+  }
+  int st = 0;
+  pid_t r;
+  if (w == 0) {
+    // The handler is done: whatever it left running in its group (background
+    // jobs) is killed now, not left behind. SIGKILL, not TERM + grace: the
+    // group is only safe to signal while the zombie pins its id.
     signal_group(*run, SIGKILL);
-    do r = ::waitpid(run->pid, &st, 0);
-    while (r < 0 && errno == EINTR);
+    r = reap_child(run->pid, &st, 0);  // exited (or just killed): does not block for long
+  } else {
+    r = reap_child(run->pid, &st, WNOHANG);  // not ours any more (reaped elsewhere): just forget it
   }
   run->reaped = true;
   run->status_known = r > 0;
@@ -632,7 +677,7 @@ void ExecHandler::abort_all() {
       signal_group(*run, SIGKILL);
       // Blocking is acceptable here: shutdown, after the deadline, and SIGKILL is quick.
       int st;
-      while (::waitpid(run->pid, &st, 0) < 0 && errno == EINTR) {}
+      reap_child(run->pid, &st, 0);
       run->reaped = true;
     }
     close_all(*run);
@@ -642,6 +687,63 @@ void ExecHandler::abort_all() {
 }
 
 }  // namespace
+
+size_t reap_orphans() {
+  std::lock_guard<std::mutex> lock(children().mu);
+  size_t n = 0;
+  for (;;) {
+    // Peek at one exited child; reap it only if no handler waits for it. A
+    // handler's own zombie stops the loop (P_ALL would return it again): its
+    // handler reaps it soon and then calls us again (reap_child).
+    siginfo_t info{};
+    int w = ::waitid(P_ALL, 0, &info, WEXITED | WNOHANG | WNOWAIT);
+    if (w < 0 && errno == EINTR) continue;
+    if (w < 0 || info.si_pid == 0) break;  // no children, or none exited
+    pid_t pid = info.si_pid;
+    if (children().pids.count(pid)) break;
+    int st;
+    pid_t r;
+    do r = ::waitpid(pid, &st, WNOHANG);
+    while (r < 0 && errno == EINTR);
+    if (r <= 0) break;
+    ++n;
+    std::string p = std::to_string(pid);
+    std::string how = WIFSIGNALED(st) ? describe_signal(WTERMSIG(st)) : "exit code " + std::to_string(WEXITSTATUS(st));
+    log::debug("reaped an orphaned process", {{"pid", p}, {"status", how}});
+  }
+  return n;
+}
+
+OrphanReaper::OrphanReaper(boost::asio::io_context& io) : sigchld_(io, SIGCHLD) {
+  // asio installs its handler without SA_RESTART: SIGCHLD comes with every
+  // handler exit and must not make other threads' blocking calls fail with EINTR.
+  struct sigaction sa;
+  if (::sigaction(SIGCHLD, nullptr, &sa) == 0) {
+    sa.sa_flags |= SA_RESTART | SA_NOCLDSTOP;
+    ::sigaction(SIGCHLD, &sa, nullptr);
+  }
+  {
+    std::lock_guard<std::mutex> lock(children().mu);
+    children().reaper = true;
+  }
+  reap_orphans();  // any from before the handler was installed
+  wait();
+}
+
+void OrphanReaper::stop() {
+  std::lock_guard<std::mutex> lock(children().mu);
+  children().reaper = false;
+  error_code ignored;
+  sigchld_.cancel(ignored);
+}
+
+void OrphanReaper::wait() {
+  sigchld_.async_wait([this](const error_code& ec, int) {
+    if (ec) return;
+    reap_orphans();
+    wait();
+  });
+}
 
 Outcome outcome_for_exit(int wait_status, bool timed_out, std::string_view stderr_tail) {
   return exit_outcome(wait_status, timed_out, {}, stderr_tail);

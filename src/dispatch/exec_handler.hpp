@@ -1,7 +1,9 @@
 #pragma once
+#include <cstddef>
 #include <string_view>
 
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/signal_set.hpp>
 
 #include "config/config.hpp"
 #include "dispatch/handler.hpp"
@@ -11,6 +13,8 @@ namespace er::dispatch {
 // Runs argv per event (posix_spawn, no shell), body on stdin, a fixed
 // environment; stdout/stderr logged line by line (capped); exit code mapped
 // by outcome_for_exit. Children are reaped; no daemon fd leaks into them.
+// Each child runs in its own process group; when it exits (or is killed
+// after its timeout), whatever is still running in that group is SIGKILLed.
 std::unique_ptr<Handler> make_exec_handler(const config::HandlerConfig& cfg,
                                            boost::asio::io_context& io);
 
@@ -18,5 +22,27 @@ std::unique_ptr<Handler> make_exec_handler(const config::HandlerConfig& cfg,
 // other codes, signals and timeouts -> retry. `wait_status` as from waitpid.
 // `stderr_tail` (last lines) goes into the detail.
 Outcome outcome_for_exit(int wait_status, bool timed_out, std::string_view stderr_tail);
+
+// Reaps every exited child of this process that no exec handler is waiting
+// for: processes handlers left behind, reparented to us because we are a
+// child subreaper (or PID 1). A handler's own child is never taken (its exit
+// status is the event's outcome). Returns how many were reaped.
+size_t reap_orphans();
+
+// Runs reap_orphans() on SIGCHLD on `io`, and after every handler child is
+// reaped, while it exists. One per process (the daemon makes it at startup).
+class OrphanReaper {
+ public:
+  explicit OrphanReaper(boost::asio::io_context& io);
+  ~OrphanReaper() { stop(); }
+  // Stops waiting for SIGCHLD (its pending wait would keep io.run() going).
+  void stop();
+  OrphanReaper(const OrphanReaper&) = delete;
+  OrphanReaper& operator=(const OrphanReaper&) = delete;
+
+ private:
+  void wait();
+  boost::asio::signal_set sigchld_;
+};
 
 }  // namespace er::dispatch

@@ -3,6 +3,7 @@
 #include <amqp.h>
 
 #include <algorithm>
+#include <chrono>
 #include <csignal>
 #include <cstdlib>
 #include <cstring>
@@ -29,14 +30,18 @@ using amqp::view;
 const char* kUsage =
     "usage: event-router dlq list   --queue Q [--config FILE] [--count N]\n"
     "       event-router dlq replay --queue Q [--config FILE] [--event-id ID] [--count N]\n"
+    "                               [--to-queue]\n"
     "\n"
     "Inspect and replay the dead-letter queue of a work queue.\n"
     "\n"
     "  list     print the dead-lettered events, oldest first, without removing\n"
     "           them: event id, type, reason, attempts, last failure, detail\n"
-    "  replay   republish dead-lettered events to their original exchange and\n"
-    "           routing key without the failure headers (the attempt count\n"
-    "           starts again at 1), and remove them from the dead-letter queue\n"
+    "  replay   republish dead-lettered events to the config's exchange with\n"
+    "           their original routing key, without the failure headers (the\n"
+    "           attempt count starts again at 1), and remove each from the\n"
+    "           dead-letter queue once the broker has confirmed and routed it;\n"
+    "           an event the broker returns (no queue bound) or refuses stays\n"
+    "           in the dead-letter queue\n"
     "\n"
     "  -q, --queue Q        a work queue of the config (its dead_letter_queue is\n"
     "                       used), or the dead-letter queue's own name\n"
@@ -47,6 +52,10 @@ const char* kUsage =
     "                       replay: at most N events (default all)\n"
     "  -e, --event-id ID    replay: only events with this id (envelope event id,\n"
     "                       else the message_id property); others stay in place\n"
+    "      --to-queue       replay: straight into the queue the event failed in\n"
+    "                       (its x-original-queue header, which must be a queue\n"
+    "                       of the config), not to the exchange: other queues\n"
+    "                       bound to its routing key do not get it again\n"
     "  -h, --help           print this help and exit\n"
     "\n"
     "Exit status: 0 ok, 1 failure (or not every requested event replayed), 2 usage.\n";
@@ -54,7 +63,10 @@ const char* kUsage =
 constexpr size_t kListCap = 10000;
 constexpr size_t kDetailWidth = 80;
 constexpr amqp_channel_t kCheckChannel = 1;  // passive declares (a 404 closes it)
-constexpr amqp_channel_t kWorkChannel = 2;   // basic.get (list) / the transaction (replay)
+constexpr amqp_channel_t kWorkChannel = 2;   // basic.get, and replay's confirmed publishes
+// Every wait on the broker ends: RPCs (amqp_set_rpc_timeout), message
+// bodies, confirms.
+constexpr std::chrono::seconds kBrokerTimeout{30};
 
 using util::UsageError;
 struct Failure : std::runtime_error {
@@ -67,6 +79,7 @@ struct Args {
   std::string config_path;
   std::string event_id;
   bool has_event_id = false;
+  bool to_queue = false;
   size_t count = 0;  // 0 = no limit given
 };
 
@@ -110,6 +123,8 @@ std::optional<Args> parse_args(int argc, char** argv) {
     } else if (name == "-e" || name == "--event-id") {
       a.event_id = take();
       a.has_event_id = true;
+    } else if (name == "--to-queue" && name == arg) {
+      a.to_queue = true;
     } else {
       throw UsageError("unknown argument '" + arg + "'");
     }
@@ -117,6 +132,7 @@ std::optional<Args> parse_args(int argc, char** argv) {
   if (a.command.empty()) throw UsageError("missing command (list or replay)");
   if (!has_queue || a.queue.empty()) throw UsageError("missing --queue Q");
   if (a.has_event_id && a.command != "replay") throw UsageError("--event-id is only for replay");
+  if (a.to_queue && a.command != "replay") throw UsageError("--to-queue is only for replay");
   if (a.has_event_id && a.event_id.empty()) throw UsageError("--event-id must not be empty");
   return a;
 }
@@ -126,13 +142,15 @@ std::optional<Args> parse_args(int argc, char** argv) {
 struct Target {
   std::string work_queue;
   std::string dlq;
-  std::string fallback_exchange;  // the config's exchange
+  std::string exchange;  // the config's: the only one replay publishes to
+  std::vector<std::string> queues;  // the config's: the only ones --to-queue publishes to
   std::string masked_url;
 };
 
 Target resolve(const config::Config& cfg, const std::string& q) {
   Target t;
-  t.fallback_exchange = cfg.exchange.name;
+  t.exchange = cfg.exchange.name;
+  for (const auto& qc : cfg.queues) t.queues.push_back(qc.name);
   t.masked_url = log::mask_url(cfg.broker.url);
   for (const auto& qc : cfg.queues) {
     if (qc.name == q || qc.dead_letter_queue == q) {
@@ -208,14 +226,92 @@ struct MessageGuard {
   }
 };
 
+using Clock = std::chrono::steady_clock;
+
+// Time left until `deadline`, as rabbitmq-c wants it (0 once past).
+timeval time_left(Clock::time_point deadline) {
+  auto left = std::chrono::duration_cast<std::chrono::microseconds>(deadline - Clock::now());
+  if (left.count() < 0) left = std::chrono::microseconds(0);
+  return timeval{static_cast<time_t>(left.count() / 1000000), static_cast<suseconds_t>(left.count() % 1000000)};
+}
+
+// One frame before `deadline`; throws on timeout or a lost connection.
+amqp_frame_t wait_frame(amqp::Connection& conn, Clock::time_point deadline, const std::string& what) {
+  amqp_frame_t frame;
+  timeval tv = time_left(deadline);
+  int rc = amqp_simple_wait_frame_noblock(conn.get(), &frame, &tv);
+  if (rc == AMQP_STATUS_TIMEOUT)
+    throw Failure(what + ": no answer from the broker within " + std::to_string(kBrokerTimeout.count()) + "s");
+  if (rc != AMQP_STATUS_OK) throw Failure(what + ": " + amqp_error_string2(rc));
+  return frame;
+}
+
+amqp_bytes_t clone_bytes(amqp_bytes_t b, amqp_pool_t* pool) {
+  amqp_bytes_t out{0, nullptr};
+  if (b.len == 0) return out;
+  amqp_pool_alloc_bytes(pool, b.len, &out);
+  if (!out.bytes) throw std::bad_alloc();
+  std::memcpy(out.bytes, b.bytes, b.len);
+  return out;
+}
+
+// The content (header and body frames) that follows basic.get-ok or
+// basic.return on `ch`, into `m`. Like amqp_read_message(), which has no
+// time bound, but every frame must come before `deadline`.
+void read_content(amqp::Connection& conn, amqp_channel_t ch, MessageGuard& m, Clock::time_point deadline,
+                  const std::string& what) {
+  // connection.blocked / unblocked may come in between (we asked for them).
+  auto next = [&] {
+    for (;;) {
+      amqp_frame_t f = wait_frame(conn, deadline, what);
+      bool blocking = f.channel == 0 && f.frame_type == AMQP_FRAME_METHOD &&
+                      (f.payload.method.id == AMQP_CONNECTION_BLOCKED_METHOD ||
+                       f.payload.method.id == AMQP_CONNECTION_UNBLOCKED_METHOD);
+      if (!blocking) return f;
+    }
+  };
+  amqp_frame_t f = next();
+  if (f.channel != ch || f.frame_type != AMQP_FRAME_HEADER)
+    throw Failure(what + ": unexpected frame from the broker (type " + std::to_string(f.frame_type) + ")");
+  init_amqp_pool(&m.msg.pool, 4096);
+  m.owned = true;  // amqp_destroy_message() frees the pool and the body
+  // The decoded header lives in the connection's buffers: copy what we keep.
+  const auto* src = static_cast<const amqp_basic_properties_t*>(f.payload.properties.decoded);
+  amqp_basic_properties_t& p = m.msg.properties;
+  p = *src;
+  // Unflagged fields are not decoded (garbage): copy only the flagged ones.
+  const std::pair<amqp_flags_t, amqp_bytes_t*> fields[] = {
+      {AMQP_BASIC_CONTENT_TYPE_FLAG, &p.content_type}, {AMQP_BASIC_CONTENT_ENCODING_FLAG, &p.content_encoding},
+      {AMQP_BASIC_CORRELATION_ID_FLAG, &p.correlation_id}, {AMQP_BASIC_REPLY_TO_FLAG, &p.reply_to},
+      {AMQP_BASIC_EXPIRATION_FLAG, &p.expiration}, {AMQP_BASIC_MESSAGE_ID_FLAG, &p.message_id},
+      {AMQP_BASIC_TYPE_FLAG, &p.type}, {AMQP_BASIC_USER_ID_FLAG, &p.user_id}, {AMQP_BASIC_APP_ID_FLAG, &p.app_id},
+      {AMQP_BASIC_CLUSTER_ID_FLAG, &p.cluster_id}};
+  for (const auto& [flag, b] : fields) *b = (p._flags & flag) ? clone_bytes(*b, &m.msg.pool) : amqp_empty_bytes;
+  if (p._flags & AMQP_BASIC_HEADERS_FLAG) {
+    if (amqp_table_clone(&src->headers, &p.headers, &m.msg.pool) != AMQP_STATUS_OK) throw std::bad_alloc();
+  }
+  size_t size = static_cast<size_t>(f.payload.properties.body_size);
+  m.msg.body = amqp_bytes_malloc(size);
+  if (size && !m.msg.body.bytes) throw std::bad_alloc();
+  size_t have = 0;
+  while (have < size) {
+    f = next();
+    if (f.channel != ch || f.frame_type != AMQP_FRAME_BODY)
+      throw Failure(what + ": unexpected frame from the broker (type " + std::to_string(f.frame_type) + ")");
+    amqp_bytes_t part = f.payload.body_fragment;
+    if (part.len > size - have) throw Failure(what + ": the body is longer than announced");
+    std::memcpy(static_cast<char*>(m.msg.body.bytes) + have, part.bytes, part.len);
+    have += part.len;
+  }
+}
+
 // basic.get (no_ack=0) of one message on `ch`: false when the queue is empty.
 bool get_one(amqp::Connection& conn, amqp_channel_t ch, const std::string& queue, uint64_t* tag, MessageGuard& m) {
   amqp_rpc_reply_t r = amqp_basic_get(conn.get(), ch, bytes(queue), /*no_ack*/ 0);
   amqp::check_reply(r, "getting a message from '" + queue + "'");
   if (r.reply.id == AMQP_BASIC_GET_EMPTY_METHOD) return false;
   *tag = static_cast<amqp_basic_get_ok_t*>(r.reply.decoded)->delivery_tag;
-  amqp::check_reply(amqp_read_message(conn.get(), ch, &m.msg, 0), "reading a message from '" + queue + "'");
-  m.owned = true;
+  read_content(conn, ch, m, Clock::now() + kBrokerTimeout, "reading a message from '" + queue + "'");
   return true;
 }
 
@@ -291,7 +387,10 @@ std::string or_dash(const std::string& s) { return s.empty() ? "-" : s; }
 amqp::Connection connect(const config::Config& cfg) {
   amqp::ConnectOptions o = amqp::connect_options(cfg.broker);
   try {
-    return amqp::Connection::open(o);
+    amqp::Connection conn = amqp::Connection::open(o);
+    timeval tv{static_cast<time_t>(kBrokerTimeout.count()), 0};
+    if (amqp_set_rpc_timeout(conn.get(), &tv) != AMQP_STATUS_OK) throw Failure("cannot set the RPC timeout");
+    return conn;
   } catch (const amqp::AmqpError& e) {
     throw Failure(e.what());
   }
@@ -369,18 +468,95 @@ int run_list(const Args& args, const config::Config& cfg) {
 
 // --- replay --------------------------------------------------------------------
 
-// Why replay is safe (never loses or duplicates an event, wherever it stops):
-// each event is moved in its own AMQP transaction on one channel:
-//   tx.select; basic.get (no_ack=0) -> basic.publish -> basic.ack -> tx.commit.
-// The publish and the ack are both transactional: the broker applies neither
-// until it has processed tx.commit, then both. If we stop before commit-ok
-// (crash, kill, connection loss, channel error), the broker discards the
-// uncommitted publish and ack, and requeues the unacked message at its old
-// position in the DLQ: nothing was published, nothing removed. So an event is
-// counted as replayed only after commit-ok. (If commit-ok itself is lost, the
-// event was moved but is reported as failed: `dlq list` shows the truth.)
-// Events skipped by --event-id are never acked; closing the channel requeues
-// them in order.
+// Publishes on a channel in confirm mode and waits for the broker's verdict
+// on each message before the next one.
+class ConfirmedPublisher {
+ public:
+  enum class Fate { Routed, Returned, Refused };
+  struct Result {
+    Fate fate;
+    std::string why;  // for Returned / Refused
+  };
+
+  ConfirmedPublisher(amqp::Connection& conn, amqp_channel_t ch) : conn_(conn), ch_(ch) {
+    amqp_confirm_select(conn_.get(), ch_);
+    amqp::check_reply(amqp_get_rpc_reply(conn_.get()), "enabling publisher confirms");
+  }
+
+  // Mandatory: an unroutable message comes back as basic.return, which the
+  // broker sends before the basic.ack of that same message. Throws when the
+  // channel or connection is lost or nothing comes within kBrokerTimeout.
+  Result publish(const std::string& exchange, const std::string& key, const amqp_basic_properties_t* props,
+                 amqp_bytes_t body, const std::string& what) {
+    int rc = amqp_basic_publish(conn_.get(), ch_, bytes(exchange), bytes(key), /*mandatory*/ 1, /*immediate*/ 0,
+                                props, body);
+    if (rc != AMQP_STATUS_OK) throw Failure("publishing " + what + ": " + amqp_error_string2(rc));
+    const uint64_t seq = ++published_;
+    std::optional<std::string> returned;
+    const auto deadline = Clock::now() + kBrokerTimeout;
+    for (;;) {
+      amqp_frame_t f = wait_frame(conn_, deadline, "waiting for the broker's confirm of " + what);
+      if (f.frame_type != AMQP_FRAME_METHOD) continue;
+      const amqp_method_t& m = f.payload.method;
+      switch (m.id) {
+        case AMQP_BASIC_RETURN_METHOD: {
+          auto* r = static_cast<amqp_basic_return_t*>(m.decoded);
+          if (r->reply_code != AMQP_NO_ROUTE)
+            returned = "returned by the broker: " + std::string(view(r->reply_text));
+          else if (exchange.empty())
+            returned = "not routed: queue '" + key + "' does not exist";
+          else
+            returned = "not routed: no queue is bound for routing key '" + key + "' on exchange '" + exchange + "'";
+          MessageGuard content;  // must be read off the wire; not needed
+          read_content(conn_, f.channel, content, deadline, "reading a returned message");
+          break;
+        }
+        case AMQP_BASIC_ACK_METHOD:
+        case AMQP_BASIC_NACK_METHOD: {
+          bool ack = m.id == AMQP_BASIC_ACK_METHOD;
+          uint64_t tag = ack ? static_cast<amqp_basic_ack_t*>(m.decoded)->delivery_tag
+                             : static_cast<amqp_basic_nack_t*>(m.decoded)->delivery_tag;
+          if (tag < seq) break;  // an earlier message's (already settled); >= seq covers ours
+
+          if (!ack) return {Fate::Refused, "the broker refused it (basic.nack)"};
+          if (returned) return {Fate::Returned, *returned};
+          return {Fate::Routed, {}};
+        }
+        case AMQP_CHANNEL_CLOSE_METHOD: {
+          auto* c = static_cast<amqp_channel_close_t*>(m.decoded);
+          amqp_channel_close_ok_t ok{};
+          amqp_send_method(conn_.get(), f.channel, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+          throw Failure("publishing " + what + ": the broker closed the channel: " + std::string(view(c->reply_text)));
+        }
+        case AMQP_CONNECTION_CLOSE_METHOD: {
+          auto* c = static_cast<amqp_connection_close_t*>(m.decoded);
+          amqp_connection_close_ok_t ok{};
+          amqp_send_method(conn_.get(), 0, AMQP_CONNECTION_CLOSE_OK_METHOD, &ok);
+          throw Failure("publishing " + what + ": the broker closed the connection: " +
+                        std::string(view(c->reply_text)));
+        }
+        default:
+          break;  // connection.blocked and the like: the confirm comes later
+      }
+    }
+  }
+
+ private:
+  amqp::Connection& conn_;
+  amqp_channel_t ch_;
+  uint64_t published_ = 0;  // confirm sequence numbers start at 1 per channel
+};
+
+// Why replay never loses an event: each event is taken with basic.get
+// (no_ack=0), published mandatory on the same channel in confirm mode, and
+// acked in the dead-letter queue only after the broker's basic.ack without a
+// basic.return, i.e. once a queue has it. A return or nack, a refused header,
+// or --event-id not matching leaves the message unacked; those are requeued
+// together at the end (nack with requeue, then channel.close), not one by one:
+// requeued at once, each would be the next basic.get again. If we stop
+// anywhere (crash, kill, timeout, lost connection), the broker requeues
+// everything unacked. The price: stopping between a confirm and our ack
+// replays that event again next time (a duplicate, never a loss).
 int run_replay(const Args& args, const config::Config& cfg) {
   Target t = resolve(cfg, args.queue);
   amqp::Connection conn = connect(cfg);
@@ -397,11 +573,11 @@ int run_replay(const Args& args, const config::Config& cfg) {
   }
 
   conn.open_channel(kWorkChannel);
-  amqp_tx_select(conn.get(), kWorkChannel);
-  amqp::check_reply(amqp_get_rpc_reply(conn.get()), "starting a transaction (tx.select)");
+  ConfirmedPublisher publisher(conn, kWorkChannel);
 
   size_t seen = 0, selected = 0, replayed = 0, failed = 0;
-  std::string stopped;  // why the run ended early
+  std::vector<uint64_t> failed_tags;  // requeued explicitly at the end
+  std::string stopped;                // why the run ended early
   try {
     // Only the `depth` messages there at the start: events that fail again
     // while we run are dead-lettered behind them and are not picked up again.
@@ -414,38 +590,62 @@ int run_replay(const Args& args, const config::Config& cfg) {
       if (args.has_event_id && who.id != args.event_id) continue;  // left unacked: requeued in place
       ++selected;
       const auto& p = m.msg.properties;
-      std::string exchange = header_text(p, settle::kOriginalExchange).value_or(t.fallback_exchange);
-      auto rk = header_text(p, settle::kOriginalRoutingKey);
       std::string name = "event " + or_dash(who.id) + " (" + or_dash(who.type) + ")";
-      if (!rk) {
-        std::cerr << "not replayed: " << name << ": no " << settle::kOriginalRoutingKey
-                  << " header, so its routing key is unknown; left in the dead-letter queue\n";
+      auto refuse = [&](const std::string& why) {
+        std::cerr << "not replayed: " << name << ": " << why << "; left in the dead-letter queue\n";
+        failed_tags.push_back(tag);
         ++failed;
+      };
+      // Never the x-original-exchange header as the destination: a header
+      // naming another exchange, or "" (which reaches every queue), would
+      // deliver it where this config never routes.
+      auto rk = header_text(p, settle::kOriginalRoutingKey);
+      if (!rk) {
+        refuse(std::string("no ") + settle::kOriginalRoutingKey + " header, so its routing key is unknown");
         continue;
       }
-      if (!checker.exchange_exists(exchange)) {
-        std::cerr << "not replayed: " << name << ": exchange '" << exchange << "' does not exist on "
-                  << t.masked_url << "; left in the dead-letter queue\n";
-        ++failed;
+      std::string exchange = t.exchange, key = *rk;
+      if (args.to_queue) {
+        auto q = header_text(p, settle::kOriginalQueue);
+        if (!q) {
+          refuse(std::string("no ") + settle::kOriginalQueue + " header, so its queue is unknown");
+          continue;
+        }
+        if (std::find(t.queues.begin(), t.queues.end(), *q) == t.queues.end()) {
+          refuse(std::string(settle::kOriginalQueue) + " '" + *q + "' is not a queue of " + cfg.path);
+          continue;
+        }
+        exchange.clear();  // the default exchange routes by queue name
+        key = *q;
+      } else if (!checker.exchange_exists(exchange)) {
+        refuse("exchange '" + exchange + "' does not exist on " + t.masked_url);
         continue;
       }
       ReplayProperties props(p);
-      int rc = amqp_basic_publish(conn.get(), kWorkChannel, bytes(exchange), bytes(*rk), /*mandatory*/ 0,
-                                  /*immediate*/ 0, props.get(), m.msg.body);
-      if (rc != AMQP_STATUS_OK) throw Failure("publishing " + name + ": " + amqp_error_string2(rc));
-      rc = amqp_basic_ack(conn.get(), kWorkChannel, tag, 0);
+      auto result = publisher.publish(exchange, key, props.get(), m.msg.body, name);
+      if (result.fate != ConfirmedPublisher::Fate::Routed) {
+        refuse(result.why);
+        continue;
+      }
+      int rc = amqp_basic_ack(conn.get(), kWorkChannel, tag, 0);
       if (rc != AMQP_STATUS_OK) throw Failure("acknowledging " + name + ": " + amqp_error_string2(rc));
-      amqp_tx_commit(conn.get(), kWorkChannel);
-      amqp::check_reply(amqp_get_rpc_reply(conn.get()), "committing the replay of " + name);
       ++replayed;
-      std::cout << "replayed " << name << " to exchange '" << exchange << "' with routing key '" << *rk << "'\n";
+      if (args.to_queue)
+        std::cout << "replayed " << name << " into queue '" << key << "'\n";
+      else
+        std::cout << "replayed " << name << " to exchange '" << exchange << "' with routing key '" << key << "'\n";
       amqp_maybe_release_buffers(conn.get());
     }
-    // Hands back the messages skipped by --event-id (requeued in order).
+    for (uint64_t tag : failed_tags) {
+      int rc = amqp_basic_nack(conn.get(), kWorkChannel, tag, /*multiple*/ 0, /*requeue*/ 1);
+      if (rc != AMQP_STATUS_OK) throw Failure(std::string("requeueing a message: ") + amqp_error_string2(rc));
+    }
+    // Also hands back the messages skipped by --event-id (requeued in order);
+    // its close-ok tells that the broker has processed our acks and nacks.
     amqp::check_reply(amqp_channel_close(conn.get(), kWorkChannel, AMQP_REPLY_SUCCESS),
                       "closing the replay channel");
   } catch (const std::exception& e) {
-    // Nothing uncommitted takes effect: see above.
+    // Nothing unacked is lost: the broker requeues it when we are gone.
     stopped = e.what();
   }
 
@@ -457,8 +657,9 @@ int run_replay(const Args& args, const config::Config& cfg) {
     found_all = false;
   }
   std::cout << "replayed " << replayed << " event(s) from '" << t.dlq << "'";
-  if (failed) std::cout << ", " << failed << " failed (left in the dead-letter queue)";
+  if (failed) std::cout << ", " << failed << " not replayed (left in the dead-letter queue)";
   std::cout << "\n";
+  if (failed) std::cerr << "event-router dlq: " << failed << " event(s) not replayed; see above\n";
   return (stopped.empty() && failed == 0 && found_all) ? 0 : 1;
 }
 

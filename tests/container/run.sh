@@ -201,6 +201,52 @@ def image_check(inspect_json):
     if errs: sys.exit("image config: " + "; ".join(errs))
     print("image config ok: user %s, healthcheck %s" % (c["User"], " ".join(hc[1:])))
 
+async def publish_one(exchange, routing_key):
+    e = event(routing_key, "o1", {})
+    conn = await aio_pika.connect(URL)
+    async with conn:
+        ch = await conn.channel(publisher_confirms=True)
+        ex = await ch.get_exchange(exchange, ensure=True)
+        await ex.publish(aio_pika.Message(json.dumps(e).encode(), content_type="application/json",
+                                          message_id=e["event_id"], delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                         routing_key=routing_key, mandatory=True)
+    print(e["event_id"])
+
+def proc_stat(pid):
+    """(state, ppid) of a process, or None once it is gone (reaped)."""
+    try:
+        text = open("/proc/%d/stat" % pid).read()
+    except OSError:
+        return None
+    f = text[text.rindex(")") + 2:].split()
+    return f[0], int(f[1])
+
+def orphans_check(daemon, left, escaped):
+    """After the handler's outcome: the process it left in its group is gone,
+    the one that left the group (setsid) is adopted by the daemon, then reaped
+    when it exits; no zombie anywhere below the daemon."""
+    daemon, left, escaped = int(daemon), int(left), int(escaped)
+    st = proc_stat(escaped)
+    if st is None or st[1] != daemon:
+        sys.exit("the escaped process %d is not the daemon's child: %r" % (escaped, st))
+    deadline = time.monotonic() + 15
+    while (proc_stat(left) or proc_stat(escaped)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if proc_stat(left): sys.exit("the handler's background process %d is still there: %r" % (left, proc_stat(left)))
+    if proc_stat(escaped): sys.exit("the adopted process %d was not reaped: %r" % (escaped, proc_stat(escaped)))
+    kids = {}
+    for n in os.listdir("/proc"):
+        st = proc_stat(int(n)) if n.isdigit() else None
+        if st: kids.setdefault(st[1], []).append((int(n), st[0]))
+    todo, zombies = [daemon], []
+    while todo:
+        for c, state in kids.get(todo.pop(), []):
+            if state == "Z": zombies.append(c)
+            todo.append(c)
+    if zombies: sys.exit("zombies below the daemon: %r" % zombies)
+    print("background process %d killed, adopted process %d reaped, no zombie below the daemon %d"
+          % (left, escaped, daemon))
+
 def free_port():
     s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
 
@@ -211,6 +257,8 @@ elif cmd == "cleanup": asyncio.run(cleanup(sys.argv[3:], sys.argv[2]))
 elif cmd == "compose-check": compose_check(sys.argv[2])
 elif cmd == "image-check": image_check(sys.stdin.read())
 elif cmd == "free-port": print(free_port())
+elif cmd == "publish-one": asyncio.run(publish_one(sys.argv[2], sys.argv[3]))
+elif cmd == "orphans-check": orphans_check(*sys.argv[2:5])
 PYEOF
 helper() { AMQP_URL=$AMQP_URL "$PY" "$WORK/helper.py" "$@"; }
 
@@ -333,21 +381,44 @@ ENVS=(--env "RABBITMQ_URL=$AMQP_URL" --env "RABBITMQ_EXCHANGE=$PREFIX.events"
 CTR=$(buildah from --pull=never --name "er-test-$PREFIX" "$IMAGE")
 run_in() { buildah run --isolation chroot "${ENVS[@]}" "$CTR" -- "$@"; }
 
+# Runs the daemon from the image with config $1 (log $WORK/daemon.log) until
+# it is ready; sets DAEMON_BPID (buildah run) and DPID (the daemon).
+start_daemon() {
+  run_in event-router --config "$1" > "$WORK/daemon.log" 2>&1 &
+  DAEMON_BPID=$!
+  local deadline=$((SECONDS + 60))
+  until grep -qE '^\S+ \S+ ready( |$)' "$WORK/daemon.log"; do
+    kill -0 "$DAEMON_BPID" 2>/dev/null || fail "the daemon ($1) exited before it was ready"
+    [ "$SECONDS" -lt "$deadline" ] || fail "the daemon ($1) is not ready after 60 s"
+    sleep 0.2
+  done
+  DPID=$(daemon_pid "$DAEMON_BPID") || fail "cannot find the daemon process under buildah run ($DAEMON_BPID)"
+}
+# Waits until event id $1 ($2 names it) is logged handled with outcome=ack, by $3 (in $SECONDS).
+wait_acked() {
+  until grep -E " handled .*event_id=$1( |$)" "$WORK/daemon.log" | grep -q "outcome=ack"; do
+    [ "$SECONDS" -lt "$3" ] || fail "event $2 ($1) not handled with outcome=ack within 30 s"
+    sleep 0.2
+  done
+}
+# SIGTERM; the daemon must exit 0.
+stop_daemon() {
+  local rc
+  kill -TERM "$DPID"
+  set +e
+  wait "$DAEMON_BPID"; rc=$?
+  set -e
+  DAEMON_BPID=""
+  [ "$rc" -eq 0 ] || fail "the daemon exited $rc after SIGTERM"
+}
+
 # The config check names everything the daemon declares (for the cleanup).
 run_in event-router --check --config /etc/event-router/router.yaml > "$WORK/check.log" 2>&1 ||
   { cat "$WORK/check.log"; fail "event-router --check failed in the image"; }
 mapfile -t BROKER_NAMES < <(grep -o "$PREFIX[^ ,]*" "$WORK/check.log" | sort -u)
 QUEUES=("$PREFIX.speaker" "$PREFIX.draft" "$PREFIX.rag" "$PREFIX.evaluation")
 
-run_in event-router --config /etc/event-router/router.yaml > "$WORK/daemon.log" 2>&1 &
-DAEMON_BPID=$!
-deadline=$((SECONDS + 60))
-until grep -qE '^\S+ \S+ ready( |$)' "$WORK/daemon.log"; do
-  kill -0 "$DAEMON_BPID" 2>/dev/null || fail "the daemon exited before it was ready"
-  [ "$SECONDS" -lt "$deadline" ] || fail "the daemon is not ready after 60 s"
-  sleep 0.2
-done
-DPID=$(daemon_pid "$DAEMON_BPID") || fail "cannot find the daemon process under buildah run ($DAEMON_BPID)"
+start_daemon /etc/event-router/router.yaml
 phase "daemon ready (pid $DPID, http 127.0.0.1:$PORT, exchange $PREFIX.events)"
 
 # Non-root: the daemon process itself, and the image's user.
@@ -367,10 +438,7 @@ mapfile -t PUBLISHED < <(helper publish "$PREFIX.events")
 deadline=$((SECONDS + 30))
 for line in "${PUBLISHED[@]}"; do
   id=${line#* }
-  until grep -E " handled .*event_id=$id( |$)" "$WORK/daemon.log" | grep -q "outcome=ack"; do
-    [ "$SECONDS" -lt "$deadline" ] || fail "event ${line% *} ($id) not handled with outcome=ack within 30 s"
-    sleep 0.2
-  done
+  wait_acked "$id" "${line% *}" "$deadline"
   say "handled ${line% *} outcome=ack"
 done
 # Every queue and its dead-letter queue empty.
@@ -383,12 +451,46 @@ done
   fail "queues not empty: $COUNTS"
 phase "4 events handled (plugin, sh and python exec handlers), queues and dead-letter queues empty"
 
-kill -TERM "$DPID"
-set +e
-wait "$DAEMON_BPID"; rc=$?
-set -e
-DAEMON_BPID=""
-[ "$rc" -eq 0 ] || fail "the daemon exited $rc after SIGTERM"
+stop_daemon
 grep -q ' stopped' "$WORK/daemon.log" || fail "no 'stopped' line in the daemon log"
 phase "SIGTERM: daemon exited 0"
+
+# --- orphans: a handler that leaves processes behind -----------------------------
+# A second daemon from the image with one exec handler that backgrounds a
+# process in its group and one in a session of its own (setsid), and prints
+# their pids (its stdout goes to the daemon's log).
+ORPH=$WORK/er-orphans
+mkdir -p "$ORPH"
+# The handler waits until the setsid one leads its own session (field 6 of
+# /proc/PID/stat), or the group kill at its exit could still catch it.
+cat > "$ORPH/background.sh" <<'SH'
+#!/bin/sh
+cat >/dev/null
+sleep 300 </dev/null >/dev/null 2>&1 &
+echo "left=$!"
+setsid sleep 2 </dev/null >/dev/null 2>&1 &
+pid=$!
+echo "escaped=$pid"
+while [ "$(cut -d' ' -f6 /proc/$pid/stat)" != "$pid" ]; do sleep 0.01; done
+exit 0
+SH
+chmod 0755 "$ORPH/background.sh"
+printf '%s\n' "broker: {url: \"$AMQP_URL\", heartbeat: 30s}" \
+  "exchange: {name: \"$PREFIX.events\", type: topic}" "shutdown_timeout: 10s" "queues:" \
+  "  - name: \"$PREFIX.orphans\"" "    bindings: [\"orphans.*\"]" "    handlers:" \
+  "      - {name: background, events: [\"orphans.*\"], exec: [/opt/er-orphans/background.sh], timeout: 10s}" \
+  > "$ORPH/orphans.yaml"
+BROKER_NAMES+=("$PREFIX.orphans" "$PREFIX.orphans.dlq")
+buildah copy --quiet --chown 10001:10001 "$CTR" "$ORPH" /opt/er-orphans >/dev/null
+start_daemon /opt/er-orphans/orphans.yaml
+id=$(helper publish-one "$PREFIX.events" orphans.created)
+wait_acked "$id" orphans.created $((SECONDS + 30))
+LEFT=$(grep -o 'left=[0-9]*' "$WORK/daemon.log" | head -1 | cut -d= -f2)
+ESCAPED=$(grep -o 'escaped=[0-9]*' "$WORK/daemon.log" | head -1 | cut -d= -f2)
+[ -n "$LEFT" ] && [ -n "$ESCAPED" ] || fail "the handler did not print its background pids"
+helper orphans-check "$DPID" "$LEFT" "$ESCAPED" > "$WORK/orphans.out" 2>&1 ||
+  { cat "$WORK/orphans.out"; fail "a handler's leftover process survived or a zombie remains"; }
+say "$(cat "$WORK/orphans.out")"
+stop_daemon
+phase "orphans: background process killed, setsid one adopted and reaped, no zombie"
 say "PASS (image $IMAGE, $SIZE)"

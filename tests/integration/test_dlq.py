@@ -1,7 +1,9 @@
 """`event-router dlq list|replay`: inspect the dead-letter queue without
-changing it, replay events (all, by id, or N) to their original exchange with
-the failure headers removed, and leave the DLQ untouched when a replay fails."""
+changing it, replay events (all, by id, or N) to the config's exchange (or
+--to-queue, the queue they failed in) with the failure headers removed, and
+leave an event in the DLQ when its replay fails or is not routed."""
 import asyncio
+import json
 import os
 import re
 import stat
@@ -9,6 +11,8 @@ import subprocess
 import sys
 import textwrap
 import uuid
+
+import aio_pika
 
 from harness import AMQP_URL, BINARY, HERE, RECORD_HANDLER, RouterTestCase, ensure_node_modules, run_check
 
@@ -91,6 +95,43 @@ class DlqTest(RouterTestCase):
         self.assertEqual(sorted(ids), sorted(e["event_id"] for e in events))
         return events, ids
 
+    async def declare_topology(self):
+        """Starts and stops the daemon once: the work queue and its DLQ exist, empty."""
+        daemon = await self.start_daemon(self.cfg_path)
+        self.assertEqual(await daemon.stop(), 0)
+
+    async def put_in_dlq(self, headers, event_type="dlqt.created"):
+        """Puts a dead-lettered event into the DLQ directly, with the given
+        x-original-* headers (as the daemon would, or forged). Returns its id."""
+        ev = self.make_event(event_type, {"crafted": True})
+        hdrs = {"x-death-reason": "handler_failed", "x-attempts": 1, "x-app-header": "keep-me"}
+        hdrs.update(headers)
+        ch = await self.conn.channel(publisher_confirms=True)
+        await ch.default_exchange.publish(
+            aio_pika.Message(body=json.dumps(ev).encode(), content_type="application/json",
+                             message_id=ev["event_id"], headers=hdrs,
+                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+            routing_key=self.dlq, mandatory=True)
+        await ch.close()
+        return ev["event_id"]
+
+    async def other_exchange(self, queue_short: str):
+        """Another exchange (not the config's) with a queue bound to every key."""
+        name = self.prefix + ".other"
+        q = self.queue_name(queue_short)
+        ch = await self.conn.channel()
+        ex = await ch.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=False)
+        queue = await ch.declare_queue(q, durable=False)
+        await queue.bind(ex, "#")
+        await ch.close()
+
+        async def drop():
+            ch = await self.conn.channel()
+            await ch.exchange_delete(name)
+            await ch.close()
+        self.addAsyncCleanup(drop)
+        return name, q
+
     async def tap(self, routing_key: str = "dlqt.#") -> str:
         """A queue bound to the test exchange that sees what replay publishes."""
         name = self.queue_name("tap")
@@ -148,6 +189,9 @@ class DlqTest(RouterTestCase):
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
         self.assertIn("replayed event %s" % ids[0], p.stdout)
         self.assertEqual(await self.listed_ids(), [ids[2]])
+        # Handled before the next replay: two handlers running at once may
+        # start (and record) in either order on a loaded machine.
+        await self.wait_records(self.rec, 2)
         p = await self.dlq_cmd("replay", "--queue", self.queue)
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
         self.assertIn("replayed event %s" % ids[2], p.stdout)
@@ -197,11 +241,11 @@ class DlqTest(RouterTestCase):
         self.assertEqual([r["id"] for r in rows], ids)
         self.assertTrue(all(r["reason"] in ("handler_failed", "max_attempts") for r in rows), rows)  # headers intact
 
-    async def test_replay_failing_mid_transaction_rolls_back(self):
+    async def test_replay_failing_after_publish_leaves_the_dlq_unchanged(self):
         # The exchange exists (the passive check passes) but refuses publishes
-        # (internal): the broker closes the channel after our publish, so the
-        # replay fails between publish and commit-ok. Exit 1, a clear error,
-        # and the event it had taken is back in the DLQ, in place.
+        # (internal): the broker closes the channel after our publish, before
+        # any confirm. Exit 1, a clear error, and the event it had taken is
+        # back in the DLQ (never acked), in place.
         events, ids = await self.dead_letter_three()
         ch = await self.conn.channel()
         await ch.exchange_delete(self.exchange)
@@ -223,36 +267,91 @@ class DlqTest(RouterTestCase):
         await self.wait_queue_counts(self.dlq, ready=3, unacked=0)
         self.assertEqual(await self.listed_ids(), ids)
 
-    async def test_broker_rolls_back_publish_and_ack_when_the_client_dies_before_commit(self):
-        # The protocol replay relies on, against this broker: the same steps as
-        # `dlq replay` (tx.select, get, publish, ack), then the process exits
-        # without tx.commit. Neither the publish nor the ack may take effect.
-        events, ids = await self.dead_letter_three()
-        tap = await self.tap()
-        script = textwrap.dedent("""\
-            import asyncio, os, sys
-            sys.path.append("/usr/lib/python3/dist-packages")
-            import aiormq
-            async def main(url, dlq, exchange):
-                conn = await aiormq.connect(url)
-                ch = await conn.channel(publisher_confirms=False)
-                await ch.tx_select()
-                got = await ch.basic_get(dlq, no_ack=False)
-                await ch.basic_publish(got.body, exchange=exchange, routing_key="dlqt.created",
-                                       properties=got.header.properties)
-                await ch.basic_ack(got.delivery.delivery_tag)
-                await ch.queue_declare(dlq, passive=True)  # round trip: the broker has both
-                print("published and acked, not committed", flush=True)
-                os._exit(0)  # no tx.commit, no connection.close
-            asyncio.run(main(*sys.argv[1:]))
-            """)
-        p = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", script, AMQP_URL, self.dlq, self.exchange],
-                                    capture_output=True, text=True, timeout=60)
-        self.assertEqual(p.returncode, 0, p.stderr)
-        self.assertIn("not committed", p.stdout)
-        await self.wait_queue_counts(self.dlq, ready=3, unacked=0)
-        self.assertEqual(await self.listed_ids(), ids)
+    async def test_unroutable_replay_stays_in_the_dlq_and_exits_non_zero(self):
+        # Before: published without `mandatory`, acked in the same
+        # transaction; an event no queue is bound for was dropped, exit 0.
+        await self.declare_topology()
+        lost = await self.put_in_dlq({"x-original-exchange": self.exchange,
+                                      "x-original-routing-key": "nobody.listens", "x-original-queue": self.queue})
+        ok = await self.put_in_dlq({"x-original-exchange": self.exchange, "x-original-routing-key": "dlqt.created",
+                                    "x-original-queue": self.queue})
+        for attempt in (1, 2):  # a second run neither loses it nor replays it
+            p = await self.dlq_cmd("replay", "--queue", self.queue)
+            self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+            self.assertIn("not replayed: event %s (dlqt.created): not routed: no queue is bound for routing key "
+                          "'nobody.listens' on exchange '%s'; left in the dead-letter queue" % (lost, self.exchange),
+                          p.stderr)
+            self.assertIn("1 event(s) not replayed", p.stderr)
+            self.assertIn("replayed %d event(s) from '%s', 1 not replayed" % (2 - attempt, self.dlq), p.stdout)
+            await self.wait_queue_counts(self.dlq, ready=1, unacked=0)
+            rows, _ = self.parse_list((await self.dlq_cmd("list", "--queue", self.queue)).stdout)
+            self.assertEqual([(r["id"], r["reason"]) for r in rows], [(lost, "handler_failed")])  # headers intact
+        got = await self.get_all(self.queue, expect=1)
+        self.assertEqual([m.message_id for m in got], [ok])
+
+    async def test_forged_original_exchange_header_is_ignored(self):
+        # x-original-exchange is data from the message, not a destination:
+        # another exchange, or "" (which reaches any queue by name), is never
+        # published to; the config's exchange is, with x-original-routing-key.
+        await self.declare_topology()
+        other, trap = await self.other_exchange("trap")
+        tap = await self.tap("#")
+        to_other = await self.put_in_dlq({"x-original-exchange": other, "x-original-routing-key": "dlqt.created"})
+        to_default = await self.put_in_dlq({"x-original-exchange": "", "x-original-routing-key": trap})
+        p = await self.dlq_cmd("replay", "--queue", self.queue)
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertIn("replayed event %s (dlqt.created) to exchange '%s' with routing key 'dlqt.created'"
+                      % (to_other, self.exchange), p.stdout)
+        self.assertIn("replayed event %s (dlqt.created) to exchange '%s' with routing key '%s'"
+                      % (to_default, self.exchange, trap), p.stdout)
+        got = await self.get_all(tap, expect=2)
+        self.assertEqual([(m.message_id, m.exchange, m.routing_key) for m in got],
+                         [(to_other, self.exchange, "dlqt.created"), (to_default, self.exchange, trap)])
+        self.assertEqual(await self.message_count(trap), 0)
+        self.assertEqual(await self.message_count(self.dlq), 0)
+
+    async def test_to_queue_delivers_only_into_the_original_queue(self):
+        await self.declare_topology()
+        tap = await self.tap("dlqt.#")  # a second queue bound to the same keys as the work queue
+        ids = [await self.put_in_dlq({"x-original-exchange": self.exchange, "x-original-routing-key": "dlqt.created",
+                                      "x-original-queue": self.queue}) for _ in range(2)]
+        p = await self.dlq_cmd("replay", "--queue", self.queue, "--to-queue")
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        for i in ids:
+            self.assertIn("replayed event %s (dlqt.created) into queue '%s'" % (i, self.queue), p.stdout)
+        self.assertIn("replayed 2 event(s)", p.stdout)
+        got = await self.get_all(self.queue, expect=2)
+        self.assertEqual([m.message_id for m in got], ids)
+        for m in got:
+            self.assertEqual(m.headers.get("x-app-header"), "keep-me", m.headers)
+            self.assertEqual([k for k in m.headers if is_failure_header(k)], [], m.headers)
         self.assertEqual(await self.message_count(tap), 0)
+        self.assertEqual(await self.message_count(self.dlq), 0)
+
+        # The control: without --to-queue the tap gets it too.
+        again = await self.put_in_dlq({"x-original-routing-key": "dlqt.created", "x-original-queue": self.queue})
+        p = await self.dlq_cmd("replay", "--queue", self.queue)
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertEqual([m.message_id for m in await self.get_all(tap, expect=1)], [again])
+        self.assertEqual([m.message_id for m in await self.get_all(self.queue, expect=1)], [again])
+
+    async def test_to_queue_refuses_a_queue_not_in_the_config(self):
+        await self.declare_topology()
+        tap = await self.tap("dlqt.#")  # exists on the broker, but is not a queue of the config
+        foreign = await self.put_in_dlq({"x-original-routing-key": "dlqt.created", "x-original-queue": tap})
+        unknown = await self.put_in_dlq({"x-original-routing-key": "dlqt.created"})
+        good = await self.put_in_dlq({"x-original-routing-key": "dlqt.created", "x-original-queue": self.queue})
+        p = await self.dlq_cmd("replay", "--queue", self.queue, "--to-queue")
+        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+        self.assertIn("not replayed: event %s (dlqt.created): x-original-queue '%s' is not a queue of %s; left in "
+                      "the dead-letter queue" % (foreign, tap, self.cfg_path), p.stderr)
+        self.assertIn("not replayed: event %s (dlqt.created): no x-original-queue header" % unknown, p.stderr)
+        self.assertIn("2 event(s) not replayed", p.stderr)
+        self.assertIn("replayed event %s (dlqt.created) into queue '%s'" % (good, self.queue), p.stdout)
+        self.assertEqual(await self.message_count(tap), 0)
+        self.assertEqual([m.message_id for m in await self.get_all(self.queue, expect=1)], [good])
+        await self.wait_queue_counts(self.dlq, ready=2, unacked=0)
+        self.assertEqual(await self.listed_ids(), [foreign, unknown])
 
     async def test_unknown_queue_missing_dlq_and_usage(self):
         p = await self.dlq_cmd("list", "--queue", "no-such-queue")
@@ -277,7 +376,8 @@ class DlqTest(RouterTestCase):
         self.assertEqual(p.returncode, 0)
         self.assertIn("dlq replay", p.stdout)
         for bad in (["list"], ["frobnicate", "--queue", "q"], ["list", "--queue", "q", "--event-id", "x"],
-                    ["replay", "--queue", "q", "--count", "0"], ["list", "--queue", "q", "--bogus"]):
+                    ["replay", "--queue", "q", "--count", "0"], ["list", "--queue", "q", "--bogus"],
+                    ["list", "--queue", "q", "--to-queue"], ["replay", "--queue", "q", "--to-queue=x"]):
             p = await self.dlq_cmd(*bad, config=False)
             self.assertEqual(p.returncode, 2, (bad, p.stderr))
             self.assertIn("usage:", p.stderr)

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <stdlib.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -196,6 +197,24 @@ std::chrono::milliseconds run_job(const er::config::HandlerConfig& cfg, TestJob&
   auto elapsed = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0);
   io.run_for(20ms);  // let cancelled operations complete
   return elapsed;
+}
+
+// Starts one job per attempt number first..last on `h` at once and runs `io`
+// until every one has finished (or `limit` has passed).
+std::vector<std::unique_ptr<TestJob>> run_jobs(Handler& h, boost::asio::io_context& io, uint32_t first,
+                                               uint32_t last, std::chrono::seconds limit) {
+  std::vector<std::unique_ptr<TestJob>> jobs;
+  for (uint32_t i = first; i <= last; ++i) {
+    jobs.push_back(std::make_unique<TestJob>("body"));
+    jobs.back()->mutable_view().attempt = i;
+  }
+  for (auto& j : jobs) h.start(*j);
+  auto t0 = std::chrono::steady_clock::now();
+  while (std::any_of(jobs.begin(), jobs.end(), [](auto& j) { return j->finish_count == 0; }) &&
+         std::chrono::steady_clock::now() - t0 < limit) {
+    io.run_for(20ms);
+  }
+  return jobs;
 }
 
 }  // namespace
@@ -573,17 +592,7 @@ TEST_CASE("abort_all kills running children without finishing", "[exec][abort]")
 TEST_CASE("concurrent runs each finish once", "[exec]") {
   boost::asio::io_context io;
   auto h = make_exec_handler(make_cfg(sh("sleep 0.$(( $ATTEMPT % 3 )); exit $ATTEMPT")), io);
-  std::vector<std::unique_ptr<TestJob>> jobs;
-  for (int i = 0; i < 8; ++i) {
-    jobs.push_back(std::make_unique<TestJob>("body"));
-    jobs.back()->mutable_view().attempt = static_cast<uint32_t>(i);
-  }
-  for (auto& j : jobs) h->start(*j);
-  auto t0 = std::chrono::steady_clock::now();
-  while (std::any_of(jobs.begin(), jobs.end(), [](auto& j) { return j->finish_count == 0; }) &&
-         std::chrono::steady_clock::now() - t0 < 10s) {
-    io.run_for(20ms);
-  }
+  auto jobs = run_jobs(*h, io, 0, 7, 10s);
   for (int i = 0; i < 8; ++i) {
     CAPTURE(i);
     REQUIRE(jobs[i]->finish_count == 1);
@@ -656,4 +665,89 @@ TEST_CASE("sequential runs on one handler do not share state or leak fds", "[exe
   CHECK(open_fds() == fds_before);
   cap.text();
   CHECK(no_children());
+}
+
+// --- processes a handler leaves behind -------------------------------------
+
+bool process_exists(pid_t pid) { return fs::exists("/proc/" + std::to_string(pid)); }
+
+// Children of this process in state Z, from /proc/<pid>/stat: "pid (comm) S ppid ...".
+std::vector<pid_t> zombie_children() {
+  std::vector<pid_t> out;
+  for (const auto& e : fs::directory_iterator("/proc")) {
+    std::string name = e.path().filename().string();
+    if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::string stat = read_file("/proc/" + name + "/stat");
+    size_t close = stat.rfind(')');
+    if (close == std::string::npos) continue;
+    std::istringstream rest(stat.substr(close + 1));
+    char state = 0;
+    pid_t ppid = 0;
+    rest >> state >> ppid;
+    if (state == 'Z' && ppid == ::getpid()) out.push_back(std::atoi(name.c_str()));
+  }
+  return out;
+}
+
+// Like the daemon: orphans are reparented to this process, and reaped by an
+// OrphanReaper on the loop. Undone at the end so other tests are unaffected.
+struct Subreaper {
+  Subreaper() { REQUIRE(::prctl(PR_SET_CHILD_SUBREAPER, 1) == 0); }
+  ~Subreaper() { ::prctl(PR_SET_CHILD_SUBREAPER, 0); }
+};
+
+TEST_CASE("a background process the handler leaves behind is killed and reaped", "[exec][orphans]") {
+  Subreaper subreaper;
+  TempDir dir;
+  std::string pidfile = dir.file("pid");
+  StderrCapture cap;
+  boost::asio::io_context io;
+  er::dispatch::OrphanReaper reaper(io);
+  auto cfg = make_cfg(sh("sleep 30 & echo $! > \"$1\"; exit 0", {pidfile}));
+  auto h = make_exec_handler(cfg, io);
+  TestJob job;
+  h->start(job);
+  auto t0 = std::chrono::steady_clock::now();
+  while (job.finish_count == 0 && std::chrono::steady_clock::now() - t0 < 10s) io.run_for(20ms);
+  REQUIRE(job.finish_count == 1);
+  CHECK(job.outcome->verdict == Verdict::Ack);
+  pid_t grandchild = std::atoi(read_file(pidfile).c_str());
+  REQUIRE(grandchild > 0);
+  // Gone (killed and reaped: no /proc entry, not even a zombie) within the grace.
+  auto t1 = std::chrono::steady_clock::now();
+  while (process_exists(grandchild) && std::chrono::steady_clock::now() - t1 < cfg.kill_grace) io.run_for(20ms);
+  bool gone = !process_exists(grandchild);
+  CHECK(gone);
+  CHECK(zombie_children().empty());
+  cap.text();
+  if (!gone) {  // the old behaviour: do not leave it running
+    ::kill(grandchild, SIGKILL);
+    ::waitpid(grandchild, nullptr, 0);
+  }
+}
+
+TEST_CASE("the orphan reaper never takes a handler's own exit status", "[exec][orphans]") {
+  // Orphans that escaped the group kill (setsid) exit while the handlers'
+  // own children exit: each handler must still get its child's exit code.
+  Subreaper subreaper;
+  StderrCapture cap;
+  boost::asio::io_context io;
+  er::dispatch::OrphanReaper reaper(io);
+  auto h = make_exec_handler(
+      make_cfg(sh("setsid sleep 0.0$(( $ATTEMPT % 7 )) & setsid sleep 0.0$(( $ATTEMPT % 5 )) & "
+                  "sleep 0.0$(( $ATTEMPT % 3 )); exit $ATTEMPT")),
+      io);
+  constexpr int kJobs = 24;
+  auto jobs = run_jobs(*h, io, 1, kJobs, 20s);
+  for (int i = 1; i <= kJobs; ++i) {
+    CAPTURE(i);
+    REQUIRE(jobs[i - 1]->finish_count == 1);
+    CHECK(jobs[i - 1]->outcome->detail == "exit code " + std::to_string(i));
+  }
+  // The escaped sleeps (at most 0.06 s) are reaped as they exit.
+  auto t1 = std::chrono::steady_clock::now();
+  while (std::chrono::steady_clock::now() - t1 < 500ms) io.run_for(20ms);
+  CHECK(zombie_children().empty());
+  CHECK(no_children());
+  cap.text();
 }
