@@ -62,6 +62,7 @@ const char* kUsage =
 
 constexpr size_t kListCap = 10000;
 constexpr size_t kDetailWidth = 80;
+constexpr size_t kFieldWidth = 64;  // ids, types and the other columns
 constexpr amqp_channel_t kCheckChannel = 1;  // passive declares (a 404 closes it)
 constexpr amqp_channel_t kWorkChannel = 2;   // basic.get, and replay's confirmed publishes
 // Every wait on the broker ends: RPCs (amqp_set_rpc_timeout), message
@@ -382,7 +383,9 @@ class ReplayProperties {
   std::vector<amqp_table_entry_t> entries_;
 };
 
-std::string or_dash(const std::string& s) { return s.empty() ? "-" : s; }
+// Everything printed comes from a publisher: control bytes (terminal escapes,
+// line breaks that would fake rows) are shown as \xNN, and the width is capped.
+std::string or_dash(const std::string& s) { return s.empty() ? "-" : printable(s, kFieldWidth); }
 
 amqp::Connection connect(const config::Config& cfg) {
   amqp::ConnectOptions o = amqp::connect_options(cfg.broker);
@@ -427,8 +430,9 @@ int run_list(const Args& args, const config::Config& cfg) {
     if (!get_one(conn, kWorkChannel, t.dlq, &tag, m)) break;
     const auto& p = m.msg.properties;
     Identity who = identify(m.msg);
-    rows.push_back({or_dash(who.id), or_dash(who.type), header_text(p, settle::kReason).value_or("-"),
-                    header_text(p, settle::kAttempts).value_or("-"), header_text(p, settle::kLastFailedAt).value_or("-"),
+    rows.push_back({or_dash(who.id), or_dash(who.type), or_dash(header_text(p, settle::kReason).value_or("")),
+                    or_dash(header_text(p, settle::kAttempts).value_or("")),
+                    or_dash(header_text(p, settle::kLastFailedAt).value_or("")),
                     one_line(header_text(p, settle::kDetail).value_or(""), kDetailWidth)});
     amqp_maybe_release_buffers(conn.get());
   }
@@ -666,14 +670,35 @@ int run_replay(const Args& args, const config::Config& cfg) {
 }  // namespace
 
 bool is_failure_header(std::string_view k) {
-  for (const char* exact : {settle::kAttempts, settle::kFirstFailedAt, settle::kLastFailedAt,
-                            "x-attempt", "x-last-error", "x-death"}) {
+  for (const char* exact : {settle::kAttempts, settle::kFirstFailedAt, settle::kLastFailedAt, settle::kSignature,
+                            settle::kHeadersDropped, "x-attempt", "x-last-error", "x-death"}) {
     if (k == exact) return true;
   }
   for (std::string_view prefix : {"x-death-", "x-original-", "x-first-death-", "x-last-death-"}) {
     if (k.substr(0, prefix.size()) == prefix) return true;
   }
   return false;
+}
+
+std::string printable(std::string_view text, size_t max) {
+  static const char hex[] = "0123456789abcdef";
+  std::string s;
+  size_t i = 0;
+  for (; i < text.size() && s.size() < max; ++i) {
+    auto u = static_cast<unsigned char>(text[i]);
+    if (u < 0x20 || u == 0x7f) {
+      s += "\\x";
+      s += hex[u >> 4];
+      s += hex[u & 15];
+    } else {
+      s += text[i];
+    }
+  }
+  if (i == text.size()) return s;
+  size_t cut = std::min(s.size(), max >= 3 ? max - 3 : 0);
+  while (cut > 0 && (static_cast<unsigned char>(s[cut]) & 0xC0) == 0x80) --cut;  // not inside a UTF-8 sequence
+  s.resize(cut);
+  return s + "...";
 }
 
 std::string one_line(std::string_view text, size_t max) {

@@ -19,5 +19,7 @@ bool is_failure_header(std::string_view key);
 // One line of at most `max` bytes: control characters become spaces, a cut
 // never splits a UTF-8 sequence, and "..." marks a cut.
 std::string one_line(std::string_view text, size_t max);
+// `text` with control bytes shown as \xNN, cut to about `max` bytes.
+std::string printable(std::string_view text, size_t max);
 
 }  // namespace er::dlq
