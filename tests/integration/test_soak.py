@@ -210,9 +210,12 @@ class SoakTest(RouterTestCase):
             await asyncio.gather(*(self.publish(ev) for ev in events[i:i + chunk]))
             await asyncio.sleep(max(0.0, chunk / rate - (time.monotonic() - t0)))
 
-    async def wait_for(self, what: str, cond, timeout: float) -> None:
+    async def wait_for(self, d, what: str, cond, timeout: float) -> None:
+        """Polls cond() until true; fails at once if the daemon exits."""
         deadline = time.monotonic() + timeout
         while not cond():
+            if not d.running():
+                self.fail("%s: the daemon exited (status %s)%s" % (what, d.returncode, self._daemon_tail()))
             if time.monotonic() > deadline:
                 self.fail("%s: not done within %.0fs%s" % (what, timeout, self._daemon_tail()))
             await asyncio.sleep(0.5)
@@ -248,7 +251,7 @@ class SoakTest(RouterTestCase):
             def all_succeeded():
                 return should_succeed <= {c["id"] for c in self.calls() if c["ok"]}
 
-            await self.wait_for("every ack/retry_ack event succeeded", all_succeeded, timeout=300)
+            await self.wait_for(d, "every ack/retry_ack event succeeded", all_succeeded, timeout=300)
             # Keep the faults going until the DLQs are complete too (or time out).
             async def dlq_complete() -> bool:
                 n = 0
@@ -258,7 +261,7 @@ class SoakTest(RouterTestCase):
 
             deadline = time.monotonic() + 120
             while not await dlq_complete():
-                if time.monotonic() > deadline:
+                if time.monotonic() > deadline or not d.running():
                     break
                 await asyncio.sleep(0.5)
         finally:
@@ -268,7 +271,7 @@ class SoakTest(RouterTestCase):
         t_faults_end = time.monotonic()
 
         # The last reload is done (either way), and the daemon is connected again.
-        await self.wait_for("the last reload", lambda: len(d.records("reloaded")) + len(
+        await self.wait_for(d, "the last reload", lambda: len(d.records("reloaded")) + len(
             d.records("reload failed; keeping the running config")) >= len(d.records("reloading")), timeout=60)
         for k, q in self.queues.items():
             await self.wait_queue_counts(q, ready=0, unacked=0, timeout=120)
