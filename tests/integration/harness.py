@@ -61,6 +61,23 @@ SHOW_LOGS = os.environ.get("ER_SHOW_LOGS") == "1"
 # `<time> <level> ready ...`
 READY_RE = r"(?m)^\S+ \S+ ready(?:\s|$)"
 
+# What AddressSanitizer, LeakSanitizer and UBSan write to stderr when they find
+# something (build-asan/, -DER_SANITIZE=address,undefined). UBSan's line is
+# `file:line:col: runtime error: ...` (`<unknown>: runtime error:` without a
+# location); a handler's own stderr that the daemon logs is quoted in a field
+# and does not match.
+SANITIZER_RE = re.compile(r"ERROR: (?:AddressSanitizer|LeakSanitizer)|(?::\d+:\d+|<unknown>): runtime error: "
+                          r"|SUMMARY: UndefinedBehaviorSanitizer")
+
+
+def sanitizer_report(text: str, lines: int = 40) -> Optional[str]:
+    """The first `lines` lines of a sanitizer report in `text`, or None."""
+    m = SANITIZER_RE.search(text)
+    if not m:
+        return None
+    start = text.rfind("\n", 0, m.start()) + 1
+    return "\n".join(text[start:].splitlines()[:lines])
+
 
 # ---------------------------------------------------------------------------
 # Small utilities
@@ -259,6 +276,10 @@ class Daemon:
                 out.append(r)
         return out
 
+    def sanitizer_report(self) -> Optional[str]:
+        """The start of an ASan/LSan/UBSan report in this daemon's log, or None."""
+        return sanitizer_report(self.log())
+
     def tail(self, n: int = 60) -> str:
         lines = self.lines()
         return "\n".join(lines[-n:])
@@ -355,8 +376,12 @@ def run_check(config_path: Optional[str], env: Optional[Dict[str, str]] = None, 
     argv += ["--check", *extra_args]
     e = dict(os.environ if env is None else env)
     e.pop("EVENT_ROUTER_PLUGIN_DIR", None)
-    return subprocess.run(argv, capture_output=True, text=True, env=e, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    p = subprocess.run(argv, capture_output=True, text=True, env=e, timeout=timeout,
+                       stdin=subprocess.DEVNULL)
+    report = sanitizer_report(p.stderr)
+    if report:
+        raise AssertionError("sanitizer report from %s:\n%s" % (" ".join(argv), report))
+    return p
 
 
 _RETRY_SUPPORTED: Optional[bool] = None
@@ -727,7 +752,12 @@ class RouterTestCase(unittest.IsolatedAsyncioTestCase):
                     os.kill(pid, signal.SIGKILL)
                 except (OSError, ValueError):
                     pass
-        failed = self._test_failed()
+        # A sanitizer report in any daemon's log fails the test, whatever the
+        # test itself checked (it may never look at the exit status, or the
+        # report may come from a daemon it killed or one that exited early).
+        reports = [(i, d.sanitizer_report()) for i, d in enumerate(self._daemons, 1)]
+        reports = [(i, r) for i, r in reports if r]
+        failed = self._test_failed() or bool(reports)
         if (failed or SHOW_LOGS) and self._daemons:
             for i, d in enumerate(self._daemons, 1):
                 sys.stderr.write("\n----- %s: daemon %d (%s) exit=%s log -----\n%s\n"
@@ -759,3 +789,6 @@ class RouterTestCase(unittest.IsolatedAsyncioTestCase):
             sys.stderr.write("(kept temp dir %s)\n" % self.tmp)
         else:
             shutil.rmtree(self.tmp, ignore_errors=True)
+        if reports:
+            raise AssertionError("sanitizer report in the daemon's stderr:\n" + "\n\n".join(
+                "daemon %d (%s):\n%s" % (i, self._daemons[i - 1].log_path, r) for i, r in reports))
