@@ -38,6 +38,8 @@ from collections import Counter
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import quote
 
+import aio_pika
+
 from harness import (AMQP_URL, HERE, READY_RE, SOURCE_DIR, parse_log_line, rabbitmqctl_json,
                      run_rabbitmqctl)
 from broker_node import http_get, publish_events
@@ -467,6 +469,53 @@ class LifecycleTest(NotifyTestBase):
         self.assertEqual(set(counts), want)
         self.assertEqual({r[1] for r in read_tags(record) if r[0] in set(after)}, {"v2"})
         rows = await self.wait_consumers(q, [37])
+        self.assertEqual(await d.stop(), 0, d.tail())
+
+    # -- 3b: a queue the broker refuses to declare now is local and retried ---------
+
+    async def test_queue_refused_at_declare_is_retried_alone(self):
+        # An exclusive queue of another connection makes the broker refuse the
+        # daemon's declare of that name (RESOURCE_LOCKED closes the channel),
+        # as NOT_FOUND does for a queue whose home node is down: a refusal a
+        # retry can fix, and that concerns that queue alone.
+        qa = self.queue_name("ok")
+        qb = self.queue_name("locked")
+        rec_a = os.path.join(self.tmp, "a.txt")
+        rec_b = os.path.join(self.tmp, "b.txt")
+        owner = await aio_pika.connect(AMQP_URL)
+        och = await owner.channel()
+        await och.declare_queue(qb, exclusive=True)
+        b = self.tag_queue(qb, rec_b, "b", 10, bindings=["l.*"])
+        b["handlers"][0]["name"] = "rec-b"
+        cfg = self.config([self.tag_queue(qa, rec_a, "a", 10), b])
+        cfg["broker"]["reconnect"] = {"initial": "300ms", "max": "1s"}
+        d = await self.start_daemon(self.write_config(cfg))
+        await d.wait_for_record("cannot declare a queue now; its consumer retries", queue=qb, timeout=20)
+        await d.wait_for_record("ready", timeout=20)
+        # The other queue is consumed meanwhile.
+        ids = ["ok-%02d-%s" % (i, secrets.token_hex(3)) for i in range(5)]
+        for eid in ids:
+            await self.publish(self.make_event("p.x", event_id=eid))
+        deadline = time.monotonic() + 20
+        while not set(ids) <= {r[0] for r in read_tags(rec_a)}:
+            if time.monotonic() > deadline:
+                self.fail("queue A not consumed while B was refused" + self._daemon_tail())
+            await asyncio.sleep(0.1)
+        self.assertTrue(d.records("queue channel lost, recovering", queue=qb), d.tail())
+        self.assertEqual(d.records("connection lost"), [])
+        self.assertTrue(d.running())
+        # The owner leaves, its exclusive queue goes: the daemon declares and consumes it.
+        await owner.close()
+        await self.wait_consumers(qb, [10], timeout=30)
+        later = ["lk-%02d-%s" % (i, secrets.token_hex(3)) for i in range(5)]
+        for eid in later:
+            await self.publish(self.make_event("l.x", event_id=eid))
+        deadline = time.monotonic() + 20
+        while not set(later) <= {r[0] for r in read_tags(rec_b)}:
+            if time.monotonic() > deadline:
+                self.fail("queue B not consumed after the refusal went away" + self._daemon_tail())
+            await asyncio.sleep(0.1)
+        self.assertEqual(d.records("connection lost"), [])
         self.assertEqual(await d.stop(), 0, d.tail())
 
     # -- 5: nothing stranded on reload --------------------------------------------------------
