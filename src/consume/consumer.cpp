@@ -93,14 +93,18 @@ std::shared_ptr<Generation> Consumer::make_generation(std::unique_ptr<dispatch::
   return g;
 }
 
+// Over a snapshot: `f` may release the last delivery of a generation (or,
+// through another call, prune the list) while this loop runs.
 template <class F>
 void Consumer::for_each_generation(F&& f) {
   generations_.erase(std::remove_if(generations_.begin(), generations_.end(),
                                     [](const auto& w) { return w.expired(); }),
                      generations_.end());
-  for (auto& w : generations_) {
-    if (auto g = w.lock()) f(*g);
-  }
+  std::vector<std::shared_ptr<Generation>> alive;
+  alive.reserve(generations_.size());
+  for (auto& w : generations_)
+    if (auto g = w.lock()) alive.push_back(std::move(g));
+  for (auto& g : alive) f(*g);
 }
 
 void Consumer::start(std::function<void()> on_ready, std::function<void()> on_stopped) {
@@ -347,7 +351,7 @@ void Consumer::on_finished(Delivery* d, dispatch::Outcome outcome) {
                 {"detail", outcome.detail}});
   }
   if (ok) remember_success(d);
-  finish_twins(d, ok);
+  finish_twins(d, ok ? RunEnd::Succeeded : RunEnd::Failed);
   if (!is_live(d)) {
     // Its channel is gone; the broker redelivers the event. A success is still
     // recorded above, so that with dedupe the redelivery does not run it again.
@@ -360,8 +364,9 @@ void Consumer::on_finished(Delivery* d, dispatch::Outcome outcome) {
 }
 
 // The copies that waited for `d`: after a success they are duplicates; after
-// a failure the first of them runs (the others wait for it in turn).
-void Consumer::finish_twins(Delivery* d, bool succeeded) {
+// a failure the first of them runs (the others wait for it in turn); if `d`
+// never ran (handed back or dropped), they go back to the broker with it.
+void Consumer::finish_twins(Delivery* d, RunEnd end) {
   if (!d->running_key.empty()) {
     auto it = running_ids_.find(d->running_key);
     if (it != running_ids_.end() && it->second == d) running_ids_.erase(it);
@@ -370,7 +375,7 @@ void Consumer::finish_twins(Delivery* d, bool succeeded) {
   if (d->twins.empty()) return;
   auto twins = std::move(d->twins);
   d->twins.clear();
-  if (succeeded) {
+  if (end == RunEnd::Succeeded) {
     for (auto* t : twins) {
       t->g->m->queue(t->queue).duplicates->inc();
       ack(*t);
@@ -378,7 +383,7 @@ void Consumer::finish_twins(Delivery* d, bool succeeded) {
     return;
   }
   Delivery* next = twins.front();
-  if (state_ != State::Running || !is_live(next)) {
+  if (end == RunEnd::NotRun || state_ != State::Running || !is_live(next)) {
     for (auto* t : twins) {
       if (is_live(t)) link_.nack(t->channel, t->env.delivery_tag, true);
       release(t);
@@ -446,7 +451,8 @@ void Consumer::link_down() {
   for_each_generation([&](Generation& g) {
     for (auto& qc : g.channels) drop_waiting(*qc);
   });
-  for (auto& qc : retired_) drop_waiting(*qc);
+  auto retired = retired_;  // drop_waiting may close and erase some
+  for (auto& qc : retired) drop_waiting(*qc);
   if (state_ == State::Draining) {
     // Nothing can be acked any more; what is unacked is redelivered.
     link_.close();
@@ -469,17 +475,18 @@ void Consumer::drop_waiting(const QueueChannel& qc) {
     for (size_t i = 0; i < g.channels.size(); ++i) {
       for (auto& slot : g.rt->queues[i].slots()) {
         if (slot.waiting.empty()) continue;
+        // Take them out first: releasing one may queue another (a twin).
         std::deque<dispatch::Job*> keep;
+        std::vector<Delivery*> drop;
         for (auto* j : slot.waiting) {
           auto* d = static_cast<Delivery*>(j);
-          if (d->qc.get() != &qc) {
-            keep.push_back(j);
-            continue;
-          }
+          (d->qc.get() == &qc ? drop.push_back(d) : keep.push_back(j));
+        }
+        slot.waiting = std::move(keep);
+        for (auto* d : drop) {
           if (is_live(d)) link_.nack(d->channel, d->env.delivery_tag, true);
           release(d);
         }
-        slot.waiting = std::move(keep);
       }
     }
   });
@@ -547,7 +554,12 @@ void Consumer::stop() {
   for_each_generation([&](Generation& g) {
     for (auto& qc : g.channels) drop_waiting(*qc);
   });
-  for (auto& qc : retired_) drop_waiting(*qc);
+  auto retired = retired_;
+  for (auto& qc : retired) {
+    qc->recover_timer.cancel();
+    drop_waiting(*qc);
+  }
+  link_.stop_recovering();  // a channel lost during the drain is not consumed again
   deadline_timer_.expires_after(config().shutdown_timeout);
   deadline_timer_.async_wait([this](boost::system::error_code ec) {
     if (ec || state_ == State::Stopped) return;
@@ -599,7 +611,7 @@ Delivery* Consumer::acquire() {
 
 void Consumer::release(Delivery* d) {
   // Copies waiting for this one must not be stranded with it.
-  if (!d->twins.empty() || !d->running_key.empty()) finish_twins(d, false);
+  if (!d->twins.empty() || !d->running_key.empty()) finish_twins(d, RunEnd::NotRun);
   if (d->has_env) amqp_destroy_envelope(&d->env);
   d->has_env = false;
   d->slot = nullptr;

@@ -98,7 +98,8 @@ class Consumer final : LinkEvents, settle::Outbox {
   void start_job(Delivery* d);
   void start_waiting(dispatch::HandlerSlot& slot);
   void on_finished(Delivery* d, dispatch::Outcome outcome);
-  void finish_twins(Delivery* d, bool succeeded);
+  enum class RunEnd { Succeeded, Failed, NotRun };
+  void finish_twins(Delivery* d, RunEnd end);
   bool is_live(const Delivery* d) const;
   void remember_success(const Delivery* d);
   void drop_waiting(const QueueChannel& qc);

@@ -98,6 +98,7 @@ bool FrameReader::content(const amqp_frame_t& frame, Done& done) {
   if (frame.frame_type == AMQP_FRAME_HEARTBEAT) return true;
   if (it == partial_.end()) return false;
   Partial& p = it->second;
+  p.started = std::chrono::steady_clock::now();  // progress: the stall clock starts again
   if (frame.frame_type == AMQP_FRAME_HEADER) {
     if (p.have_header) return false;
     p.have_header = true;

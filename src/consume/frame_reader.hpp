@@ -36,7 +36,7 @@ class FrameReader {
   bool content(const amqp_frame_t& frame, Done& done);
   // The channel is gone: drop what was being read on it.
   void forget(amqp_channel_t ch);
-  // Some message has been incomplete for longer than `limit`.
+  // Some message has had no frame for longer than `limit`.
   bool stalled(std::chrono::milliseconds limit) const;
   size_t assembling() const { return partial_.size(); }
 
@@ -49,7 +49,7 @@ class FrameReader {
     uint64_t received = 0;
     size_t keep = 0;
     std::string routing_key;
-    std::chrono::steady_clock::time_point started;
+    std::chrono::steady_clock::time_point started;  // its last frame
   };
   static void destroy(Partial& p);
   std::map<amqp_channel_t, Partial> partial_;

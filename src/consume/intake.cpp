@@ -1,5 +1,7 @@
 #include "consume/intake.hpp"
 
+#include <algorithm>
+
 namespace er::consume {
 
 Decision decide(const IntakeInput& in, const config::QueueConfig& q, dispatch::QueueRouter& router,
@@ -7,12 +9,14 @@ Decision decide(const IntakeInput& in, const config::QueueConfig& q, dispatch::Q
                 event::Envelope& envelope, std::string& detail) {
   Decision d;
   d.kind = Decision::Kind::DeadLetter;
-  if (in.body_size > q.max_message_bytes) {
+  // A body kept only in part (over the limit in force when it arrived, which
+  // a reload may have raised since) is never taken for the whole.
+  if (in.body_size > q.max_message_bytes || in.body.len < in.body_size) {
     envelope.clear();
     // Only the first max_message_bytes were kept: the copy carries those.
     detail = "body of " + std::to_string(in.body_size) + " bytes exceeds max_message_bytes " +
-             std::to_string(q.max_message_bytes) + "; this copy keeps its first " + std::to_string(in.body.len) +
-             " bytes";
+             std::to_string(std::min<uint64_t>(q.max_message_bytes, in.body.len)) + "; this copy keeps its first " +
+             std::to_string(in.body.len) + " bytes";
     d.reason = "too_large";
     return d;
   }

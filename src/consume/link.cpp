@@ -245,7 +245,7 @@ void BrokerLink::schedule_reconnect(const std::string& why) {
 }
 
 void BrokerLink::open_queue(const std::shared_ptr<QueueChannel>& qc) {
-  if (!conn_ || qc->retired) return;
+  if (!conn_ || qc->retired || !recovering_) return;
   const uint64_t id = connection_id_;
   amqp_connection_state_t c = conn_->get();
   amqp_channel_t ch = next_channel();
@@ -278,6 +278,7 @@ void BrokerLink::open_queue(const std::shared_ptr<QueueChannel>& qc) {
   by_channel_[ch] = qc;
   log::info("consuming", {{"queue", qc->name}, {"prefetch", std::to_string(qc->prefetch)},
                           {"channel", std::to_string(ch)}});
+  kick();
 }
 
 void BrokerLink::cancel_consumer(QueueChannel& qc) {
@@ -297,7 +298,11 @@ void BrokerLink::close_queue(QueueChannel& qc) {
   drop_channel(qc);
   if (!conn_) return;
   amqp_rpc_reply_t r = amqp_channel_close(conn_->get(), ch, AMQP_REPLY_SUCCESS);
-  if (r.reply_type != AMQP_RESPONSE_NORMAL) lost(amqp::describe_reply(r, "closing channel " + std::to_string(ch)));
+  if (r.reply_type != AMQP_RESPONSE_NORMAL) {
+    lost(amqp::describe_reply(r, "closing channel " + std::to_string(ch)));
+    return;
+  }
+  kick();
 }
 
 // Forget the channel: results of its deliveries are stale from now on.
@@ -314,7 +319,7 @@ void BrokerLink::drop_channel(QueueChannel& qc) {
 // The broker closed one queue's channel or cancelled its consumer: the other
 // queues keep flowing while this one is declared again and re-consumed, with backoff.
 void BrokerLink::recover_later(const std::shared_ptr<QueueChannel>& qc, const std::string& why) {
-  if (qc->retired || closing_) return;
+  if (qc->retired || closing_ || !recovering_) return;
   const auto& b = cfg_->broker;
   qc->backoff = next_backoff(qc->backoff, b.reconnect_initial, b.reconnect_max);
   log::error("queue channel lost, recovering",
@@ -355,19 +360,38 @@ void BrokerLink::recover_later(const std::shared_ptr<QueueChannel>& qc, const st
   });
 }
 
+// On a channel of its own: a refusal (NOT_FOUND for a queue whose node is
+// down) closes that channel only, never the confirm channel and its copies.
 void BrokerLink::declare_queue(const config::QueueConfig& q) {
+  amqp_channel_t ch = next_channel();
+  if (ch == 0) throw amqp::AmqpError("out of channel numbers; reconnecting");
+  conn_->open_channel(ch);
   try {
-    amqp::declare_queue(*conn_, publish_channel_, *cfg_, q);
+    amqp::declare_queue(*conn_, ch, *cfg_, q);
   } catch (const amqp::AmqpError& e) {
     if (e.channel_closed() && conn_) {
-      // The declare channel is also the confirm channel: start a fresh one.
       amqp_channel_close_ok_t ok{};
-      amqp_send_method(conn_->get(), publish_channel_, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
-      fail_pending(CopyResult::Refused);
-      open_publish_channel();
+      amqp_send_method(conn_->get(), ch, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
     }
+    kick();
     throw;
   }
+  amqp::check_reply(amqp_channel_close(conn_->get(), ch, AMQP_REPLY_SUCCESS), "closing a declare channel");
+  kick();
+}
+
+// RPCs outside pump() may have queued frames inside rabbitmq-c, which do not
+// make the socket readable again: read them on the next turn.
+void BrokerLink::kick() {
+  if (kicked_ || !conn_) return;
+  kicked_ = true;
+  std::weak_ptr<bool> alive = alive_;
+  const uint64_t id = connection_id_;
+  asio::post(io_, [this, alive, id] {
+    if (alive.expired()) return;
+    kicked_ = false;
+    if (id == connection_id_) pump();
+  });
 }
 
 bool BrokerLink::ack(amqp_channel_t ch, uint64_t tag) {
@@ -509,12 +533,13 @@ void BrokerLink::arm_heartbeat() {
   heartbeat_timer_.expires_after(period);
   heartbeat_timer_.async_wait([this, id](boost::system::error_code ec) {
     if (ec || id != connection_id_ || !conn_) return;
+    pump();  // what has arrived counts as progress
+    if (id != connection_id_ || !conn_) return;
     if (reader_.stalled(cfg_->broker.rpc_timeout)) {
       lost("a message's frames stopped arriving for longer than rpc_timeout");
       return;
     }
-    pump();
-    if (id == connection_id_ && conn_) arm_heartbeat();
+    arm_heartbeat();
   });
 }
 
@@ -550,7 +575,10 @@ void BrokerLink::on_frame(const amqp_frame_t& frame) {
     // Content of a message being assembled (deliveries and returns).
     FrameReader::Done done;
     if (!reader_.content(frame, done)) {
-      lost("the broker sent content that does not follow a message");
+      // The rest of a message on a channel we closed meanwhile: nothing to read.
+      bool ours = frame.channel == publish_channel_ ||
+                  (frame.channel < by_channel_.size() && by_channel_[frame.channel]);
+      if (ours) lost("the broker sent content that does not follow a message");
       return;
     }
     if (done.kind == FrameReader::Kind::Delivery) {
@@ -623,12 +651,20 @@ void BrokerLink::on_frame(const amqp_frame_t& frame) {
         // A copy the broker refused (406 and such) closed the confirm
         // channel: every copy on it is refused; the link carries on.
         log::error("the broker closed the publish channel", {{"reason", why}});
-        fail_pending(CopyResult::Refused);
+        // A new confirm channel first: the refused copies' callbacks may
+        // publish again (a plain copy) and must not use the closed one.
+        auto refused = std::move(pending_);
+        pending_.clear();
         try {
-          if (conn_) open_publish_channel();
+          open_publish_channel();
         } catch (const amqp::AmqpError& e) {
+          for (auto& kv : refused) kv.second.done(CopyResult::Lost);
           lost(e.what());
+          return;
         }
+        const uint64_t id = connection_id_;
+        for (auto& kv : refused) kv.second.done(id == connection_id_ ? CopyResult::Refused : CopyResult::Lost);
+        kick();
       }
       break;
     }
@@ -675,20 +711,34 @@ void BrokerLink::on_return(const FrameReader::Done& done) {
   const std::string& target = done.routing_key;
   for (auto& kv : pending_)
     if (kv.second.routing_key == target) kv.second.returned = true;
-  log::error("the broker could not route a copy; declaring the queues again", {{"target", target}});
-  const uint64_t id = connection_id_;
+  // The queue that owns the target (its DLQ or a delay queue) is declared
+  // again once, after this turn, not once per returned copy.
+  std::string owner;
   for (const auto& q : cfg_->queues) {
-    try {
-      declare_queue(q);
-    } catch (const amqp::AmqpError& e) {
-      if (id != connection_id_ || !conn_) return;
-      if (!e.channel_closed()) {
-        lost(e.what());
-        return;
-      }
-      log::error("cannot declare a queue now", {{"queue", q.name}, {"reason", e.what()}});
-    }
+    if (q.dead_letter_queue == target || target.rfind(q.name + ".retry.", 0) == 0) owner = q.name;
   }
+  log::error("the broker could not route a copy; declaring its queue again", {{"target", target}, {"queue", owner}});
+  if (owner.empty() || !redeclare_.insert(owner).second) return;
+  std::weak_ptr<bool> alive = alive_;
+  const uint64_t id = connection_id_;
+  asio::post(io_, [this, alive, id, owner] {
+    if (alive.expired()) return;
+    redeclare_.erase(owner);
+    if (id != connection_id_ || !conn_) return;
+    for (const auto& q : cfg_->queues) {
+      if (q.name != owner) continue;
+      try {
+        declare_queue(q);
+      } catch (const amqp::AmqpError& e) {
+        if (id != connection_id_ || !conn_) return;
+        if (!e.channel_closed()) {
+          lost(e.what());
+          return;
+        }
+        log::error("cannot declare a queue now", {{"queue", q.name}, {"reason", e.what()}});
+      }
+    }
+  });
 }
 
 }  // namespace er::consume

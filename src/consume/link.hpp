@@ -13,6 +13,7 @@
 #include <atomic>
 #include <deque>
 #include <map>
+#include <set>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -99,8 +100,10 @@ class BrokerLink {
   void publish(std::string routing_key, const amqp_basic_properties_t* props, amqp_bytes_t body, CopyDone done);
   size_t held_copies() const { return held_.size(); }
 
-  // Re-runs the queue's declare (after a reload that added it); throws amqp::AmqpError.
+  // Re-runs the queue's declare on a channel of its own; throws amqp::AmqpError.
   void declare_queue(const config::QueueConfig& q);
+  // Draining: no consumer is started or recovered any more.
+  void stop_recovering() { recovering_ = false; }
 
  private:
   struct Pending {
@@ -131,6 +134,7 @@ class BrokerLink {
   void on_confirm(uint64_t tag, bool multiple, bool acked);
   void fail_pending(CopyResult result);
   void send_now(Held h);
+  void kick();
   amqp_channel_t next_channel();
 
   boost::asio::io_context& io_;
@@ -159,6 +163,9 @@ class BrokerLink {
   std::mt19937 rng_{std::random_device{}()};
   std::thread connector_;  // opens connections: login and declares never hold the loop
   bool connecting_ = false;
+  bool recovering_ = true;
+  bool kicked_ = false;                     // a pump() is posted
+  std::set<std::string> redeclare_;         // queues to declare again after a returned copy
   std::vector<std::shared_ptr<QueueChannel>> opening_;  // the consumers the connector starts
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);  // guards posted continuations
 };
