@@ -109,6 +109,10 @@ int run(const Options& opts) {
   asio::steady_timer status_timer(io);
   asio::steady_timer watchdog_timer(io);
   bool stopping = false;
+  // Set when the consumer stopped. A timer that had already fired when it was
+  // cancelled still runs its handler: that must not arm it again, or io.run()
+  // would never return.
+  bool stopped = false;
 
   auto status_line = [&] {
     const auto& st = session.stats();
@@ -126,7 +130,7 @@ int run(const Options& opts) {
   std::function<void()> tick_status = [&] {
     status_timer.expires_after(std::chrono::seconds(5));
     status_timer.async_wait([&](boost::system::error_code ec) {
-      if (ec || stopping) return;
+      if (ec || stopping || stopped) return;
       notifier.send(status_line());
       tick_status();
     });
@@ -138,7 +142,7 @@ int run(const Options& opts) {
     if (!period) return;
     watchdog_timer.expires_after(*period);
     watchdog_timer.async_wait([&](boost::system::error_code ec) {
-      if (ec) return;
+      if (ec || stopped) return;
       notifier.send("WATCHDOG=1");
       tick_watchdog();
     });
@@ -155,7 +159,7 @@ int run(const Options& opts) {
   std::function<void()> wait_signal;
   wait_signal = [&] {
     signals.async_wait([&](boost::system::error_code ec, int sig) {
-      if (ec) return;
+      if (ec || stopped) return;
       if (sig == SIGHUP) {
         if (!stopping) reload();
         wait_signal();
@@ -184,6 +188,7 @@ int run(const Options& opts) {
         ready_sent = true;
       },
       [&] {
+        stopped = true;
         signals.cancel();
         reaper.stop();
         status_timer.cancel();

@@ -241,6 +241,9 @@ class ExecHandler final : public Handler {
   std::vector<char*> envp_;
   std::vector<std::shared_ptr<Run>> runs_;
   std::vector<std::unique_ptr<Buffers>> spare_buffers_;
+  // Cancelled operations still call back after ~ExecHandler (a reload frees
+  // a handler with its last event): their callbacks check this first.
+  std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
 };
 
 ExecHandler::ExecHandler(const config::HandlerConfig& cfg, asio::io_context& io)
@@ -297,6 +300,7 @@ ExecHandler::ExecHandler(const config::HandlerConfig& cfg, asio::io_context& io)
 
 ExecHandler::~ExecHandler() {
   abort_all();  // never leave children (or zombies) behind
+  alive_.reset();
   posix_spawnattr_destroy(&attr_);
 }
 
@@ -439,7 +443,9 @@ void ExecHandler::start(Job& job) {
 void ExecHandler::read_more(const std::shared_ptr<Run>& run, bool is_err) {
   Stream& s = is_err ? run->err : run->out;
   s.sd.async_read_some(asio::buffer(s.buf + s.have, kReadBuf - s.have),
-                       [this, run, is_err](const error_code& ec, size_t n) { on_read(run, is_err, ec, n); });
+                       [this, run, is_err, alive = std::weak_ptr<bool>(alive_)](const error_code& ec, size_t n) {
+                         if (!alive.expired()) on_read(run, is_err, ec, n);
+                       });
 }
 
 void ExecHandler::on_read(const std::shared_ptr<Run>& run, bool is_err, const error_code& ec, size_t n) {
@@ -535,7 +541,9 @@ void ExecHandler::end_stream(Run& run, bool is_err) {
 
 void ExecHandler::wait_exit(const std::shared_ptr<Run>& run) {
   run->pidfd.async_wait(asio::posix::descriptor_base::wait_read,
-                        [this, run](const error_code& ec) { on_exit(run, ec); });
+                        [this, run, alive = std::weak_ptr<bool>(alive_)](const error_code& ec) {
+                          if (!alive.expired()) on_exit(run, ec);
+                        });
 }
 
 void ExecHandler::on_exit(const std::shared_ptr<Run>& run, const error_code& ec) {
@@ -581,7 +589,9 @@ void ExecHandler::on_exit(const std::shared_ptr<Run>& run, const error_code& ec)
 void ExecHandler::arm_timer(const std::shared_ptr<Run>& run, std::chrono::milliseconds after) {
   unsigned gen = ++run->timer_gen;
   run->timer.expires_after(after);
-  run->timer.async_wait([this, run, gen](const error_code& ec) { on_timer(run, gen, ec); });
+  run->timer.async_wait([this, run, gen, alive = std::weak_ptr<bool>(alive_)](const error_code& ec) {
+    if (!alive.expired()) on_timer(run, gen, ec);
+  });
 }
 
 void ExecHandler::signal_group(Run& run, int sig) {
@@ -731,6 +741,7 @@ OrphanReaper::OrphanReaper(boost::asio::io_context& io) : sigchld_(io, SIGCHLD) 
 }
 
 void OrphanReaper::stop() {
+  stopped_ = true;  // a SIGCHLD already queued must not wait again
   std::lock_guard<std::mutex> lock(children().mu);
   children().reaper = false;
   error_code ignored;
@@ -739,7 +750,7 @@ void OrphanReaper::stop() {
 
 void OrphanReaper::wait() {
   sigchld_.async_wait([this](const error_code& ec, int) {
-    if (ec) return;
+    if (ec || stopped_) return;
     reap_orphans();
     wait();
   });

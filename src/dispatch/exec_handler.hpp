@@ -43,6 +43,7 @@ class OrphanReaper {
  private:
   void wait();
   boost::asio::signal_set sigchld_;
+  bool stopped_ = false;
 };
 
 }  // namespace er::dispatch
