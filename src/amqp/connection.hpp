@@ -92,6 +92,17 @@ class Connection {
   bool closed_ = false;
 };
 
+// Answers the broker's channel.close / connection.close (the peer waits for
+// it). The send's status is not checked: the link is being torn down anyway.
+inline void reply_channel_close_ok(amqp_connection_state_t c, amqp_channel_t ch) {
+  amqp_channel_close_ok_t ok{};
+  amqp_send_method(c, ch, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+}
+inline void reply_connection_close_ok(amqp_connection_state_t c) {
+  amqp_connection_close_ok_t ok{};
+  amqp_send_method(c, 0, AMQP_CONNECTION_CLOSE_OK_METHOD, &ok);
+}
+
 inline amqp_bytes_t bytes(std::string_view s) {
   return amqp_bytes_t{s.size(), const_cast<char*>(s.data())};
 }

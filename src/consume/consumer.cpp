@@ -16,7 +16,6 @@ using std::chrono::steady_clock;
 
 namespace {
 constexpr auto kHandBackPause = std::chrono::seconds(5);
-std::string_view sv(amqp_bytes_t b) { return amqp::view(b); }
 }  // namespace
 
 // One in-flight event. Owns the envelope the link assembled (body and
@@ -223,12 +222,12 @@ void Consumer::delivery(QueueChannel& qc, amqp_envelope_t& env, uint64_t body_si
   // A retry copy comes back through the default exchange: its headers say
   // which attempt it is and where it was first published, and are believed
   // only when our signature over them and the body verifies.
-  settle::DeliveryHistory history = settle::read_history(props, sv(d->env.message.body), *g.signer);
-  std::string_view rk = history.has_original ? history.original_routing_key : sv(d->env.routing_key);
+  settle::DeliveryHistory history = settle::read_history(props, amqp::view(d->env.message.body), *g.signer);
+  std::string_view rk = history.has_original ? history.original_routing_key : amqp::view(d->env.routing_key);
   auto& v = d->view_;
-  v.body = sv(d->env.message.body);
+  v.body = amqp::view(d->env.message.body);
   v.routing_key = rk;
-  v.exchange = history.has_original ? history.original_exchange : sv(d->env.exchange);
+  v.exchange = history.has_original ? history.original_exchange : amqp::view(d->env.exchange);
   v.queue = qcfg.name;
   v.envelope = &d->envelope;
   v.attempt = history.attempt;

@@ -19,8 +19,6 @@ namespace {
 // /healthz, handler I/O) get theirs.
 constexpr int kFramesPerTurn = 256;
 
-std::string_view sv(amqp_bytes_t b) { return amqp::view(b); }
-
 milliseconds next_backoff(milliseconds current, milliseconds initial, milliseconds max) {
   return current.count() == 0 ? initial : std::min(current * 2, max);
 }
@@ -64,6 +62,25 @@ struct BrokerLink::Opening {
 };
 
 namespace {
+// Both used by the connector thread and by the loop. Throw amqp::AmqpError.
+void open_confirm_channel(amqp::Connection& conn, amqp_channel_t ch) {
+  conn.open_channel(ch);
+  amqp_confirm_select(conn.get(), ch);
+  amqp::check_reply(amqp_get_rpc_reply(conn.get()), "enabling publisher confirms");
+}
+
+// Opens `ch`, sets its prefetch (basic.qos applies only to consumers started
+// after it) and consumes `queue`. Returns the consumer tag.
+std::string start_consumer(amqp::Connection& conn, amqp_channel_t ch, const std::string& queue, uint16_t prefetch) {
+  amqp_connection_state_t c = conn.get();
+  conn.open_channel(ch);
+  amqp_basic_qos(c, ch, 0, prefetch, 0);
+  amqp::check_reply(amqp_get_rpc_reply(c), "setting prefetch on queue '" + queue + "'");
+  auto* ok = amqp_basic_consume(c, ch, amqp::bytes(queue), amqp_empty_bytes, 0, /*no_ack*/ 0, 0, amqp_empty_table);
+  amqp::check_reply(amqp_get_rpc_reply(c), "consuming queue '" + queue + "'");
+  return std::string(amqp::view(ok->consumer_tag));
+}
+
 // Connects, declares the exchange and every queue, and starts the wanted
 // consumers. A queue the broker cannot declare now (NOT_FOUND: its home node
 // is down) is left to its consumer's recovery; only refusals a retry cannot
@@ -86,14 +103,8 @@ void open_connection(O& o) {
   };
   auto open_publish = [&] {
     amqp_channel_t ch = next();
-    conn.open_channel(ch);
-    amqp_confirm_select(c, ch);
-    amqp::check_reply(amqp_get_rpc_reply(c), "enabling publisher confirms");
+    open_confirm_channel(conn, ch);
     o.publish_channel = ch;
-  };
-  auto close_ok = [&](amqp_channel_t ch) {
-    amqp_channel_close_ok_t ok{};
-    amqp_send_method(c, ch, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
   };
   try {
     open_publish();
@@ -104,7 +115,7 @@ void open_connection(O& o) {
       } catch (const amqp::AmqpError& e) {
         if (e.permanent() || !e.channel_closed()) throw;
         log::error("cannot declare a queue now; its consumer retries", {{"queue", q.name}, {"reason", e.what()}});
-        close_ok(o.publish_channel);
+        amqp::reply_channel_close_ok(c, o.publish_channel);
         open_publish();
       }
     }
@@ -112,17 +123,11 @@ void open_connection(O& o) {
       typename O::Started s;
       amqp_channel_t ch = next();
       try {
-        conn.open_channel(ch);
-        amqp_basic_qos(c, ch, 0, prefetch, 0);
-        amqp::check_reply(amqp_get_rpc_reply(c), "setting prefetch on queue '" + name + "'");
-        auto* ok = amqp_basic_consume(c, ch, amqp::bytes(name), amqp_empty_bytes, 0, /*no_ack*/ 0, 0,
-                                      amqp_empty_table);
-        amqp::check_reply(amqp_get_rpc_reply(c), "consuming queue '" + name + "'");
+        s.tag = start_consumer(conn, ch, name, prefetch);
         s.channel = ch;
-        s.tag = std::string(sv(ok->consumer_tag));
       } catch (const amqp::AmqpError& e) {
         if (e.permanent() || !e.channel_closed()) throw;
-        close_ok(ch);
+        amqp::reply_channel_close_ok(c, ch);
         s.error = e.what();
       }
       o.started.push_back(std::move(s));
@@ -215,9 +220,7 @@ void BrokerLink::connected(std::shared_ptr<Opening> o) {
 void BrokerLink::open_publish_channel() {
   amqp_channel_t ch = next_channel();
   if (ch == 0) throw amqp::AmqpError("out of channel numbers; reconnecting");
-  conn_->open_channel(ch);
-  amqp_confirm_select(conn_->get(), ch);
-  amqp::check_reply(amqp_get_rpc_reply(conn_->get()), "enabling publisher confirms");
+  open_confirm_channel(*conn_, ch);
   publish_channel_ = ch;
   next_seq_ = 1;
 }
@@ -245,7 +248,7 @@ void BrokerLink::schedule_reconnect(const std::string& why) {
 }
 
 void BrokerLink::open_queue(const std::shared_ptr<QueueChannel>& qc) {
-  if (!conn_ || qc->retired || !recovering_) return;
+  if (!conn_ || qc->retired || draining_) return;
   const uint64_t id = connection_id_;
   amqp_connection_state_t c = conn_->get();
   amqp_channel_t ch = next_channel();
@@ -254,26 +257,18 @@ void BrokerLink::open_queue(const std::shared_ptr<QueueChannel>& qc) {
     return;
   }
   try {
-    conn_->open_channel(ch);
-    qc->channel = ch;  // so that a refusal below closes this channel
-    amqp_basic_qos(c, ch, 0, qc->prefetch, 0);
-    amqp::check_reply(amqp_get_rpc_reply(c), "setting prefetch on queue '" + qc->name + "'");
-    auto* ok = amqp_basic_consume(c, ch, amqp::bytes(qc->name), amqp_empty_bytes, 0, /*no_ack*/ 0, 0,
-                                  amqp_empty_table);
-    amqp::check_reply(amqp_get_rpc_reply(c), "consuming queue '" + qc->name + "'");
-    qc->consumer_tag = std::string(sv(ok->consumer_tag));
+    qc->consumer_tag = start_consumer(*conn_, ch, qc->name, qc->prefetch);
   } catch (const amqp::AmqpError& e) {
     if (id != connection_id_ || !conn_) return;
     if (!e.channel_closed()) {
       lost(e.what());
       return;
     }
-    amqp_channel_close_ok_t ok{};
-    amqp_send_method(c, ch, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
-    qc->channel = 0;
+    amqp::reply_channel_close_ok(c, ch);
     recover_later(qc, e.what());
     return;
   }
+  qc->channel = ch;
   qc->consuming = true;
   by_channel_[ch] = qc;
   log::info("consuming", {{"queue", qc->name}, {"prefetch", std::to_string(qc->prefetch)},
@@ -319,7 +314,7 @@ void BrokerLink::drop_channel(QueueChannel& qc) {
 // The broker closed one queue's channel or cancelled its consumer: the other
 // queues keep flowing while this one is declared again and re-consumed, with backoff.
 void BrokerLink::recover_later(const std::shared_ptr<QueueChannel>& qc, const std::string& why) {
-  if (qc->retired || closing_ || !recovering_) return;
+  if (qc->retired || closing_ || draining_) return;
   const auto& b = cfg_->broker;
   qc->backoff = next_backoff(qc->backoff, b.reconnect_initial, b.reconnect_max);
   log::error("queue channel lost, recovering",
@@ -370,8 +365,7 @@ void BrokerLink::declare_queue(const config::QueueConfig& q) {
     amqp::declare_queue(*conn_, ch, *cfg_, q);
   } catch (const amqp::AmqpError& e) {
     if (e.channel_closed() && conn_) {
-      amqp_channel_close_ok_t ok{};
-      amqp_send_method(conn_->get(), ch, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+      amqp::reply_channel_close_ok(conn_->get(), ch);
     }
     kick();
     throw;
@@ -639,9 +633,8 @@ void BrokerLink::on_frame(const amqp_frame_t& frame) {
     }
     case AMQP_CHANNEL_CLOSE_METHOD: {
       auto* m = static_cast<amqp_channel_close_t*>(frame.payload.method.decoded);
-      std::string why = "the broker closed channel " + std::to_string(ch) + ": " + std::string(sv(m->reply_text));
-      amqp_channel_close_ok_t ok{};
-      amqp_send_method(c, ch, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+      std::string why = "the broker closed channel " + std::to_string(ch) + ": " + std::string(amqp::view(m->reply_text));
+      amqp::reply_channel_close_ok(c, ch);
       reader_.forget(ch);
       if (qc) {
         drop_channel(*qc);
@@ -670,9 +663,8 @@ void BrokerLink::on_frame(const amqp_frame_t& frame) {
     }
     case AMQP_CONNECTION_CLOSE_METHOD: {
       auto* m = static_cast<amqp_connection_close_t*>(frame.payload.method.decoded);
-      std::string why = "the broker closed the connection: " + std::string(sv(m->reply_text));
-      amqp_connection_close_ok_t ok{};
-      amqp_send_method(c, 0, AMQP_CONNECTION_CLOSE_OK_METHOD, &ok);
+      std::string why = "the broker closed the connection: " + std::string(amqp::view(m->reply_text));
+      amqp::reply_connection_close_ok(c);
       lost(why);
       break;
     }
@@ -680,7 +672,7 @@ void BrokerLink::on_frame(const amqp_frame_t& frame) {
       auto* m = static_cast<amqp_connection_blocked_t*>(frame.payload.method.decoded);
       blocked_ = true;
       log::warn("the broker blocked publishing (resource alarm); copies wait, consuming goes on",
-                {{"reason", sv(m->reason)}});
+                {{"reason", amqp::view(m->reason)}});
       break;
     }
     case AMQP_CONNECTION_UNBLOCKED_METHOD: {

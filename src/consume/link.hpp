@@ -103,7 +103,7 @@ class BrokerLink {
   // Re-runs the queue's declare on a channel of its own; throws amqp::AmqpError.
   void declare_queue(const config::QueueConfig& q);
   // Draining: no consumer is started or recovered any more.
-  void stop_recovering() { recovering_ = false; }
+  void stop_recovering() { draining_ = true; }
 
  private:
   struct Pending {
@@ -163,7 +163,7 @@ class BrokerLink {
   std::mt19937 rng_{std::random_device{}()};
   std::thread connector_;  // opens connections: login and declares never hold the loop
   bool connecting_ = false;
-  bool recovering_ = true;
+  bool draining_ = false;                   // stop_recovering() was called
   bool kicked_ = false;                     // a pump() is posted
   std::set<std::string> redeclare_;         // queues to declare again after a returned copy
   std::vector<std::shared_ptr<QueueChannel>> opening_;  // the consumers the connector starts

@@ -288,16 +288,14 @@ class Publisher {
       case AMQP_CHANNEL_CLOSE_METHOD: {
         auto* m = static_cast<amqp_channel_close_t*>(frame.payload.method.decoded);
         std::string why = "the broker closed the channel: " + std::string(view(m->reply_text));
-        amqp_channel_close_ok_t ok{};
-        amqp_send_method(c, frame.channel, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+        amqp::reply_channel_close_ok(c, frame.channel);
         fail_pending(why);
         break;
       }
       case AMQP_CONNECTION_CLOSE_METHOD: {
         auto* m = static_cast<amqp_connection_close_t*>(frame.payload.method.decoded);
         std::string why = "the broker closed the connection: " + std::string(view(m->reply_text));
-        amqp_connection_close_ok_t ok{};
-        amqp_send_method(c, 0, AMQP_CONNECTION_CLOSE_OK_METHOD, &ok);
+        amqp::reply_connection_close_ok(c);
         fail_pending(why);
         break;
       }
