@@ -238,11 +238,11 @@ def orphans_check(daemon, left, escaped):
     for n in os.listdir("/proc"):
         st = proc_stat(int(n)) if n.isdigit() else None
         if st: kids.setdefault(st[1], []).append((int(n), st[0]))
-    todo, zombies = [daemon], []
-    while todo:
-        for c, state in kids.get(todo.pop(), []):
+    pending, zombies = [daemon], []
+    while pending:
+        for c, state in kids.get(pending.pop(), []):
             if state == "Z": zombies.append(c)
-            todo.append(c)
+            pending.append(c)
     if zombies: sys.exit("zombies below the daemon: %r" % zombies)
     print("background process %d killed, adopted process %d reaped, no zombie below the daemon %d"
           % (left, escaped, daemon))
@@ -264,16 +264,16 @@ helper() { AMQP_URL=$AMQP_URL "$PY" "$WORK/helper.py" "$@"; }
 
 # The descendant of $1 named event-router (buildah run -> chroot runtime -> daemon).
 daemon_pid() {
-  local todo=("$1") p f c
-  while [ "${#todo[@]}" -gt 0 ]; do
-    p=${todo[0]}; todo=("${todo[@]:1}")
+  local pending=("$1") p f c
+  while [ "${#pending[@]}" -gt 0 ]; do
+    p=${pending[0]}; pending=("${pending[@]:1}")
     for f in /proc/[0-9]*/stat; do
       read -r c 2>/dev/null < "$f" || continue
       c=${c##*) }; c=${c#* }; c=${c%% *}   # field 4: ppid (after "pid (comm) state")
       [ "$c" = "$p" ] || continue
       f=${f#/proc/}; f=${f%/stat}
       if [ "$(cat /proc/"$f"/comm 2>/dev/null)" = event-router ]; then echo "$f"; return 0; fi
-      todo+=("$f")
+      pending+=("$f")
     done
   done
   return 1

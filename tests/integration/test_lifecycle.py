@@ -422,6 +422,14 @@ class LifecycleTest(NotifyTestBase):
         qd.update(extra)
         return qd
 
+    async def wait_tagged(self, record: str, ids, what: str, timeout: float = 20.0) -> None:
+        """Waits until every id in `ids` is in the record_tag file `record`."""
+        deadline = time.monotonic() + timeout
+        while not set(ids) <= {r[0] for r in read_tags(record)}:
+            if time.monotonic() > deadline:
+                self.fail(what + self._daemon_tail())
+            await asyncio.sleep(0.1)
+
     async def wait_consumers(self, q: str, prefetches: List[int], timeout: float = 15.0):
         deadline = time.monotonic() + timeout
         while True:
@@ -496,11 +504,7 @@ class LifecycleTest(NotifyTestBase):
         ids = ["ok-%02d-%s" % (i, secrets.token_hex(3)) for i in range(5)]
         for eid in ids:
             await self.publish(self.make_event("p.x", event_id=eid))
-        deadline = time.monotonic() + 20
-        while not set(ids) <= {r[0] for r in read_tags(rec_a)}:
-            if time.monotonic() > deadline:
-                self.fail("queue A not consumed while B was refused" + self._daemon_tail())
-            await asyncio.sleep(0.1)
+        await self.wait_tagged(rec_a, ids, "queue A not consumed while B was refused")
         self.assertTrue(d.records("queue channel lost, recovering", queue=qb), d.tail())
         self.assertEqual(d.records("connection lost"), [])
         self.assertTrue(d.running())
@@ -510,11 +514,7 @@ class LifecycleTest(NotifyTestBase):
         later = ["lk-%02d-%s" % (i, secrets.token_hex(3)) for i in range(5)]
         for eid in later:
             await self.publish(self.make_event("l.x", event_id=eid))
-        deadline = time.monotonic() + 20
-        while not set(later) <= {r[0] for r in read_tags(rec_b)}:
-            if time.monotonic() > deadline:
-                self.fail("queue B not consumed after the refusal went away" + self._daemon_tail())
-            await asyncio.sleep(0.1)
+        await self.wait_tagged(rec_b, later, "queue B not consumed after the refusal went away")
         self.assertEqual(d.records("connection lost"), [])
         self.assertEqual(await d.stop(), 0, d.tail())
 

@@ -31,11 +31,11 @@ def descendants(pid: int) -> List[Tuple[int, str]]:
             st = proc_stat(int(name))
             if st:
                 children.setdefault(st[1], []).append((int(name), st[0]))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
+    out, pending = [], [pid]
+    while pending:
+        for child in children.get(pending.pop(), []):
             out.append(child)
-            todo.append(child[0])
+            pending.append(child[0])
     return out
 
 

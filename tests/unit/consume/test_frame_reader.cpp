@@ -48,7 +48,7 @@ TEST_CASE("frame reader: a delivery in pieces, its body cut at `keep`", "[frame_
   r.start_delivery(3, deliver(7), /*keep*/ 8);
   REQUIRE(r.content(header(3, 10, &props), done));
   CHECK(done.kind == FrameReader::Kind::None);
-  mid = "XXX";  // the frame's memory is reused: the delivery must have its own copy
+  mid = "zzz";  // the frame's memory is reused: the delivery must have its own copy
   std::string a = "0123", b = "456789";
   REQUIRE(r.content(body(3, a), done));
   CHECK(done.kind == FrameReader::Kind::None);
