@@ -149,7 +149,7 @@ struct CopyProperties::Input {
 
 CopyProperties::CopyProperties(const amqp_basic_properties_t& original, std::string_view body,
                                const DeadLetterInfo& info, const CopySigner& signer, size_t frame_max) {
-  Input in{original, body, info, &signer, false, 0, 0, {}};
+  Input in{original, body, info, &signer, false, 0, 0, {}, {}};
   in.first_failed = std::string(read_history(original, body, signer).first_failed_at);
   if (!in.first_failed.empty()) in.dropped = earlier_drop(original);
   make(in, frame_max);
@@ -158,7 +158,7 @@ CopyProperties::CopyProperties(const amqp_basic_properties_t& original, std::str
 CopyProperties::CopyProperties(const amqp_basic_properties_t& original, std::string_view body,
                                const DeadLetterInfo& info, uint32_t next_attempt, uint64_t expiration_ms,
                                const CopySigner& signer, size_t frame_max) {
-  Input in{original, body, info, &signer, true, next_attempt, expiration_ms, {}};
+  Input in{original, body, info, &signer, true, next_attempt, expiration_ms, {}, {}};
   in.first_failed = std::string(read_history(original, body, signer).first_failed_at);
   if (!in.first_failed.empty()) in.dropped = earlier_drop(original);
   make(in, frame_max);
