@@ -226,6 +226,10 @@ class Loader {
   [[noreturn]] void fail(const Val& v, const std::string& msg) const {
     fail(v.mark, (v.path.empty() ? "" : v.path + ": ") + msg);
   }
+  std::string where(const YAML::Mark& m) const {
+    return file_ + ":" + std::to_string(m.line + 1) + ":" + std::to_string(m.column + 1) + ": ";
+  }
+  std::vector<std::string> warnings_;
 
   static std::string child_path(const std::string& parent, const std::string& key) {
     return parent.empty() ? key : parent + "." + key;
@@ -415,7 +419,7 @@ Config Loader::load(const std::string& text) {
   if (root.node.Mark().line >= 0) root.mark = root.node.Mark();
   if (!root.node.IsMap())
     fail(root, std::string("expected a mapping at the top level, got ") + describe(root.node));
-  check_keys(root, {"broker", "exchange", "queues", "shutdown_timeout", "workers", "max_message_bytes",
+  check_keys(root, {"broker", "exchange", "queues", "shutdown_timeout", "plugin_threads", "workers", "max_message_bytes",
                     "schemas", "log", "state_dir", "http", "security"});
 
   Config c;
@@ -425,7 +429,15 @@ Config Loader::load(const std::string& text) {
   load_exchange(expect_map(required(root, "exchange")), c.exchange);
 
   if (Val v = child(root, "shutdown_timeout"); v.present) c.shutdown_timeout = duration(v, true);
-  if (Val v = child(root, "workers"); v.present) c.workers = integer(v, 1, 65535);
+  if (Val v = child(root, "plugin_threads"); v.present) c.plugin_threads = static_cast<unsigned>(integer(v, 1, 65535));
+  // `workers:` meant these threads before worker handlers existed.
+  if (Val v = child(root, "workers"); v.present) {
+    if (child(root, "plugin_threads").present)
+      fail(v.key_mark, "'workers' is the old name of 'plugin_threads'; give only 'plugin_threads'");
+    c.plugin_threads = static_cast<unsigned>(integer(v, 1, 65535));
+    warnings_.push_back(where(v.key_mark) + "'workers' is deprecated, it is now called 'plugin_threads' "
+                        "(threads for blocking plugins; worker handlers are 'worker:')");
+  }
   if (Val v = child(root, "max_message_bytes"); v.present) c.max_message_bytes = size_bytes(v);
   if (Val v = child(root, "schemas"); v.present) c.schemas_dir = resolve_dir(v);
   if (Val v = child(root, "state_dir"); v.present) c.state_dir = absolute_in(dir_, nonempty_str(v));
@@ -470,6 +482,7 @@ Config Loader::load(const std::string& text) {
                                     std::to_string(it->second.line + 1) + ")");
     c.queues.push_back(std::move(q));
   }
+  c.warnings = std::move(warnings_);
   return c;
 }
 
@@ -640,8 +653,8 @@ void Loader::load_queue(const Val& v, QueueConfig& q) {
 
 void Loader::load_handler(const Val& v, const QueueConfig& q, HandlerConfig& h) {
   expect_map(v);
-  check_keys(v, {"name", "events", "plugin", "config", "concurrency", "retry", "exec", "timeout",
-                 "kill_grace", "env", "inherit_env"});
+  check_keys(v, {"name", "events", "plugin", "config", "concurrency", "retry", "exec", "worker", "timeout",
+                 "kill_grace", "env", "inherit_env", "processes", "start_timeout", "restart", "emit"});
   h.mark = to_mark(v.mark);
   Val name = required(v, "name");
   h.name = nonempty_str(name);
@@ -664,22 +677,37 @@ void Loader::load_handler(const Val& v, const QueueConfig& q, HandlerConfig& h) 
 
   Val plugin = child(v, "plugin");
   Val exec = child(v, "exec");
-  if (plugin.present && exec.present)
-    fail(exec.key_mark, v.path + ": a handler takes either 'plugin' or 'exec', not both");
-  if (!plugin.present && !exec.present)
-    fail(v, "handler needs either 'plugin' or 'exec'");
+  Val worker = child(v, "worker");
+  int kinds = plugin.present + exec.present + worker.present;
+  if (kinds > 1) {
+    const Val& second = worker.present ? worker : exec;
+    fail(second.key_mark, v.path + ": a handler takes one of 'plugin', 'exec' and 'worker'");
+  }
+  if (kinds == 0) fail(v, "handler needs one of 'plugin', 'exec' and 'worker'");
 
   h.concurrency = q.prefetch;
   if (Val c = child(v, "concurrency"); c.present) h.concurrency = static_cast<unsigned>(integer(c, 1, 65535));
   h.retry = q.retry;
   if (Val r = child(v, "retry"); r.present) load_retry(r, h.retry);
+  if (Val e = child(v, "emit"); e.present) {
+    expect_map(e);
+    check_keys(e, {"style"});
+    if (Val st = child(e, "style"); st.present)
+      h.emit_style = choice<EmitStyle>(st, {{"snake", EmitStyle::Snake}, {"camel", EmitStyle::Camel}},
+                                       {"snake", "camel"});
+  }
 
-  static const char* const kExecOnly[] = {"timeout", "kill_grace", "env", "inherit_env"};
+  static const char* const kProcessOnly[] = {"timeout", "kill_grace", "env", "inherit_env"};
+  static const char* const kWorkerOnly[] = {"processes", "start_timeout", "restart"};
+  if (!worker.present)
+    for (const char* k : kWorkerOnly)
+      if (Val x = child(v, k); x.present)
+        fail(x.key_mark, v.path + ": '" + k + "' only applies to worker handlers");
   if (plugin.present) {
     h.kind = HandlerKind::Plugin;
-    for (const char* k : kExecOnly)
+    for (const char* k : kProcessOnly)
       if (Val x = child(v, k); x.present)
-        fail(x.key_mark, v.path + ": '" + k + "' only applies to exec handlers");
+        fail(x.key_mark, v.path + ": '" + k + "' only applies to exec and worker handlers");
     h.plugin_path = resolve_plugin(plugin);
     if (Val cfg = child(v, "config"); cfg.present && !cfg.node.IsNull()) {
       rapidjson::StringBuffer buf;
@@ -690,15 +718,30 @@ void Loader::load_handler(const Val& v, const QueueConfig& q, HandlerConfig& h) 
     return;
   }
 
-  h.kind = HandlerKind::Exec;
+  h.kind = worker.present ? HandlerKind::Worker : HandlerKind::Exec;
+  const Val& cmd = worker.present ? worker : exec;
   if (Val x = child(v, "config"); x.present)
     fail(x.key_mark, v.path + ": 'config' only applies to plugin handlers");
-  auto args = list(exec, "arguments");
-  if (args.empty()) fail(exec, "the argument list must not be empty");
+  auto args = list(cmd, "arguments");
+  if (args.empty()) fail(cmd, "the argument list must not be empty");
   for (auto& a : args) h.argv.push_back(str(a));
   h.argv[0] = resolve_program(args[0]);
   if (Val t = child(v, "timeout"); t.present) h.timeout = duration(t, false);
   if (Val k = child(v, "kill_grace"); k.present) h.kill_grace = duration(k, true);
+  if (worker.present) {
+    if (Val p = child(v, "processes"); p.present) h.processes = static_cast<unsigned>(integer(p, 1, 256));
+    h.per_process = h.concurrency;
+    h.concurrency = h.processes * h.per_process;
+    if (Val t = child(v, "start_timeout"); t.present) h.start_timeout = duration(t, false);
+    if (Val r = child(v, "restart"); r.present) {
+      expect_map(r);
+      check_keys(r, {"initial", "max"});
+      if (Val i = child(r, "initial"); i.present) h.restart_initial = duration(i, false);
+      if (Val m = child(r, "max"); m.present) h.restart_max = duration(m, false);
+      if (h.restart_max < h.restart_initial)
+        fail(r, "'max' must not be below 'initial'");
+    }
+  }
   if (Val e = child(v, "env"); e.present) {
     expect_map(e);
     check_duplicates(e);

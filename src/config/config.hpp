@@ -67,7 +67,10 @@ struct RetryConfig {
   }
 };
 
-enum class HandlerKind { Plugin, Exec };
+enum class HandlerKind { Plugin, Exec, Worker };
+
+// How the daemon writes the envelope of events a handler emits.
+enum class EmitStyle { Snake, Camel };
 
 struct HandlerConfig {
   std::string name;
@@ -81,12 +84,23 @@ struct HandlerConfig {
   std::string plugin_path;               // absolute, exists
   std::string plugin_config_json = "{}"; // `config:` rendered as JSON
 
-  // exec
+  // exec and worker
   std::vector<std::string> argv;         // argv[0] absolute and executable
-  Duration timeout{std::chrono::seconds(30)};
-  Duration kill_grace{std::chrono::seconds(5)};  // SIGTERM -> SIGKILL on timeout
+  Duration timeout{std::chrono::seconds(30)};    // per event
+  Duration kill_grace{std::chrono::seconds(5)};  // SIGTERM -> SIGKILL on timeout (worker: after end of input)
   std::vector<std::pair<std::string, std::string>> env;
   std::vector<std::string> inherit_env;
+
+  // worker (docs/worker-protocol.md); `concurrency` above is then
+  // processes * per_process, the handler's total.
+  unsigned processes = 1;
+  unsigned per_process = 0;              // `concurrency:` of a worker: events in flight per process
+  Duration start_timeout{std::chrono::seconds(10)};  // spawn to `ready`
+  Duration restart_initial{std::chrono::seconds(1)};  // `restart: {initial, max}` backoff
+  Duration restart_max{std::chrono::seconds(30)};
+
+  // `emit: {style: snake|camel}`: envelopes of follow-up events.
+  EmitStyle emit_style = EmitStyle::Snake;
 };
 
 // One x-argument of a queue declare (x-max-length, x-queue-type, ...).
@@ -147,13 +161,15 @@ struct Config {
   ExchangeConfig exchange;
   std::vector<QueueConfig> queues;
   Duration shutdown_timeout{std::chrono::seconds(30)};
-  unsigned workers = 4;                  // threads for blocking plugin handlers
+  unsigned plugin_threads = 4;           // threads for blocking plugin handlers (formerly `workers:`)
   size_t max_message_bytes = 1024 * 1024;  // top-level default for queues; sizes like 1MiB, 512KiB or bytes
   std::string schemas_dir;               // `schemas:` (absolute; empty = no validation)
   std::string state_dir = "/var/lib/event-router";  // `state_dir:` (dedupe store)
   std::string http_listen;               // `http: {listen: 127.0.0.1:9090}`; empty = no HTTP server
   LogConfig log;
   SecurityConfig security;
+  // Accepted but deprecated spellings and the like, "file:line:column: message".
+  std::vector<std::string> warnings;
 };
 
 // Loads, substitutes ${VAR} / ${VAR:-default}, validates. Throws ConfigError.

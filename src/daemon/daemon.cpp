@@ -41,7 +41,7 @@ int run(const Options& opts) {
   log::set_format(cfg->log.format);
 
   asio::io_context io(1);
-  asio::thread_pool pool(cfg->workers);
+  asio::thread_pool pool(cfg->plugin_threads);
   std::unique_ptr<dispatch::Runtime> rt;
   try {
     rt = dispatch::build_runtime(cfg, io, pool);
@@ -54,7 +54,9 @@ int run(const Options& opts) {
     return 1;
   }
   for (const auto& w : dispatch::plan_warnings(*cfg)) {
-    if (opts.check)
+    if (opts.check && w.rfind(cfg->path + ":", 0) == 0)  // config warnings name their line
+      std::cerr << w << "\n";
+    else if (opts.check)
       std::cerr << cfg->path << ": warning: " << w << "\n";
     else
       log::warn(w, {{"config", cfg->path}});

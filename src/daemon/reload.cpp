@@ -95,7 +95,7 @@ void Reloader::finish(std::shared_ptr<Built> b) {
     const auto& prev = *b->prev;
     const auto& next = *b->cfg;
     if (next.http_listen != prev.http_listen) log::warn("http.listen changed; it applies at the next restart");
-    if (next.workers != prev.workers) log::warn("workers changed; it applies at the next restart");
+    if (next.plugin_threads != prev.plugin_threads) log::warn("plugin_threads changed; it applies at the next restart");
     consumer_.switch_to(std::move(b->rt), {std::move(b->store), std::move(b->signer)});
     log::set_level(next.log.level);
     log::set_format(next.log.format);

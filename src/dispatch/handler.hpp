@@ -7,6 +7,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "event/envelope.hpp"
 
@@ -21,13 +22,17 @@ struct Outcome {
   std::string reason;   // stable code for x-death-reason, e.g. "handler_failed"
   std::string detail;   // human message: exit code and stderr tail, plugin's reason...
   std::chrono::milliseconds retry_delay{0};  // plugin's requested minimum delay
+  // Ack only: follow-up events to publish before the ack, each one JSON
+  // object as the handler gave it ({"event_type", "payload", ...}; see
+  // docs/worker-protocol.md, "Emit"). The consumer fills in the envelope.
+  std::vector<std::string> emits;
 
   static Outcome ack() { return {}; }
   static Outcome retry(std::string reason, std::string detail, std::chrono::milliseconds delay = {}) {
-    return {Verdict::Retry, std::move(reason), std::move(detail), delay};
+    return {Verdict::Retry, std::move(reason), std::move(detail), delay, {}};
   }
   static Outcome dead_letter(std::string reason, std::string detail) {
-    return {Verdict::DeadLetter, std::move(reason), std::move(detail), {}};
+    return {Verdict::DeadLetter, std::move(reason), std::move(detail), {}, {}};
   }
 };
 

@@ -123,7 +123,7 @@ Outcome call_plugin(const Instance& inst, const EventView& v) noexcept {
     try {
       return Outcome::retry("handler_failed", "plugin threw an exception");
     } catch (...) {
-      return Outcome{Verdict::Retry, {}, {}, {}};
+      return Outcome{Verdict::Retry, {}, {}, {}, {}};
     }
   }
 }

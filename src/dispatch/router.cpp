@@ -37,8 +37,12 @@ std::unique_ptr<Runtime> build_runtime(std::shared_ptr<const config::Config> cfg
     for (const auto& h : q.handlers) {
       HandlerSlot slot;
       slot.cfg = &h;
-      slot.handler = h.kind == config::HandlerKind::Plugin ? make_plugin_handler(h, io, pool)
-                                                          : make_exec_handler(h, io);
+      switch (h.kind) {
+        case config::HandlerKind::Plugin: slot.handler = make_plugin_handler(h, io, pool); break;
+        case config::HandlerKind::Exec: slot.handler = make_exec_handler(h, io); break;
+        case config::HandlerKind::Worker:
+          throw std::runtime_error("handler '" + h.name + "': worker handlers are not built yet");
+      }
       slot.limit = std::max(1u, std::min(h.concurrency, slot.handler->max_concurrency()));
       router.slots().push_back(std::move(slot));
     }
@@ -51,7 +55,7 @@ std::vector<std::string> plan_warnings(const config::Config& cfg) {
   // RabbitMQ closes the channel of a delivery left unacked longer than its
   // consumer_timeout (30 min by default), which would redeliver the event.
   constexpr auto kAckTimeout = std::chrono::minutes(30);
-  std::vector<std::string> out;
+  std::vector<std::string> out = cfg.warnings;
   bool amqps = std::any_of(cfg.broker.urls.begin(), cfg.broker.urls.end(),
                            [](const std::string& u) { return u.rfind("amqps://", 0) == 0; });
   if (amqps && !cfg.broker.tls.verify_peer)
@@ -62,7 +66,7 @@ std::vector<std::string> plan_warnings(const config::Config& cfg) {
                   "broker, whatever host it was issued to");
   for (const auto& q : cfg.queues) {
     for (const auto& h : q.handlers) {
-      if (h.kind == config::HandlerKind::Exec && h.timeout + h.kill_grace >= kAckTimeout)
+      if (h.kind != config::HandlerKind::Plugin && h.timeout + h.kill_grace >= kAckTimeout)
         out.push_back("handler '" + h.name + "': timeout + kill_grace (" +
                       std::to_string((h.timeout + h.kill_grace).count() / 1000) +
                       "s) is not below the broker's consumer acknowledgement timeout (30 min by default); "
@@ -90,7 +94,7 @@ void print_plan(const Runtime& rt, std::ostream& out) {
       } else {
         // Arguments may carry secrets and --check output reaches the journal
         // (ExecStartPre, ExecReload): the program and the count only.
-        out << "exec " << (h.argv.empty() ? std::string() : h.argv[0]) << " (" << (h.argv.empty() ? 0 : h.argv.size() - 1)
+        out << (h.kind == config::HandlerKind::Worker ? "worker " : "exec ") << (h.argv.empty() ? std::string() : h.argv[0]) << " (" << (h.argv.empty() ? 0 : h.argv.size() - 1)
             << (h.argv.size() == 2 ? " argument)" : " arguments)");
         out << " timeout " << h.timeout.count() << "ms";
       }

@@ -131,7 +131,7 @@ log: {level: debug}
   CHECK(c.exchange.name == "custom.events");
   CHECK(c.exchange.type == "fanout");
   CHECK(c.shutdown_timeout == 0ms);
-  CHECK(c.workers == 8);
+  CHECK(c.plugin_threads == 8);
   CHECK(c.log.level == LogLevel::Debug);
   REQUIRE(c.queues.size() == 2);
 
@@ -195,7 +195,7 @@ queues:
   CHECK(c.broker.heartbeat == 30s);
   CHECK(c.exchange.type == "topic");
   CHECK(c.shutdown_timeout == 30s);
-  CHECK(c.workers == 4);
+  CHECK(c.plugin_threads == 4);
   CHECK(c.log.level == LogLevel::Info);
   REQUIRE(c.queues.size() == 1);
   CHECK(c.queues[0].bindings.empty());
@@ -502,11 +502,15 @@ TEST_CASE("handler kinds: neither, both, misplaced keys", "[config][errors]") {
       "broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues:\n  - name: q\n    handlers:\n"
       "      - name: h\n        events: [a]\n";
   CHECK(error_of(head, tmp.path) ==
-        "t.yaml:6:9: queues[0].handlers[0]: handler needs either 'plugin' or 'exec'");
+        "t.yaml:6:9: queues[0].handlers[0]: handler needs one of 'plugin', 'exec' and 'worker'");
   CHECK(error_of(head + "        plugin: plugins/libp.so\n        exec: [bin/tool]\n", tmp.path) ==
-        "t.yaml:9:9: queues[0].handlers[0]: a handler takes either 'plugin' or 'exec', not both");
+        "t.yaml:9:9: queues[0].handlers[0]: a handler takes one of 'plugin', 'exec' and 'worker'");
+  CHECK(error_of(head + "        exec: [bin/tool]\n        worker: [bin/tool]\n", tmp.path) ==
+        "t.yaml:9:9: queues[0].handlers[0]: a handler takes one of 'plugin', 'exec' and 'worker'");
+  CHECK(error_of(head + "        exec: [bin/tool]\n        processes: 2\n", tmp.path) ==
+        "t.yaml:9:9: queues[0].handlers[0]: 'processes' only applies to worker handlers");
   CHECK(error_of(head + "        plugin: plugins/libp.so\n        timeout: 5s\n", tmp.path) ==
-        "t.yaml:9:9: queues[0].handlers[0]: 'timeout' only applies to exec handlers");
+        "t.yaml:9:9: queues[0].handlers[0]: 'timeout' only applies to exec and worker handlers");
   CHECK(error_of(head + "        exec: [bin/tool]\n        config: {a: 1}\n", tmp.path) ==
         "t.yaml:9:9: queues[0].handlers[0]: 'config' only applies to plugin handlers");
   CHECK(error_of(head + "        exec: []\n", tmp.path) ==
@@ -1181,4 +1185,44 @@ TEST_CASE("security: copy key errors carry the position", "[config][security][er
     CHECK(error_of(head + "security: {copy_key_file: locked.key}\n", d.path) ==
           "t.yaml:4:27: security.copy_key_file: cannot read " + d.path + "/locked.key: Permission denied");
   }
+}
+
+TEST_CASE("worker handlers: processes, per-process concurrency, restart, emit style", "[config]") {
+  TempDir tmp;
+  fs::create_directories(tmp.path + "/bin");
+  { std::ofstream(tmp.path + "/bin/w") << "#!/bin/sh\n"; }
+  fs::permissions(tmp.path + "/bin/w", fs::perms::owner_all);
+  auto c = er::config::load_config_string(
+      "broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues:\n  - name: q\n    prefetch: 20\n    handlers:\n"
+      "      - name: w\n        events: [a]\n        worker: [bin/w, --fast]\n        processes: 3\n"
+      "        concurrency: 4\n        restart: {initial: 2s, max: 1m}\n        emit: {style: camel}\n",
+      "t.yaml", tmp.path);
+  const auto& h = c.queues[0].handlers[0];
+  CHECK(h.kind == er::config::HandlerKind::Worker);
+  CHECK(h.argv == std::vector<std::string>{tmp.path + "/bin/w", "--fast"});
+  CHECK(h.processes == 3);
+  CHECK(h.per_process == 4);
+  CHECK(h.concurrency == 12);
+  CHECK(h.restart_initial == std::chrono::seconds(2));
+  CHECK(h.restart_max == std::chrono::minutes(1));
+  CHECK(h.emit_style == er::config::EmitStyle::Camel);
+  CHECK(error_of("broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues:\n  - name: q\n    handlers:\n"
+                 "      - name: w\n        events: [a]\n        worker: [bin/w]\n"
+                 "        restart: {initial: 2s, max: 1s}\n",
+                 tmp.path) == "t.yaml:9:18: queues[0].handlers[0].restart: 'max' must not be below 'initial'");
+}
+
+TEST_CASE("'workers' is the old name of 'plugin_threads': accepted with a warning", "[config]") {
+  TempDir tmp;
+  auto c = er::config::load_config_string(
+      "broker: {url: 'amqp://h'}\nexchange: {name: ex}\nworkers: 7\nqueues:\n  - name: q\n", "t.yaml", tmp.path);
+  CHECK(c.plugin_threads == 7);
+  REQUIRE(c.warnings.size() == 1);
+  CHECK(c.warnings[0].rfind("t.yaml:3:1: 'workers' is deprecated", 0) == 0);
+  CHECK(error_of("broker: {url: 'amqp://h'}\nexchange: {name: ex}\nplugin_threads: 2\nworkers: 7\nqueues:\n  - name: q\n",
+                 tmp.path) == "t.yaml:4:1: 'workers' is the old name of 'plugin_threads'; give only 'plugin_threads'");
+  auto fresh = er::config::load_config_string(
+      "broker: {url: 'amqp://h'}\nexchange: {name: ex}\nplugin_threads: 3\nqueues:\n  - name: q\n", "t.yaml", tmp.path);
+  CHECK(fresh.plugin_threads == 3);
+  CHECK(fresh.warnings.empty());
 }
