@@ -354,6 +354,10 @@ class Loader {
     }
   }
 
+  Ordering ordering(const Val& v) const {
+    return choice<Ordering>(v, {{"none", Ordering::None}, {"aggregate", Ordering::Aggregate}}, {"none", "aggregate"});
+  }
+
   void load_broker(const Val& v, BrokerConfig& b) const;
   void load_exchange(const Val& v, ExchangeConfig& e) const;
   void load_queue(const Val& v, QueueConfig& q);
@@ -612,7 +616,7 @@ void Loader::load_queue(const Val& v, QueueConfig& q) {
   expect_map(v);
   check_keys(v, {"name", "bindings", "prefetch", "unhandled", "dead_letter_queue", "arguments",
                  "dead_letter_arguments", "dedupe", "retry",
-                 "max_message_bytes", "handlers"});
+                 "max_message_bytes", "handlers", "ordering", "ordering_hold_max"});
   q.mark = to_mark(v.mark);
   q.name = nonempty_str(required(v, "name"));
   if (Val b = child(v, "bindings"); b.present) {
@@ -640,6 +644,12 @@ void Loader::load_queue(const Val& v, QueueConfig& q) {
     if (q.dedupe_ttl < std::chrono::seconds(1)) fail(child(dd, "ttl"), "ttl must be at least 1s");
   }
   if (Val a = child(v, "dead_letter_arguments"); a.present) q.dead_letter_arguments = queue_arguments(a);
+  if (Val o = child(v, "ordering"); o.present) q.ordering = ordering(o);
+  if (Val m = child(v, "ordering_hold_max"); m.present) {
+    q.ordering_hold_max = duration(m, false);
+    if (q.ordering_hold_max < std::chrono::seconds(1) || q.ordering_hold_max > std::chrono::hours(24))
+      fail(m, "ordering_hold_max must be between 1s and 24h (and below the broker's consumer_timeout, 30m by default)");
+  }
   if (Val r = child(v, "retry"); r.present) load_retry(r, q.retry);
   if (Val m = child(v, "max_message_bytes"); m.present) q.max_message_bytes = size_bytes(m);
   if (Val h = child(v, "handlers"); h.present) {
@@ -654,7 +664,7 @@ void Loader::load_queue(const Val& v, QueueConfig& q) {
 void Loader::load_handler(const Val& v, const QueueConfig& q, HandlerConfig& h) {
   expect_map(v);
   check_keys(v, {"name", "events", "plugin", "config", "concurrency", "retry", "exec", "worker", "timeout",
-                 "kill_grace", "env", "inherit_env", "processes", "start_timeout", "restart", "emit"});
+                 "kill_grace", "env", "inherit_env", "processes", "start_timeout", "restart", "emit", "ordering"});
   h.mark = to_mark(v.mark);
   Val name = required(v, "name");
   h.name = nonempty_str(name);
@@ -689,6 +699,8 @@ void Loader::load_handler(const Val& v, const QueueConfig& q, HandlerConfig& h) 
   if (Val c = child(v, "concurrency"); c.present) h.concurrency = static_cast<unsigned>(integer(c, 1, 65535));
   h.retry = q.retry;
   if (Val r = child(v, "retry"); r.present) load_retry(r, h.retry);
+  h.ordering = q.ordering;
+  if (Val o = child(v, "ordering"); o.present) h.ordering = ordering(o);
   if (Val e = child(v, "emit"); e.present) {
     expect_map(e);
     check_keys(e, {"style"});

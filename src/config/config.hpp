@@ -69,6 +69,10 @@ struct RetryConfig {
 
 enum class HandlerKind { Plugin, Exec, Worker };
 
+// `ordering:` (docs/ordering.md). Aggregate: events with the same aggregate
+// id run one at a time, in delivery order; a retry waits in place.
+enum class Ordering { None, Aggregate };
+
 // How the daemon writes the envelope of events a handler emits.
 enum class EmitStyle { Snake, Camel };
 
@@ -79,6 +83,7 @@ struct HandlerConfig {
   HandlerKind kind = HandlerKind::Plugin;
   unsigned concurrency = 0;              // resolved: never 0 after load (default = queue prefetch)
   RetryConfig retry;                     // resolved: the handler's `retry`, else the queue's
+  Ordering ordering = Ordering::None;    // resolved: the handler's `ordering`, else the queue's
 
   // plugin
   std::string plugin_path;               // absolute, exists
@@ -127,6 +132,10 @@ struct QueueConfig {
   RetryConfig retry;                     // `retry:` of the queue (defaults above)
   size_t max_message_bytes = 1024 * 1024;  // resolved: the queue's, else the top-level value
   Duration dedupe_ttl{0};                // `dedupe: {ttl: 24h}`; 0 = off
+  Ordering ordering = Ordering::None;    // the default of its handlers
+  // How old an ordered delivery may get (unacked) and still wait in place
+  // for a retry; past it the event is dead-lettered (ordering_hold_exceeded).
+  Duration ordering_hold_max{std::chrono::minutes(5)};
 
   // Every distinct delay any handler of this queue can wait, ascending: one
   // delay queue per step.

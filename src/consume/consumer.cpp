@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <charconv>
+#include <optional>
 
 #include "consume/intake.hpp"
 #include "util/log.hpp"
@@ -22,7 +23,7 @@ constexpr auto kHandBackPause = std::chrono::seconds(5);
 // properties are not copied again) until it is settled or dropped. Holds its
 // generation and its queue channel, so whatever a callback reaches through it
 // stays alive until it is released.
-struct Delivery final : dispatch::Job, settle::Settling {
+struct Delivery final : dispatch::Job, settle::Settling, InLine {
   Consumer* consumer = nullptr;
   std::shared_ptr<Generation> g;
   std::shared_ptr<QueueChannel> qc;
@@ -40,6 +41,8 @@ struct Delivery final : dispatch::Job, settle::Settling {
   std::vector<Delivery*> twins;           // copies of this event waiting for its outcome
   steady_clock::time_point started;
   steady_clock::time_point published;     // its copy, for the confirm latency
+  std::optional<asio::steady_timer> hold_timer;  // ordered retries wait in place on it
+  bool held = false;
 
   const dispatch::EventView& view() const override { return view_; }
   void finish(dispatch::Outcome outcome) override { consumer->on_finished(this, std::move(outcome)); }
@@ -64,6 +67,22 @@ Consumer::Consumer(asio::io_context& io, std::unique_ptr<dispatch::Runtime> runt
     current_->m->connected->set(ready(reason) ? 1 : 0);
     current_->m->in_flight->set(static_cast<double>(in_flight_));
   });
+  auto& waiting = registry.gauge("event_router_ordering_waiting_events",
+                                 "Events waiting behind an earlier event of their aggregate (ordering: aggregate).",
+                                 {"queue"});
+  auto& longest = registry.gauge("event_router_ordering_longest_wait_seconds",
+                                 "How long the longest-waiting of those events has waited so far.", {"queue"});
+  auto& held = registry.gauge("event_router_ordering_held_events",
+                              "Ordered events holding their delivery unacked while they wait in place for a retry.",
+                              {"queue"});
+  registry.add_collector([this, &waiting, &longest, &held] {
+    const auto now = steady_clock::now();
+    for (const auto& [queue, lines] : lines_) {
+      waiting.with({queue}).set(static_cast<double>(lines.waiting()));
+      longest.with({queue}).set(lines.longest_wait(now).count());
+      held.with({queue}).set(static_cast<double>(lines.held));
+    }
+  });
 }
 
 Consumer::~Consumer() { *alive_ = false; }
@@ -79,6 +98,8 @@ std::shared_ptr<Generation> Consumer::make_generation(std::unique_ptr<dispatch::
   for (size_t i = 0; i < g->cfg->queues.size(); ++i) {
     const auto& q = g->cfg->queues[i];
     g->steps.push_back(settle::retry_steps(q));
+    for (const auto& h : q.handlers)
+      if (h.ordering == config::Ordering::Aggregate) lines_.try_emplace(q.name);  // its gauges show from the start
     std::shared_ptr<QueueChannel> qc;
     if (current_) {
       for (auto& c : current_->channels)
@@ -293,6 +314,17 @@ void Consumer::delivery(QueueChannel& qc, amqp_envelope_t& env, uint64_t body_si
     }
     d->running_key = it->first;
   }
+  schedule(d);
+}
+
+// ordering: aggregate: an event runs only when it is first in its aggregate's
+// line; without an aggregate id it runs unordered.
+void Consumer::schedule(Delivery* d) {
+  if (d->slot->cfg->ordering == config::Ordering::Aggregate && !d->envelope.aggregate_id.empty()) {
+    auto it = lines_.find(d->view_.queue);
+    if (it == lines_.end()) it = lines_.try_emplace(std::string(d->view_.queue)).first;
+    if (!it->second.join(*d, d->envelope.aggregate_id, steady_clock::now())) return;  // waits behind its aggregate
+  }
   start_or_wait(d);
 }
 
@@ -357,7 +389,7 @@ void Consumer::on_finished(Delivery* d, dispatch::Outcome outcome) {
     log::debug("dropping a result from a closed channel", {{"event_id", d->envelope.event_id}});
     release(d);
   } else {
-    settler_.settle(*d, outcome, handler, slot.cfg->retry);
+    settle_or_hold(d, outcome, handler, *slot.cfg);
   }
   start_waiting(slot);
 }
@@ -392,7 +424,7 @@ void Consumer::finish_twins(Delivery* d, RunEnd end) {
   next->twins.assign(twins.begin() + 1, twins.end());
   auto [it, fresh] = running_ids_.try_emplace(d->g->cfg->queues[d->queue].name + '\0' + next->envelope.event_id, next);
   if (fresh) next->running_key = it->first;
-  start_or_wait(next);
+  schedule(next);
 }
 
 bool Consumer::is_live(const Delivery* d) const {
@@ -442,11 +474,13 @@ void Consumer::publish(settle::Settling& s) {
 }
 
 void Consumer::queue_channel_lost(QueueChannel& qc) {
+  wake_held([&](const Delivery* d) { return d->qc.get() == &qc; });
   drop_waiting(qc);
   close_if_drained(qc);
 }
 
 void Consumer::link_down() {
+  wake_held([](const Delivery*) { return true; });  // the broker has them back
   for_each_generation([&](Generation& g) {
     for (auto& qc : g.channels) drop_waiting(*qc);
   });
@@ -470,6 +504,7 @@ void Consumer::link_failed(const std::string& why) {
 // Events of this queue channel still waiting for a handler slot, in every
 // generation that is alive: they have not started; hand them back.
 void Consumer::drop_waiting(const QueueChannel& qc) {
+  drop_waiting_in_lines(&qc);  // first: a first handed back below starts the next of its line
   for_each_generation([&](Generation& g) {
     for (size_t i = 0; i < g.channels.size(); ++i) {
       for (auto& slot : g.rt->queues[i].slots()) {
@@ -549,6 +584,10 @@ void Consumer::stop() {
     qc->recover_timer.cancel();
     link_.cancel_consumer(*qc);
   }
+  // Held retries and events waiting behind their aggregate go back with the
+  // rest, to their positions in the queue: the aggregate stays in order.
+  wake_held([](const Delivery*) { return true; });
+  drop_waiting_in_lines(nullptr);
   // Events waiting for a handler slot have not started: hand them back.
   for_each_generation([&](Generation& g) {
     for (auto& qc : g.channels) drop_waiting(*qc);
@@ -597,6 +636,102 @@ void Consumer::finish_stop() {
   if (on_stopped_) asio::post(io_, std::move(on_stopped_));
 }
 
+// ---- ordering: aggregate (docs/ordering.md) ----
+
+void Consumer::settle_or_hold(Delivery* d, const dispatch::Outcome& outcome, std::string_view handler,
+                              const config::HandlerConfig& h) {
+  if (!d->in_line() || outcome.verdict != dispatch::Verdict::Retry) {
+    settler_.settle(*d, outcome, handler, h.retry);
+    return;
+  }
+  if (state_ != State::Running) {
+    // Stopping: back to its place in the queue, ahead of the later events of
+    // its aggregate (handed back too), rather than into a delay queue.
+    log::info("handing back a failed ordered event: shutting down",
+              {{"queue", d->view_.queue}, {"event_id", d->envelope.event_id}, {"attempt", std::to_string(d->attempt)}});
+    link_.nack(d->channel, d->env.delivery_tag, /*requeue*/ true);
+    release(d);
+    return;
+  }
+  const auto age = std::chrono::duration_cast<milliseconds>(steady_clock::now() - d->joined);
+  if (auto wait = settler_.hold_or_settle(*d, outcome, handler, h.retry, age, d->queue_cfg->ordering_hold_max))
+    hold(d, *wait);
+}
+
+// The delivery stays unacked and first in its line, so no later event of its
+// aggregate overtakes it; it holds its generation (d->g) meanwhile.
+void Consumer::hold(Delivery* d, config::Duration wait) {
+  d->held = true;
+  ++d->lines->held;
+  held_.push_back(d);
+  if (!d->hold_timer) d->hold_timer.emplace(io_);
+  d->hold_timer->expires_after(wait);
+  std::weak_ptr<bool> alive = alive_;
+  // Also runs when wake_held() cancels the wait: the checks below decide.
+  d->hold_timer->async_wait([this, d, alive](boost::system::error_code) {
+    if (alive.expired()) return;
+    end_hold(d);
+    if (!is_live(d) || state_ != State::Running) {
+      if (is_live(d)) link_.nack(d->channel, d->env.delivery_tag, /*requeue*/ true);
+      release(d);
+      return;
+    }
+    // The number a retry copy's x-attempt would have carried.
+    ++d->attempt;
+    d->view_.attempt = d->attempt;
+    start_or_wait(d);
+  });
+}
+
+void Consumer::end_hold(Delivery* d) {
+  if (!d->held) return;
+  d->held = false;
+  --d->lines->held;
+  held_.erase(std::find(held_.begin(), held_.end(), d));
+}
+
+// Ends the waits of held events now (their channel is gone, or we stop):
+// the handler of each then hands it back or lets it go.
+template <class Pred>
+void Consumer::wake_held(Pred&& pred) {
+  for (auto* d : held_)
+    if (pred(static_cast<const Delivery*>(d))) d->hold_timer->cancel();
+}
+
+// `d` is done and leaves its line; the next event of its aggregate starts
+// from the loop, not inside this settlement (a line of inline plugin runs
+// would otherwise recurse once per event).
+void Consumer::leave_line(Delivery* d) {
+  auto* next = static_cast<Delivery*>(d->lines->leave(*d));
+  if (!next) return;
+  std::weak_ptr<bool> alive = alive_;
+  asio::post(io_, [this, next, alive] {
+    if (alive.expired()) return;
+    if (is_live(next) && state_ == State::Running) {
+      start_or_wait(next);
+      return;
+    }
+    // Its channel is gone, or we are stopping: the broker gets it back, and
+    // its line moves on (release() posts the next).
+    if (is_live(next)) link_.nack(next->channel, next->env.delivery_tag, /*requeue*/ true);
+    release(next);
+  });
+}
+
+// Events behind the first of their line, of channel `qc` (all when null):
+// they have not started; hand them back.
+void Consumer::drop_waiting_in_lines(const QueueChannel* qc) {
+  for (auto& [queue, lines] : lines_) {
+    auto out = lines.take_waiting(
+        [qc](const InLine& e) { return !qc || static_cast<const Delivery&>(e).qc.get() == qc; });
+    for (auto* e : out) {
+      auto* d = static_cast<Delivery*>(e);
+      if (is_live(d)) link_.nack(d->channel, d->env.delivery_tag, /*requeue*/ true);
+      release(d);
+    }
+  }
+}
+
 Delivery* Consumer::acquire() {
   if (pool_.empty()) {
     auto d = std::make_unique<Delivery>();
@@ -611,6 +746,7 @@ Delivery* Consumer::acquire() {
 void Consumer::release(Delivery* d) {
   // Copies waiting for this one must not be stranded with it.
   if (!d->twins.empty() || !d->running_key.empty()) finish_twins(d, RunEnd::NotRun);
+  if (d->in_line()) leave_line(d);
   if (d->has_env) amqp_destroy_envelope(&d->env);
   d->has_env = false;
   d->slot = nullptr;

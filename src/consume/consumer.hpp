@@ -7,6 +7,7 @@
 #include <boost/asio/steady_timer.hpp>
 
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <unordered_map>
@@ -14,6 +15,7 @@
 
 #include "consume/generation.hpp"
 #include "consume/link.hpp"
+#include "consume/ordering.hpp"
 #include "settle/settler.hpp"
 
 namespace er::consume {
@@ -94,10 +96,19 @@ class Consumer final : LinkEvents, settle::Outbox {
   std::shared_ptr<Generation> make_generation(std::unique_ptr<dispatch::Runtime> rt, Extras extras);
   template <class F>
   void for_each_generation(F&& f);
+  void schedule(Delivery* d);
   void start_or_wait(Delivery* d);
   void start_job(Delivery* d);
   void start_waiting(dispatch::HandlerSlot& slot);
   void on_finished(Delivery* d, dispatch::Outcome outcome);
+  void settle_or_hold(Delivery* d, const dispatch::Outcome& outcome, std::string_view handler,
+                      const config::HandlerConfig& h);
+  void hold(Delivery* d, config::Duration wait);
+  void end_hold(Delivery* d);
+  template <class Pred>
+  void wake_held(Pred&& pred);
+  void leave_line(Delivery* d);
+  void drop_waiting_in_lines(const QueueChannel* qc);
   enum class RunEnd { Succeeded, Failed, NotRun };
   void finish_twins(Delivery* d, RunEnd end);
   bool is_live(const Delivery* d) const;
@@ -124,6 +135,10 @@ class Consumer final : LinkEvents, settle::Outbox {
   // Dedupe for copies in flight: queue + '\0' + event_id -> the delivery
   // running it. A second copy waits for that run's outcome.
   std::unordered_map<std::string, Delivery*> running_ids_;
+  // ordering: aggregate, per queue name (kept across reloads and consumers,
+  // so an aggregate stays in order when its queue gets a new consumer).
+  std::map<std::string, AggregateLines, std::less<>> lines_;
+  std::vector<Delivery*> held_;  // waiting in place for a retry
   std::vector<std::unique_ptr<Delivery>> pool_;  // recycled Delivery objects
   std::string detail_;                           // scratch for decode errors
   boost::asio::steady_timer deadline_timer_;

@@ -71,6 +71,11 @@ std::vector<std::string> plan_warnings(const config::Config& cfg) {
                       std::to_string((h.timeout + h.kill_grace).count() / 1000) +
                       "s) is not below the broker's consumer acknowledgement timeout (30 min by default); "
                       "the broker would close the channel and redeliver the event while it still runs");
+      if (h.ordering == config::Ordering::Aggregate && q.ordering_hold_max + h.timeout >= kAckTimeout)
+        out.push_back("handler '" + h.name + "': ordering_hold_max + timeout (" +
+                      std::to_string((q.ordering_hold_max + h.timeout).count() / 1000) +
+                      "s) is not below the broker's consumer acknowledgement timeout (30 min by default); "
+                      "an event held for a retry in place could be redelivered behind later events of its aggregate");
     }
   }
   return out;
@@ -98,7 +103,10 @@ void print_plan(const Runtime& rt, std::ostream& out) {
             << (h.argv.size() == 2 ? " argument)" : " arguments)");
         out << " timeout " << h.timeout.count() << "ms";
       }
-      out << " concurrency " << h.concurrency << "\n";
+      out << " concurrency " << h.concurrency;
+      if (h.ordering == config::Ordering::Aggregate)
+        out << " ordering aggregate (hold_max " << q.ordering_hold_max.count() << "ms)";
+      out << "\n";
     }
     if (q.handlers.empty()) out << "  (no handlers: every event is unhandled)\n";
     out << "  retry max_attempts " << q.retry.max_attempts << " delay queues";

@@ -23,7 +23,10 @@ Settler::Settler(Outbox& out, metrics::Registry& r)
       retries_(&r.counter("event_router_retries_total", "Events republished to a delay queue for another attempt.",
                           {"queue", "reason"})),
       dead_letters_(&r.counter("event_router_dead_letters_total", "Events moved to a dead-letter queue, by reason.",
-                               {"queue", "reason"})) {}
+                               {"queue", "reason"})),
+      retries_in_place_(&r.counter("event_router_retries_in_place_total",
+                                   "Ordered events held unacked for another attempt (ordering: aggregate).",
+                                   {"queue", "reason"})) {}
 
 void Settler::settle(Settling& s, const dispatch::Outcome& outcome, std::string_view handler,
                      const config::RetryConfig& policy) {
@@ -104,6 +107,33 @@ void Settler::retry(Settling& s, const dispatch::Outcome& outcome, std::string_v
   s.expiration_ms = expiration;
   make_copy(s, info);
   send(s);
+}
+
+std::optional<config::Duration> Settler::hold_or_settle(Settling& s, const dispatch::Outcome& outcome,
+                                                        std::string_view handler, const config::RetryConfig& policy,
+                                                        config::Duration age, config::Duration hold_max) {
+  const uint32_t attempt = s.attempt;
+  if (attempt >= policy.max_attempts) {
+    retry(s, outcome, handler, policy);  // dead-letters it as max_attempts
+    return std::nullopt;
+  }
+  const config::Duration wait = std::max(policy.delay_before(attempt + 1), outcome.retry_delay);
+  const std::string reason = outcome.reason.empty() ? "handler_failed" : outcome.reason;
+  if (age + wait > hold_max) {
+    dead_letter(s, "ordering_hold_exceeded",
+                "attempt " + std::to_string(attempt + 1) + " in " + std::to_string(wait.count()) +
+                    " ms would hold the delivery past ordering_hold_max (" + std::to_string(hold_max.count()) +
+                    " ms; held " + std::to_string(age.count()) + " ms); last error: " + reason +
+                    (outcome.detail.empty() ? "" : ": " + outcome.detail),
+                handler);
+    return std::nullopt;
+  }
+  retries_in_place_->with({s.queue_cfg->name, reason}).inc();
+  log::warn("retrying in place", {{"queue", s.queue_cfg->name}, {"event_type", s.event_type},
+                                  {"event_id", s.event_id}, {"handler", handler},
+                                  {"attempt", std::to_string(attempt)},
+                                  {"next_attempt_in_ms", std::to_string(wait.count())}, {"detail", outcome.detail}});
+  return wait;
 }
 
 void Settler::make_copy(Settling& s, const DeadLetterInfo& info) {

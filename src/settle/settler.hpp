@@ -6,6 +6,7 @@
 #include <amqp.h>
 
 #include <memory>
+#include <optional>
 #include <random>
 #include <string>
 #include <string_view>
@@ -95,6 +96,16 @@ class Settler {
   // The broker's answer to s.copy.
   void copy_result(Settling& s, CopyResult result);
 
+  // A Retry verdict of an ordered event (docs/ordering.md): returns the wait
+  // (the policy's delay_before, or the handler's own request if longer) when
+  // the caller is to hold the delivery unacked and run it again with the next
+  // attempt. Otherwise settles it: dead-lettered as max_attempts when no
+  // attempt is left, or as ordering_hold_exceeded when `age` (how long the
+  // delivery has been held) plus the wait would pass `hold_max`.
+  std::optional<config::Duration> hold_or_settle(Settling& s, const dispatch::Outcome& outcome,
+                                                 std::string_view handler, const config::RetryConfig& policy,
+                                                 config::Duration age, config::Duration hold_max);
+
   const Stats& stats() const { return stats_; }
 
  private:
@@ -103,6 +114,7 @@ class Settler {
   Outbox& out_;
   metrics::CounterFamily* retries_;
   metrics::CounterFamily* dead_letters_;
+  metrics::CounterFamily* retries_in_place_;
   Stats stats_;
   std::mt19937 rng_{std::random_device{}()};
 };

@@ -2,7 +2,7 @@
 """Recording exec handler for the event-router integration tests.
 
 usage: record.py RECORD_FILE [--exit N] [--sleep SECONDS] [--stderr TEXT]
-                 [--stdout TEXT] [--ignore-payload-sleep]
+                 [--stdout TEXT] [--ignore-payload-sleep] [--done]
 
 Reads the event body from stdin and appends one JSON line to RECORD_FILE:
   {"phase": "start", "env": {...}, "body": "...", "argv": [...], "pid": N, "time": T}
@@ -13,6 +13,11 @@ Then it optionally sleeps and exits. The body's payload may override the
 arguments: payload.exit_code, payload.sleep, payload.stderr, payload.stdout.
 After a sleep it appends a second line {"phase": "done", "pid": N, ...}.
 payload.kill_signal: the handler then kills itself with that signal.
+payload.fail_attempts: N: exit 75 (retry) while the ATTEMPT it was given is
+at most N (so the event succeeds on attempt N + 1).
+--done: always append the "done" line, with "exit" (the exit code it is about
+to return); start and done lines then also carry "event_id", "aggregate_id"
+and "attempt" (from ATTEMPT), so that runs can be paired without the body.
 """
 import fcntl
 import json
@@ -56,6 +61,7 @@ def main(argv):
     err_text = None
     out_text = None
     ignore_payload_sleep = False
+    always_done = False
     args = argv[2:]
     i = 0
     while i < len(args):
@@ -70,18 +76,28 @@ def main(argv):
             out_text = args[i + 1]; i += 2
         elif a == "--ignore-payload-sleep":
             ignore_payload_sleep = True; i += 1
+        elif a == "--done":
+            always_done = True; i += 1
         else:
             i += 1  # unknown extra args are just recorded
 
     body_bytes = sys.stdin.buffer.read()
     body = body_bytes.decode("utf-8", "replace")
     payload = {}
+    doc = None
     try:
         doc = json.loads(body_bytes)
         if isinstance(doc, dict) and isinstance(doc.get("payload"), dict):
             payload = doc["payload"]
     except ValueError:
         pass
+    env = read_environ()
+    ids = {}
+    if always_done:
+        doc = doc if isinstance(doc, dict) else {}
+        ids = {"event_id": doc.get("event_id", doc.get("eventId")),
+               "aggregate_id": doc.get("aggregate_id", doc.get("aggregateId")),
+               "attempt": int(env.get("ATTEMPT", "0") or 0)}
     if "exit_code" in payload:
         exit_code = int(payload["exit_code"])
     if "sleep" in payload and not ignore_payload_sleep:
@@ -90,15 +106,17 @@ def main(argv):
         err_text = str(payload["stderr"])
     if "stdout" in payload:
         out_text = str(payload["stdout"])
+    if "fail_attempts" in payload and int(env.get("ATTEMPT", "1") or 1) <= int(payload["fail_attempts"]):
+        exit_code = 75
 
-    append(path, {
+    append(path, dict(ids, **{
         "phase": "start",
-        "env": read_environ(),
+        "env": env,
         "body": body,
         "argv": argv,
         "pid": os.getpid(),
         "time": time.time(),
-    })
+    }))
     if out_text:
         sys.stdout.write(out_text + "\n")
         sys.stdout.flush()
@@ -107,7 +125,8 @@ def main(argv):
         sys.stderr.flush()
     if sleep > 0:
         time.sleep(sleep)
-        append(path, {"phase": "done", "pid": os.getpid(), "time": time.time()})
+    if sleep > 0 or always_done:
+        append(path, dict(ids, phase="done", pid=os.getpid(), time=time.time(), exit=exit_code))
     if "kill_signal" in payload:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -1226,3 +1226,42 @@ TEST_CASE("'workers' is the old name of 'plugin_threads': accepted with a warnin
   CHECK(fresh.plugin_threads == 3);
   CHECK(fresh.warnings.empty());
 }
+
+TEST_CASE("ordering: per queue, inherited and overridden per handler; ordering_hold_max bounds", "[config]") {
+  TempDir d;
+  auto c = load_config_string(Y(R"(
+broker: {url: "amqp://h"}
+exchange: {name: ex}
+queues:
+  - name: q
+    ordering: aggregate
+    ordering_hold_max: 90s
+    handlers:
+      - {name: ordered, events: ["a.*"], exec: [bin/tool]}
+      - {name: free, events: ["#"], exec: [bin/tool], ordering: none}
+  - name: r
+    handlers:
+      - {name: one, events: ["#"], exec: [bin/tool], ordering: aggregate}
+)"),
+                              "t.yaml", d.path);
+  CHECK(c.queues[0].ordering == Ordering::Aggregate);
+  CHECK(c.queues[0].ordering_hold_max == 90s);
+  CHECK(c.queues[0].handlers[0].ordering == Ordering::Aggregate);
+  CHECK(c.queues[0].handlers[1].ordering == Ordering::None);
+  CHECK(c.queues[1].ordering == Ordering::None);
+  CHECK(c.queues[1].ordering_hold_max == 5min);  // the default
+  CHECK(c.queues[1].handlers[0].ordering == Ordering::Aggregate);
+
+  auto q = [](const std::string& extra) {
+    return "broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues:\n  - name: q\n    " + extra + "\n";
+  };
+  CHECK(error_of(q("ordering: key"), d.path) ==
+        "t.yaml:5:15: queues[0].ordering: invalid value 'key' (expected one of: none, aggregate)");
+  CHECK(error_of(q("ordering_hold_max: 0"), d.path).rfind("t.yaml:5:24: ", 0) == 0);
+  CHECK(error_of(q("ordering_hold_max: 500ms"), d.path) ==
+        "t.yaml:5:24: queues[0].ordering_hold_max: ordering_hold_max must be between 1s and 24h "
+        "(and below the broker's consumer_timeout, 30m by default)");
+  CHECK(error_of(q("ordering_hold_max: 25h"), d.path).find("between 1s and 24h") != std::string::npos);
+  CHECK(error_of(q("handlers: [{name: h, events: ['#'], exec: [bin/tool], ordering: yes}]"), d.path)
+            .find("invalid value 'yes' (expected one of: none, aggregate)") != std::string::npos);
+}

@@ -151,3 +151,54 @@ TEST_CASE("choose_step: the shortest step that is long enough, else the longest"
   CHECK(choose_step(steps, milliseconds(99999))->queue == "q.1000");
   CHECK(choose_step({}, milliseconds(1)) == nullptr);
 }
+
+TEST_CASE("settler: an ordered retry waits in place on the retry ladder, no copy", "[settler][ordering]") {
+  Fixture f;
+  const auto hold_max = std::chrono::minutes(5);
+  auto wait = f.settler.hold_or_settle(f.s, dispatch::Outcome::retry("busy", ""), "h", f.q.retry,
+                                       std::chrono::seconds(0), hold_max);
+  REQUIRE(wait);
+  CHECK(*wait == f.q.retry.delay_before(2));
+  CHECK(f.out.ops.empty());  // nothing published, nothing acked: the caller holds the delivery
+  f.s.attempt = 2;
+  wait = f.settler.hold_or_settle(f.s, dispatch::Outcome::retry("busy", ""), "h", f.q.retry,
+                                  std::chrono::seconds(0), hold_max);
+  REQUIRE(wait);
+  CHECK(*wait == f.q.retry.delay_before(3));
+  CHECK(*wait > f.q.retry.delay_before(2));
+  // A handler that asks for a longer wait gets it.
+  wait = f.settler.hold_or_settle(f.s, dispatch::Outcome::retry("busy", "", std::chrono::seconds(42)), "h",
+                                  f.q.retry, std::chrono::seconds(0), hold_max);
+  REQUIRE(wait);
+  CHECK(*wait == std::chrono::seconds(42));
+  CHECK(f.out.ops.empty());
+}
+
+TEST_CASE("settler: an ordered retry after the last attempt is dead-lettered as max_attempts", "[settler][ordering]") {
+  Fixture f;
+  f.s.attempt = f.q.retry.max_attempts;
+  auto wait = f.settler.hold_or_settle(f.s, dispatch::Outcome::retry("busy", "down"), "h", f.q.retry,
+                                       std::chrono::seconds(0), std::chrono::minutes(5));
+  CHECK(!wait);
+  CHECK(f.out.ops == std::vector<std::string>{"publish work.dlq"});
+  CHECK(header(f.s.copy->get(), kReason) == "max_attempts");
+  CHECK(header(f.s.copy->get(), kAttempts) == std::to_string(f.q.retry.max_attempts));
+}
+
+TEST_CASE("settler: a hold past ordering_hold_max is dead-lettered as ordering_hold_exceeded", "[settler][ordering]") {
+  Fixture f;
+  const auto hold_max = std::chrono::seconds(10);
+  // Held 9.5 s: another second would pass 10 s.
+  auto wait = f.settler.hold_or_settle(f.s, dispatch::Outcome::retry("busy", "down"), "h", f.q.retry,
+                                       std::chrono::milliseconds(9500), hold_max);
+  CHECK(!wait);
+  REQUIRE(f.out.ops == std::vector<std::string>{"publish work.dlq"});
+  CHECK(header(f.s.copy->get(), kReason) == "ordering_hold_exceeded");
+  CHECK(header(f.s.copy->get(), kDetail).find("last error: busy: down") != std::string::npos);
+  // Exactly at the bound is still allowed.
+  Fixture g;
+  wait = g.settler.hold_or_settle(g.s, dispatch::Outcome::retry("busy", ""), "h", g.q.retry,
+                                  std::chrono::seconds(9), hold_max);
+  CHECK(wait);
+  CHECK(g.out.ops.empty());
+}
