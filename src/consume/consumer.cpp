@@ -382,7 +382,9 @@ void Consumer::on_finished(Delivery* d, dispatch::Outcome outcome) {
                 {"detail", outcome.detail}});
   }
   if (ok) remember_success(d);
-  finish_twins(d, ok ? RunEnd::Succeeded : RunEnd::Failed);
+  // An ordered retry may wait in place: its copies keep waiting for it (see settle_or_hold).
+  if (outcome.verdict != dispatch::Verdict::Retry || !d->in_line())
+    finish_twins(d, ok ? RunEnd::Succeeded : RunEnd::Failed);
   if (!is_live(d)) {
     // Its channel is gone; the broker redelivers the event. A success is still
     // recorded above, so that with dedupe the redelivery does not run it again.
@@ -424,6 +426,13 @@ void Consumer::finish_twins(Delivery* d, RunEnd end) {
   next->twins.assign(twins.begin() + 1, twins.end());
   auto [it, fresh] = running_ids_.try_emplace(d->g->cfg->queues[d->queue].name + '\0' + next->envelope.event_id, next);
   if (fresh) next->running_key = it->first;
+  if (d->in_line() && next->slot->cfg->ordering == config::Ordering::Aggregate &&
+      next->envelope.aggregate_id == *d->key) {
+    // A copy of the same event takes its place in the line, ahead of the
+    // later events of its aggregate.
+    d->lines->join_behind(*next, *d, steady_clock::now());
+    return;
+  }
   schedule(next);
 }
 
@@ -654,8 +663,13 @@ void Consumer::settle_or_hold(Delivery* d, const dispatch::Outcome& outcome, std
     return;
   }
   const auto age = std::chrono::duration_cast<milliseconds>(steady_clock::now() - d->joined);
-  if (auto wait = settler_.hold_or_settle(*d, outcome, handler, h.retry, age, d->queue_cfg->ordering_hold_max))
-    hold(d, *wait);
+  if (auto wait = settler_.hold_or_settle(*d, outcome, handler, h.retry, age, d->queue_cfg->ordering_hold_max)) {
+    hold(d, *wait);  // copies of it (dedupe) keep waiting for its outcome
+    return;
+  }
+  // Dead-lettered: the next copy runs, behind it. (Not when the copy could
+  // not go out and `d` went back to the pool already: it left its line.)
+  if (d->in_line()) finish_twins(d, RunEnd::Failed);
 }
 
 // The delivery stays unacked and first in its line, so no later event of its

@@ -21,6 +21,17 @@ bool AggregateLines::join(InLine& e, std::string_view aggregate_id, Clock::time_
   return false;
 }
 
+void AggregateLines::join_behind(InLine& e, InLine& first, Clock::time_point now) {
+  auto it = lines_.find(*first.key);
+  e.lines = this;
+  e.key = first.key;
+  e.joined = now;
+  e.next_in_line = first.next_in_line;
+  first.next_in_line = &e;
+  if (it != lines_.end() && it->second.last == &first) it->second.last = &e;
+  ++waiting_;
+}
+
 InLine* AggregateLines::leave(InLine& e) {
   auto it = lines_.find(*e.key);
   InLine* next = e.next_in_line;

@@ -39,6 +39,9 @@ class AggregateLines {
   // Puts `e` (in no line) at the end of the line of `aggregate_id`. True when
   // it is first in that line: the caller may start it now.
   bool join(InLine& e, std::string_view aggregate_id, Clock::time_point now);
+  // Puts `e` (in no line) directly behind `first`, the first of its line:
+  // a copy of the same event that is to run next.
+  void join_behind(InLine& e, InLine& first, Clock::time_point now);
   // `e` is done (settled, handed back or dropped) and leaves its line. When
   // it was first, returns the new first, which the caller starts (nullptr:
   // the line is now empty); an entry behind the first just leaves.

@@ -226,6 +226,56 @@ class OrderingTest(HttpTestBase):
         self.assertEqual(int(dead[0].headers["x-attempts"]), 1)
         self.assertTrue(d.records("dead-lettering", reason="ordering_hold_exceeded"))
 
+    async def test_a_copy_of_a_held_event_waits_for_it_with_dedupe(self):
+        # With dedupe on, a second copy of the held head (same event_id, as a
+        # redelivery would be) waits for the head's outcome: after the head
+        # succeeds in place it is a duplicate, never run, and the aggregate's
+        # next event still runs after the head.
+        retry = {"max_attempts": 3, "delay": "3s", "multiplier": 1, "max_delay": "3s"}
+        q, queue = self.ordered_queue(prefetch=10, concurrency=4, retry=retry, dedupe={"ttl": "1h"})
+        d = await self.start_daemon(self.write_config(self.config([queue])))
+        head, nxt = self.event("A", 0, fail_attempts=1), self.event("A", 1)
+        for seq, ev in enumerate((head, nxt)):
+            self.by_id[ev["event_id"]] = ("A", seq)
+            await self.publish(ev)
+        await d.wait_for_record("retrying in place")
+        await self.publish(head)  # the copy, while the head is held
+        await self.wait_done(3)
+        await self.wait_queue_counts(q, ready=0, unacked=0)
+        recs = self.all_records()
+        starts = self.assert_in_order(recs, expect_repeats=True)
+        self.assertEqual(starts["A"], [0, 0, 1])
+        self.assertEqual([r["attempt"] for r in recs if r["phase"] == "start" and r["event_id"] == head["event_id"]],
+                         [1, 2])
+
+    async def test_held_events_keep_their_generation_across_a_reload(self):
+        # The head is held when a reload changes the handler: its next attempt
+        # and the event that was already waiting behind it run on the handler
+        # they were delivered to; an event delivered after the reload runs on
+        # the new one, still after them.
+        retry = {"max_attempts": 3, "delay": "4s", "multiplier": 1, "max_delay": "4s"}
+        q, queue = self.ordered_queue(prefetch=10, concurrency=4, retry=retry)
+        queue["handlers"][0]["exec"].append("--gen1")
+        path = self.write_config(self.config([queue]))
+        d = await self.start_daemon(path)
+        head, waiting, late = self.event("A", 0, fail_attempts=1), self.event("A", 1), self.event("A", 2)
+        for seq, ev in enumerate((head, waiting, late)):
+            self.by_id[ev["event_id"]] = ("A", seq)
+        await self.publish(head)
+        await self.publish(waiting)
+        await d.wait_for_record("retrying in place")
+        queue["handlers"][0]["exec"][-1] = "--gen2"
+        self.write_config(self.config([queue]), os.path.basename(path) + ".new")
+        os.replace(path + ".new", path)
+        d.send_signal(signal.SIGHUP)
+        await d.wait_for_record("reloaded")
+        await self.publish(late)
+        await self.wait_done(4)
+        recs = self.all_records()
+        self.assertEqual(self.assert_in_order(recs, expect_repeats=True)["A"], [0, 0, 1, 2])
+        gens = [(self.seq_of(r), r["attempt"], r["argv"][-1]) for r in recs if r["phase"] == "start"]
+        self.assertEqual(gens, [(0, 1, "--gen1"), (0, 2, "--gen1"), (1, 1, "--gen1"), (2, 1, "--gen2")])
+
     async def test_order_holds_across_sigterm_and_restart(self):
         # Many aggregates in flight, one of them with a head held for a long
         # retry when SIGTERM comes: the drain hands held and waiting events

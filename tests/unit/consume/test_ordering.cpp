@@ -131,3 +131,25 @@ TEST_CASE("ordering: random interleaving keeps one runner per aggregate, in join
   CHECK(runs == joined);   // every event ran exactly once
   CHECK(max_parallel > 1); // aggregates ran side by side
 }
+
+TEST_CASE("ordering: a copy of the first joins directly behind it, ahead of later events", "[ordering]") {
+  AggregateLines lines;
+  const auto t = Clock::now();
+  Ev first, later, copy;
+  CHECK(lines.join(first, "A", t));
+  CHECK_FALSE(lines.join(later, "A", t));
+  lines.join_behind(copy, first, t);
+  CHECK(lines.waiting() == 2);
+  CHECK(lines.leave(first) == &copy);
+  CHECK(lines.leave(copy) == &later);
+  CHECK(lines.leave(later) == nullptr);
+  // Behind a first that is alone: it becomes the line's end.
+  Ev solo, twin, after;
+  CHECK(lines.join(solo, "B", t));
+  lines.join_behind(twin, solo, t);
+  CHECK_FALSE(lines.join(after, "B", t));
+  CHECK(lines.leave(solo) == &twin);
+  CHECK(lines.leave(twin) == &after);
+  CHECK(lines.leave(after) == nullptr);
+  CHECK(lines.lines() == 0);
+}
