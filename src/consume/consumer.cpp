@@ -513,7 +513,9 @@ void Consumer::link_failed(const std::string& why) {
 // Events of this queue channel still waiting for a handler slot, in every
 // generation that is alive: they have not started; hand them back.
 void Consumer::drop_waiting(const QueueChannel& qc) {
-  drop_waiting_in_lines(&qc);  // first: a first handed back below starts the next of its line
+  // First: a line's first handed back below would otherwise start the events
+  // of this channel waiting behind it.
+  drop_waiting_in_lines(&qc);
   for_each_generation([&](Generation& g) {
     for (size_t i = 0; i < g.channels.size(); ++i) {
       for (auto& slot : g.rt->queues[i].slots()) {

@@ -55,3 +55,23 @@ TEST_CASE("plan_warnings: TLS without certificate or hostname checks is flagged"
   REQUIRE(w.size() == 1);
   CHECK(w[0].find("broker.tls.verify_peer is false") == 0);
 }
+
+TEST_CASE("plan_warnings: an ordered hold that could reach the broker's consumer timeout is flagged", "[router]") {
+  config::Config c;
+  config::QueueConfig q;
+  q.name = "q";
+  config::HandlerConfig h;
+  h.name = "h";
+  h.kind = config::HandlerKind::Exec;
+  h.ordering = config::Ordering::Aggregate;
+  q.handlers.push_back(h);
+  c.queues.push_back(q);
+  CHECK(dispatch::plan_warnings(c).empty());  // 5 min + 30 s
+  c.queues[0].ordering_hold_max = std::chrono::minutes(29);
+  c.queues[0].handlers[0].timeout = std::chrono::minutes(1);
+  auto w = dispatch::plan_warnings(c);
+  REQUIRE(w.size() == 1);
+  CHECK(w[0].find("handler 'h': ordering_hold_max + timeout (1800s)") == 0);
+  c.queues[0].handlers[0].ordering = config::Ordering::None;
+  CHECK(dispatch::plan_warnings(c).empty());
+}
