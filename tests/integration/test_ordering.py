@@ -253,7 +253,7 @@ class OrderingTest(HttpTestBase):
         # and the event that was already waiting behind it run on the handler
         # they were delivered to; an event delivered after the reload runs on
         # the new one, still after them.
-        retry = {"max_attempts": 3, "delay": "4s", "multiplier": 1, "max_delay": "4s"}
+        retry = {"max_attempts": 3, "delay": "8s", "multiplier": 1, "max_delay": "8s"}
         q, queue = self.ordered_queue(prefetch=10, concurrency=4, retry=retry)
         queue["handlers"][0]["exec"].append("--gen1")
         path = self.write_config(self.config([queue]))
@@ -275,6 +275,9 @@ class OrderingTest(HttpTestBase):
         self.assertEqual(self.assert_in_order(recs, expect_repeats=True)["A"], [0, 0, 1, 2])
         gens = [(self.seq_of(r), r["attempt"], r["argv"][-1]) for r in recs if r["phase"] == "start"]
         self.assertEqual(gens, [(0, 1, "--gen1"), (0, 2, "--gen1"), (1, 1, "--gen1"), (2, 1, "--gen2")])
+        # The reload really came while the head was held (the daemon's own log order).
+        msgs = [(r.msg, r.fields.get("event_id"), r.fields.get("outcome")) for r in d.records()]
+        self.assertLess(msgs.index(("reloaded", None, None)), msgs.index(("handled", head["event_id"], "ack")))
 
     async def test_order_holds_across_sigterm_and_restart(self):
         # Many aggregates in flight, one of them with a head held for a long
