@@ -17,7 +17,9 @@ import time
 from collections import defaultdict
 from typing import Any, Dict, List
 
+from harness import run_rabbitmqctl
 from test_http_metrics import HttpTestBase, value
+from test_soak import local_tcp_ports
 
 
 def runs_by_line(records: List[Dict[str, Any]]):
@@ -278,6 +280,42 @@ class OrderingTest(HttpTestBase):
         # The reload really came while the head was held (the daemon's own log order).
         msgs = [(r.msg, r.fields.get("event_id"), r.fields.get("outcome")) for r in d.records()]
         self.assertLess(msgs.index(("reloaded", None, None)), msgs.index(("handled", head["event_id"], "ack")))
+
+    async def test_order_holds_across_a_lost_connection(self):
+        # The broker closes the daemon's connection while A's head is held for
+        # a retry and B's head is still running: everything unacked comes
+        # back. A's head runs again (attempt 1: the broker has no count of
+        # attempts made in place) before A's later events; B's redelivered
+        # head waits until its cut-off run has ended.
+        retry = {"max_attempts": 3, "delay": "3s", "multiplier": 1, "max_delay": "3s"}
+        q, queue = self.ordered_queue(prefetch=10, concurrency=4, retry=retry)
+        d = await self.start_daemon(self.write_config(self.config([queue])))
+        evs = [self.event("B", 0, sleep=4), self.event("B", 1),
+               self.event("A", 0, fail_attempts=1), self.event("A", 1), self.event("A", 2)]
+        for ev in evs:
+            self.by_id[ev["event_id"]] = (ev["aggregate_id"], ev["payload"]["seq"])
+            await self.publish(ev)
+        await d.wait_for_record("retrying in place")
+        conns = []
+        ports = local_tcp_ports(d.pid)
+        out = await asyncio.to_thread(run_rabbitmqctl, "list_connections", "-q", "pid", "peer_port")
+        for line in out.splitlines():
+            parts = line.split("\t")
+            if len(parts) == 2 and parts[1].isdigit() and int(parts[1]) in ports:
+                conns.append(parts[0])
+        self.assertTrue(conns, out)
+        self.assertEqual(len(self.read_records(self.rec, "done")), 1)  # B's head still runs
+        for c in conns:
+            await asyncio.to_thread(run_rabbitmqctl, "close_connection", c, "ordering test")
+        await self.wait_done(8)
+        await self.wait_queue_counts(q, ready=0, unacked=0)
+        recs = self.all_records()
+        starts = self.assert_in_order(recs, expect_repeats=True)
+        self.assertEqual(starts["A"], [0, 0, 0, 1, 2])
+        self.assertEqual(starts["B"], [0, 0, 1])
+        head = evs[2]["event_id"]
+        self.assertEqual([r["attempt"] for r in recs if r["phase"] == "start" and r["event_id"] == head], [1, 1, 2])
+        self.assertGreaterEqual(len(d.records("connected")), 2)
 
     async def test_order_holds_across_sigterm_and_restart(self):
         # Many aggregates in flight, one of them with a head held for a long
