@@ -241,9 +241,11 @@ ER_PLUGIN_EXPORT int er_plugin_handle(void *user_data, const struct er_event *ev
 
 /*
  * Destroy the instance. No handle() call is running or will run. Version 2:
- * no event of this instance is still pending, unless the daemon abandoned it
- * at shutdown; stop the plugin's own threads here. After cleanup returns the
- * host struct is gone: no host function may be called through it.
+ * no event of this instance is pending any more; stop the plugin's own
+ * threads here (host functions stay safe to call until cleanup returns).
+ * After cleanup returns the host struct is gone: no host function may be
+ * called through it. A daemon that abandons events at shutdown (the shutdown
+ * timeout passed) exits without calling cleanup.
  */
 ER_PLUGIN_EXPORT void er_plugin_cleanup(void *user_data);
 

@@ -114,7 +114,7 @@ class PluginAsyncTest(RouterTestCase):
         await d.wait_for_record("accepted", count=5)
         d.send_signal(signal.SIGTERM)
         rc = await d.wait_exit(20)
-        self.assertIsNotNone(rc, "daemon did not exit")
+        self.assertEqual(rc, 0, d.tail())
         for ev in soon:
             self.assertEqual(len(d.records("handled", event_id=ev["event_id"], outcome="ack")), 1)
         self.assertEqual(d.records("handled", event_type="as.never"), [])
@@ -144,6 +144,16 @@ class PluginAsyncTest(RouterTestCase):
         await self.handled(5, outcome="ack")
         self.assertEqual(sorted(r.fields["event_id"] for r in d.records("handled")),
                          sorted(ev["event_id"] for ev in old + [new]))
+        # The old instance stayed loaded for its pending events and was
+        # cleaned up after the last of them was settled.
+        await d.wait_for_record("instance 1 cleaned up")
+        lines = d.lines()
+        cleaned = next(i for i, line in enumerate(lines) if "instance 1 cleaned up" in line)
+        for ev in old:
+            settled = next(i for i, line in enumerate(lines) if "handled" in line and ev["event_id"] in line)
+            self.assertLess(settled, cleaned, d.tail())
+        self.assertLess(next(i for i, line in enumerate(lines) if "instance 2 started" in line),
+                        next(i for i, line in enumerate(lines) if "reloaded" in line))
         await self.wait_queue_counts(self.q, 0, 0)
         self.assertEqual(await self.message_count(self.dlq), 0)
         self.assertEqual(await d.stop(), 0)

@@ -40,7 +40,10 @@ struct instance {
   struct item *queue; /* sorted by due time */
   int stop;
   int log_accepted;
+  int number; /* 1 for the first instance of the process, then 2, ... */
 };
+
+static int instances;
 
 /* Last return codes seen by any instance (read by the unit tests). */
 static pthread_mutex_t codes_mu = PTHREAD_MUTEX_INITIALIZER;
@@ -176,6 +179,12 @@ ER_PLUGIN_EXPORT int er_plugin_init(void **user_data, const struct er_host *host
   info->flags = ER_PLUGIN_CONCURRENT;
   if (config_len && strstr(config, "\"nonblocking\":1")) info->flags |= ER_PLUGIN_NONBLOCKING;
   in->log_accepted = config_len && strstr(config, "\"log\":1");
+  in->number = ++instances; /* init and cleanup never run concurrently */
+  if (in->log_accepted) {
+    char msg[64];
+    int n = snprintf(msg, sizeof msg, "instance %d started", in->number);
+    host->log(host->ctx, ER_LOG_INFO, msg, (size_t)n);
+  }
   *user_data = in;
   return 0;
 }
@@ -241,6 +250,11 @@ ER_PLUGIN_EXPORT void er_plugin_cleanup(void *user_data) {
   pthread_cond_signal(&in->cv);
   pthread_mutex_unlock(&in->mu);
   pthread_join(in->thread, NULL);
+  if (in->log_accepted) { /* the host is valid until cleanup returns */
+    char msg[64];
+    int n = snprintf(msg, sizeof msg, "instance %d cleaned up", in->number);
+    in->host->log(in->host->ctx, ER_LOG_INFO, msg, (size_t)n);
+  }
   while (in->queue) {
     struct item *it = in->queue;
     in->queue = it->next;
