@@ -551,7 +551,7 @@ TEST_CASE("plugin v2: a pending event times out; a late completion is refused", 
   Fixture f;
   auto h = load_async(f, false, std::chrono::milliseconds(100));
   TestJob never(R"({"never":1})");
-  TestJob late(R"({"delay_ms":400})");
+  TestJob late(R"({"delay_ms":1500})");  // well after the timeout, even on a loaded machine
   int completions = codes().completions;
   h->start(never);
   h->start(late);
