@@ -1,12 +1,13 @@
 /*
- * event-router plugin ABI.
+ * event-router plugin ABI, version 2.
  *
  * A plugin is a shared library that handles events in the daemon's process.
  * It exports exactly four functions, all with C linkage:
  *
  *   er_plugin_version   negotiate the ABI version
  *   er_plugin_init      create one handler instance from its YAML `config`
- *   er_plugin_handle    handle one event, return a verdict
+ *   er_plugin_handle    handle one event: return a verdict, or ER_PENDING
+ *                       and complete it later (version 2)
  *   er_plugin_cleanup   destroy the instance
  *
  * The daemon loads plugins with dlopen(RTLD_NOW | RTLD_LOCAL): a missing
@@ -16,9 +17,19 @@
  * Rules:
  *  - Nothing may throw (C++) or longjmp across these functions.
  *  - Every pointer the daemon passes in is valid only for the duration of
- *    the call. Copy what you need to keep.
- *  - Structs grow only at the end and carry their size (`struct_size`);
- *    check it before reading fields added after version 1.
+ *    the call. Copy what you need to keep. The one exception is the event
+ *    handle (version 2), an opaque value kept until the event is completed.
+ *  - Structs grow only at the end (or by taking a reserved field) and carry
+ *    their size (`struct_size`); check it before reading fields added after
+ *    version 1.
+ *
+ * Version 2 adds, and changes nothing a version 1 plugin sees:
+ *  - asynchronous completion: er_plugin_handle may return ER_PENDING and the
+ *    plugin completes the event later, from any thread, with host->complete;
+ *  - emit: host->emit adds a follow-up event, published only with an ack;
+ *  - er_event.handle, the opaque handle that names the event for both.
+ * A plugin built against the version 1 header keeps working: it answers 1
+ * in er_plugin_version and sees exactly the version 1 behaviour.
  *
  * Build a plugin out of tree with nothing but this header:
  *   cc -shared -fPIC -fvisibility=hidden -o libmy_plugin.so my_plugin.c
@@ -34,7 +45,7 @@ extern "C" {
 #endif
 
 /* The ABI version this header describes. */
-#define ER_PLUGIN_API_VERSION 1
+#define ER_PLUGIN_API_VERSION 2
 
 #if defined(__GNUC__)
 #define ER_PLUGIN_EXPORT __attribute__((visibility("default")))
@@ -57,6 +68,31 @@ enum er_log_level {
   ER_LOG_ERROR = 3
 };
 
+/* Version 2: er_plugin_handle returns this to say "I will complete this
+ * event later with host->complete". A distinctive value, so that an error
+ * code of a plugin written for version 1 never means it by accident. */
+#define ER_PENDING 0x45525044 /* "ERPD" */
+
+/* Return codes of host->complete and host->emit (version 2). */
+enum er_host_status {
+  ER_OK = 0,
+  /* The handle names no event that may still be completed: it was completed
+   * already (double completion), it timed out, the daemon abandoned it at
+   * shutdown, or it is not a handle. Nothing happened; the daemon logs it. */
+  ER_E_HANDLE = 1,
+  /* A malformed argument: a NULL pointer, a result whose struct_size is too
+   * small, an emit that is not one JSON object with a string `event_type`. */
+  ER_E_INVALID = 2,
+  /* Too many follow-up events for one event, or too many bytes of them. */
+  ER_E_LIMIT = 3
+};
+
+/* Opaque; names one event for host->complete and host->emit (version 2).
+ * Not a pointer the plugin may read through. */
+struct er_event_handle;
+
+struct er_result;
+
 /* What the daemon should do with the event. */
 enum er_verdict {
   ER_ACK = 0,         /* handled: acknowledge it */
@@ -65,15 +101,42 @@ enum er_verdict {
 };
 
 /* Services the daemon offers to a plugin instance. Valid from init until
- * cleanup returns; safe to call from any thread. */
+ * cleanup returns; every function is safe to call from any thread. */
 struct er_host {
   size_t struct_size;
-  /* Opaque; pass back to the functions below. */
+  /* Opaque; pass back to log. */
   void *ctx;
   /* Write one log record, tagged with the handler's name. `msg` need not be
    * NUL-terminated; `len` bytes are used. */
   void (*log)(void *ctx, int level, const char *msg, size_t len);
-  void *reserved[8];
+
+  /*
+   * Version 2 (NULL for a version 1 plugin).
+   *
+   * complete: end the event `event` with `result` (the same verdicts and
+   * fields as er_plugin_handle's result; set result->struct_size to
+   * sizeof *result). Call it exactly once per event that er_plugin_handle
+   * left pending, from any thread, at any time, even while er_plugin_handle
+   * is still running. `result` is read before complete returns. Returns
+   * ER_OK, ER_E_INVALID (nothing happened: fix the call), or ER_E_HANDLE
+   * when the event can no longer be completed: completed already, timed out
+   * (the handler's `timeout`), or abandoned at shutdown. A stale or repeated
+   * call is harmless: it is logged and never touches freed memory.
+   *
+   * emit: add one follow-up event to `event`: `json` (`len` bytes, need not
+   * be NUL-terminated) is one JSON object with a string `event_type` and
+   * optionally `payload` (an object), `aggregate_id`, `aggregate_type`,
+   * `routing_key` (strings); the daemon fills in the envelope. Allowed from
+   * any thread until the event is completed (also during er_plugin_handle,
+   * before it returns a verdict); the emits are published only if the event
+   * is completed with ER_ACK, and dropped otherwise. Limits: 1000 emits and
+   * 16 MiB of them per event. Returns ER_OK; ER_E_INVALID (not such an
+   * object; the emit is refused, the event is not touched); ER_E_LIMIT (the
+   * emit is refused); ER_E_HANDLE (the event is already completed).
+   */
+  int (*complete)(struct er_event_handle *event, const struct er_result *result);
+  int (*emit)(struct er_event_handle *event, const char *json, size_t len);
+  void *reserved[6];
 };
 
 /* Filled in by the plugin during er_plugin_init. */
@@ -107,7 +170,11 @@ struct er_event {
   struct er_str queue;
   uint32_t attempt;             /* 1 on the first delivery */
   uint32_t redelivered;         /* non-zero if the broker redelivered it */
-  void *reserved[8];
+  /* Version 2: names this event for host->complete and host->emit; the
+   * plugin may keep it (unlike the rest of this view) until it completed the
+   * event. NULL for a version 1 plugin. */
+  struct er_event_handle *handle;
+  void *reserved[7];
 };
 
 /* The plugin's answer for one event. The daemon zeroes it (verdict ER_ACK)
@@ -155,12 +222,30 @@ ER_PLUGIN_EXPORT int er_plugin_init(void **user_data, const struct er_host *host
  * the reason "plugin returned <n>". Unless the instance set
  * ER_PLUGIN_CONCURRENT, calls on one instance never overlap. Unless it set
  * ER_PLUGIN_NONBLOCKING, calls run on a worker thread and may block.
+ *
+ * Version 2: return ER_PENDING instead to complete the event later with
+ * host->complete(event->handle, ...); `result` is then ignored. The event
+ * view and everything it points to are still valid only during this call:
+ * copy what the later work needs before returning. Until it is completed,
+ * the event holds one of the handler's `concurrency` slots but no thread.
+ * An event not completed within the handler's `timeout` (default 30s) after
+ * this call returned is retried (reason `plugin_timeout`); at shutdown,
+ * events still pending after the shutdown timeout are abandoned and the
+ * broker redelivers them. After a reload, the old instance stays loaded
+ * until its last pending event is completed (or times out), then it is
+ * cleaned up. Completing with host->complete and also returning a verdict
+ * is a double completion: the first one counts, the other is logged.
  */
 ER_PLUGIN_EXPORT int er_plugin_handle(void *user_data, const struct er_event *event,
                                       struct er_result *result);
 
 /*
- * Destroy the instance. No handle() call is running or will run.
+ * Destroy the instance. No handle() call is running or will run. Version 2:
+ * no event of this instance is pending any more; stop the plugin's own
+ * threads here (host functions stay safe to call until cleanup returns).
+ * After cleanup returns the host struct is gone: no host function may be
+ * called through it. A daemon that abandons events at shutdown (the shutdown
+ * timeout passed) exits without calling cleanup.
  */
 ER_PLUGIN_EXPORT void er_plugin_cleanup(void *user_data);
 

@@ -709,7 +709,7 @@ void Loader::load_handler(const Val& v, const QueueConfig& q, HandlerConfig& h) 
                                        {"snake", "camel"});
   }
 
-  static const char* const kProcessOnly[] = {"timeout", "kill_grace", "env", "inherit_env"};
+  static const char* const kProcessOnly[] = {"kill_grace", "env", "inherit_env"};
   static const char* const kWorkerOnly[] = {"processes", "start_timeout", "restart"};
   if (!worker.present)
     for (const char* k : kWorkerOnly)
@@ -721,6 +721,8 @@ void Loader::load_handler(const Val& v, const QueueConfig& q, HandlerConfig& h) 
       if (Val x = child(v, k); x.present)
         fail(x.key_mark, v.path + ": '" + k + "' only applies to exec and worker handlers");
     h.plugin_path = resolve_plugin(plugin);
+    // For an ABI version 2 plugin: how long an event may stay pending.
+    if (Val t = child(v, "timeout"); t.present) h.timeout = duration(t, false);
     if (Val cfg = child(v, "config"); cfg.present && !cfg.node.IsNull()) {
       rapidjson::StringBuffer buf;
       rapidjson::Writer<rapidjson::StringBuffer> w(buf);

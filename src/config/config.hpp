@@ -91,7 +91,7 @@ struct HandlerConfig {
 
   // exec and worker
   std::vector<std::string> argv;         // argv[0] absolute and executable
-  Duration timeout{std::chrono::seconds(30)};    // per event
+  Duration timeout{std::chrono::seconds(30)};    // per event (plugin ABI 2: while pending)
   Duration kill_grace{std::chrono::seconds(5)};  // SIGTERM -> SIGKILL on timeout (worker: after end of input)
   std::vector<std::pair<std::string, std::string>> env;
   std::vector<std::string> inherit_env;

@@ -66,9 +66,12 @@ std::vector<std::string> plan_warnings(const config::Config& cfg) {
                   "broker, whatever host it was issued to");
   for (const auto& q : cfg.queues) {
     for (const auto& h : q.handlers) {
-      if (h.kind != config::HandlerKind::Plugin && h.timeout + h.kill_grace >= kAckTimeout)
-        out.push_back("handler '" + h.name + "': timeout + kill_grace (" +
-                      std::to_string((h.timeout + h.kill_grace).count() / 1000) +
+      // A plugin's timeout bounds a pending event (ABI 2); nothing is killed after it.
+      const bool plugin = h.kind == config::HandlerKind::Plugin;
+      const auto budget = plugin ? h.timeout : h.timeout + h.kill_grace;
+      if (budget >= kAckTimeout)
+        out.push_back("handler '" + h.name + "': " + (plugin ? "timeout (" : "timeout + kill_grace (") +
+                      std::to_string(budget.count() / 1000) +
                       "s) is not below the broker's consumer acknowledgement timeout (30 min by default); "
                       "the broker would close the channel and redeliver the event while it still runs");
       if (h.ordering == config::Ordering::Aggregate && q.ordering_hold_max + h.timeout >= kAckTimeout)

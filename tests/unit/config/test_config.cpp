@@ -509,8 +509,8 @@ TEST_CASE("handler kinds: neither, both, misplaced keys", "[config][errors]") {
         "t.yaml:9:9: queues[0].handlers[0]: a handler takes one of 'plugin', 'exec' and 'worker'");
   CHECK(error_of(head + "        exec: [bin/tool]\n        processes: 2\n", tmp.path) ==
         "t.yaml:9:9: queues[0].handlers[0]: 'processes' only applies to worker handlers");
-  CHECK(error_of(head + "        plugin: plugins/libp.so\n        timeout: 5s\n", tmp.path) ==
-        "t.yaml:9:9: queues[0].handlers[0]: 'timeout' only applies to exec and worker handlers");
+  CHECK(error_of(head + "        plugin: plugins/libp.so\n        kill_grace: 5s\n", tmp.path) ==
+        "t.yaml:9:9: queues[0].handlers[0]: 'kill_grace' only applies to exec and worker handlers");
   CHECK(error_of(head + "        exec: [bin/tool]\n        config: {a: 1}\n", tmp.path) ==
         "t.yaml:9:9: queues[0].handlers[0]: 'config' only applies to plugin handlers");
   CHECK(error_of(head + "        exec: []\n", tmp.path) ==

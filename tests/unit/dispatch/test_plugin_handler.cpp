@@ -5,8 +5,12 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/asio/thread_pool.hpp>
+#include <chrono>
+#include <future>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -14,6 +18,7 @@
 #include <vector>
 
 #include "dispatch/plugin_handler.hpp"
+#include "event_router/plugin.h"
 #include "util/log.hpp"
 
 using namespace er::dispatch;
@@ -29,12 +34,14 @@ std::string example_plugin(const std::string& name) {
 }
 
 er::config::HandlerConfig plugin_config(const std::string& name, const std::string& path,
-                                        const std::string& json = "{}") {
+                                        const std::string& json = "{}",
+                                        std::chrono::milliseconds timeout = std::chrono::seconds(30)) {
   er::config::HandlerConfig c;
   c.name = name;
   c.kind = er::config::HandlerKind::Plugin;
   c.plugin_path = path;
   c.plugin_config_json = json;
+  c.timeout = timeout;
   return c;
 }
 
@@ -61,6 +68,25 @@ struct Fixture {
   std::unique_ptr<Handler> load(const std::string& path, const std::string& json = "{}",
                                 const std::string& name = "h") {
     return make_plugin_handler(plugin_config(name, path, json), io, pool);
+  }
+
+  // Runs the loop until `done()` or 10 s; the guard keeps run_for() from
+  // returning at once while events wait for a plugin's own thread.
+  template <typename Pred>
+  bool run_until(Pred done) {
+    auto guard = asio::make_work_guard(io);
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (!done() && std::chrono::steady_clock::now() < deadline) {
+      io.restart();
+      io.run_for(std::chrono::milliseconds(5));
+    }
+    return done();
+  }
+  // Runs the loop for `d` (for "nothing more happens" checks).
+  void run_for(std::chrono::milliseconds d) {
+    auto guard = asio::make_work_guard(io);
+    io.restart();
+    io.run_for(d);
   }
 
   // Runs one event through a NONBLOCKING plugin: finished inside start().
@@ -261,7 +287,7 @@ TEST_CASE("plugin: load errors are clear", "[plugin]") {
   SECTION("no common ABI version") {
     auto msg = load_error(f, test_plugin("bad_version_plugin"));
     CHECK(msg == "handler 'billing': plugin " + test_plugin("bad_version_plugin") +
-                     " supports none of the ABI versions 1 (it answered -1)");
+                     " supports none of the ABI versions 2, 1 (it answered -1)");
   }
   SECTION("init fails with the plugin's message") {
     auto msg = load_error(f, test_plugin("init_fail_plugin"));
@@ -367,4 +393,255 @@ TEST_CASE("plugin: example noop plugin", "[plugin]") {
   auto h = f.load(example_plugin("noop"));
   CHECK(h->max_concurrency() == ~0u);
   CHECK(f.run_inline(*h, "anything").verdict == Verdict::Ack);
+}
+
+// ---- ABI version 2: asynchronous completion and emit ----
+
+namespace {
+
+// The async test plugin's last return codes (tests/plugins/async_plugin.c).
+struct Codes {
+  int second_complete, emit, emit_after_complete, completions, handle_calls;
+};
+Codes codes() {
+  void* dl = dlopen(test_plugin("async_plugin").c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD);
+  REQUIRE(dl != nullptr);
+  auto fn = reinterpret_cast<void (*)(int*)>(dlsym(dl, "async_plugin_codes"));
+  REQUIRE(fn != nullptr);
+  int c[5];
+  fn(c);
+  dlclose(dl);
+  return {c[0], c[1], c[2], c[3], c[4]};
+}
+
+std::unique_ptr<Handler> load_async(Fixture& f, bool nonblocking,
+                                    std::chrono::milliseconds timeout = std::chrono::seconds(30)) {
+  return make_plugin_handler(
+      plugin_config("async", test_plugin("async_plugin"), nonblocking ? R"({"nonblocking":1})" : "{}", timeout),
+      f.io, f.pool);
+}
+
+}  // namespace
+
+TEST_CASE("plugin v2: completion from the plugin's own thread, every verdict", "[plugin][v2]") {
+  Fixture f;
+  bool nonblocking = GENERATE(false, true);
+  auto h = load_async(f, nonblocking);
+  CHECK(h->max_concurrency() == ~0u);
+  TestJob ack(R"({"delay_ms":30})");
+  TestJob retry(R"({"delay_ms":10,"verdict":"retry"})");
+  TestJob dead(R"({"verdict":"dead_letter"})");
+  for (TestJob* j : {&ack, &retry, &dead}) h->start(*j);
+  for (TestJob* j : {&ack, &retry, &dead}) CHECK(j->finishes == 0);  // pending, not finished in start()
+  REQUIRE(f.run_until([&] { return ack.finishes && retry.finishes && dead.finishes; }));
+  for (TestJob* j : {&ack, &retry, &dead}) {
+    CHECK(j->finishes == 1);
+    CHECK(j->finish_thread == std::this_thread::get_id());  // always on the loop
+  }
+  CHECK(ack.outcome->verdict == Verdict::Ack);
+  CHECK(retry.outcome->verdict == Verdict::Retry);
+  CHECK(retry.outcome->detail == "async retry");
+  CHECK(retry.outcome->retry_delay == std::chrono::milliseconds(1000));
+  CHECK(dead.outcome->verdict == Verdict::DeadLetter);
+  CHECK(dead.outcome->detail == "async reject");
+}
+
+TEST_CASE("plugin v2: a verdict returned from handle() still works", "[plugin][v2]") {
+  Fixture f;
+  auto h = load_async(f, true);
+  auto o = f.run_inline(*h, R"({"sync":1,"verdict":"dead_letter"})");
+  CHECK(o.verdict == Verdict::DeadLetter);
+  CHECK(o.emits.empty());
+}
+
+TEST_CASE("plugin v2: emits reach Outcome.emits, with an ack only", "[plugin][v2]") {
+  Fixture f;
+  auto h = load_async(f, false);
+  TestJob ack(R"({"emit":3,"delay_ms":5})");
+  TestJob retry(R"({"emit":2,"verdict":"retry"})");
+  TestJob sync(R"({"emit":2,"sync":1})");
+  for (TestJob* j : {&ack, &retry, &sync}) h->start(*j);
+  REQUIRE(f.run_until([&] { return ack.finishes && retry.finishes && sync.finishes; }));
+  REQUIRE(ack.outcome->verdict == Verdict::Ack);
+  // Compact: the plugin's spaces are gone.
+  CHECK(ack.outcome->emits == std::vector<std::string>{R"({"event_type":"follow.up","payload":{"n":0}})",
+                                                       R"({"event_type":"follow.up","payload":{"n":1}})",
+                                                       R"({"event_type":"follow.up","payload":{"n":2}})"});
+  CHECK(retry.outcome->verdict == Verdict::Retry);
+  CHECK(retry.outcome->emits.empty());  // emits count with an ack only
+  CHECK(sync.outcome->emits.size() == 2);
+}
+
+TEST_CASE("plugin v2: emit refuses what is not one valid follow-up object", "[plugin][v2]") {
+  Fixture f;
+  auto h = load_async(f, true);
+  auto emit = [&](const std::string& json) {
+    auto o = f.run_inline(*h, "EMIT:" + json);
+    CHECK(o.verdict == Verdict::Ack);
+    return std::make_pair(codes().emit, o.emits);
+  };
+  for (const char* bad : {"", "[1]", "\"x\"", "{}", R"({"event_type":""})", R"({"event_type":5})",
+                          R"({"event_type":"a"} {"event_type":"b"})", R"({"event_type":"a"}x)",
+                          R"({"event_type":"a","payload":[1]})", R"({"event_type":"a","routing_key":7})",
+                          R"({"event_type":"a","aggregate_id":null})", R"({"event_type":"a")", "\xff\xfe"}) {
+    INFO(bad);
+    auto [rc, emits] = emit(bad);
+    CHECK(rc == ER_E_INVALID);
+    CHECK(emits.empty());
+  }
+  auto [rc, emits] = emit(R"( {"event_type":"a.b","payload":{"k":[1,{"x":null}]},"aggregate_id":"d-1",)"
+                          R"("aggregate_type":"Draft","routing_key":"rk","extra":true} )");
+  CHECK(rc == ER_OK);
+  CHECK(emits == std::vector<std::string>{R"({"event_type":"a.b","payload":{"k":[1,{"x":null}]},)"
+                                          R"("aggregate_id":"d-1","aggregate_type":"Draft","routing_key":"rk",)"
+                                          R"("extra":true})"});
+  // Deep nesting is parsed without recursion.
+  std::string deep = R"({"event_type":"a","payload":{"p":)" + std::string(100000, '[') + std::string(100000, ']') + "}}";
+  CHECK(emit(deep).first == ER_OK);
+}
+
+TEST_CASE("plugin v2: at most 1000 emits per event", "[plugin][v2]") {
+  Fixture f;
+  auto h = load_async(f, true);
+  auto o = f.run_inline(*h, R"({"emit":1001,"sync":1})");
+  CHECK(o.verdict == Verdict::Ack);
+  CHECK(o.emits.size() == 1000);
+  CHECK(codes().emit == ER_E_LIMIT);
+}
+
+TEST_CASE("plugin v2: double completion is refused, logged, harmless", "[plugin][v2]") {
+  Fixture f;
+  er::log::set_level(er::log::Level::Info);
+  auto h = load_async(f, false);
+  StderrCapture cap;
+  TestJob job(R"({"double":1,"emit":1})");
+  h->start(job);
+  REQUIRE(f.run_until([&] { return job.finishes == 1 && codes().emit_after_complete != 0; }));
+  f.run_for(std::chrono::milliseconds(50));
+  std::string out = cap.text();
+  CHECK(job.finishes == 1);
+  CHECK(job.outcome->verdict == Verdict::Ack);
+  CHECK(job.outcome->emits.size() == 1);
+  CHECK(codes().second_complete == ER_E_HANDLE);
+  CHECK(codes().emit_after_complete == ER_E_HANDLE);
+  CHECK_THAT(out, Catch::Contains("plugin completed an event that is not pending"));
+  CHECK_THAT(out, Catch::Contains("second completion returned 1"));
+}
+
+TEST_CASE("plugin v2: completing inside handle()", "[plugin][v2]") {
+  Fixture f;
+  bool nonblocking = GENERATE(false, true);
+  auto h = load_async(f, nonblocking);
+  // Completed, then ER_PENDING: finished once, and only after handle() returned.
+  TestJob early(R"({"early":1,"verdict":"retry"})");
+  // Completed and a verdict returned as well: the completion counts.
+  TestJob both(R"({"both":1,"verdict":"dead_letter"})");
+  h->start(early);
+  h->start(both);
+  REQUIRE(f.run_until([&] { return early.finishes && both.finishes; }));
+  f.run_for(std::chrono::milliseconds(20));
+  CHECK(early.finishes == 1);
+  CHECK(early.outcome->verdict == Verdict::Retry);
+  CHECK(both.finishes == 1);
+  CHECK(both.outcome->verdict == Verdict::DeadLetter);
+  CHECK(both.outcome->detail == "async reject");
+}
+
+TEST_CASE("plugin v2: a pending event times out; a late completion is refused", "[plugin][v2]") {
+  Fixture f;
+  auto h = load_async(f, false, std::chrono::milliseconds(100));
+  TestJob never(R"({"never":1})");
+  TestJob late(R"({"delay_ms":1500})");  // well after the timeout, even on a loaded machine
+  int completions = codes().completions;
+  h->start(never);
+  h->start(late);
+  REQUIRE(f.run_until([&] { return never.finishes && late.finishes; }));
+  for (TestJob* j : {&never, &late}) {
+    CHECK(j->outcome->verdict == Verdict::Retry);
+    CHECK(j->outcome->reason == "plugin_timeout");
+    CHECK(j->outcome->detail == "not completed within 100ms");
+  }
+  // The late completion arrives after the timeout: refused, nothing finishes twice.
+  REQUIRE(f.run_until([&] { return codes().completions > completions; }));
+  f.run_for(std::chrono::milliseconds(20));
+  CHECK(late.finishes == 1);
+}
+
+TEST_CASE("plugin v2: abort_all abandons pending events", "[plugin][v2]") {
+  Fixture f;
+  auto h = load_async(f, true);
+  TestJob never(R"({"never":1})");
+  TestJob soon(R"({"delay_ms":50})");
+  int completions = codes().completions;
+  h->start(never);
+  h->start(soon);
+  h->abort_all();
+  REQUIRE(f.run_until([&] { return codes().completions > completions; }));  // the plugin completed `soon`...
+  f.run_for(std::chrono::milliseconds(20));
+  CHECK(soon.finishes == 0);  // ...but the event was abandoned: refused
+  CHECK(never.finishes == 0);
+  TestJob after(R"({"delay_ms":1})");  // the handler still works for new events
+  h->start(after);
+  REQUIRE(f.run_until([&] { return after.finishes == 1; }));
+}
+
+TEST_CASE("plugin v2: destroying the handler with events pending is safe", "[plugin][v2]") {
+  Fixture f;
+  TestJob job(R"({"delay_ms":30})");
+  {
+    auto h = load_async(f, false);
+    h->start(job);
+  }  // cleanup stops the plugin's thread; the event is abandoned
+  f.run_for(std::chrono::milliseconds(100));
+  CHECK(job.finishes == 0);
+}
+
+TEST_CASE("plugin v2: pending events hold no thread", "[plugin][v2]") {
+  er::config::HandlerConfig cfg = plugin_config("async", test_plugin("async_plugin"));
+  asio::io_context io;
+  asio::thread_pool one{1};
+  auto h = make_plugin_handler(cfg, io, one);
+  int calls = codes().handle_calls;
+  std::vector<std::unique_ptr<TestJob>> jobs;
+  for (int i = 0; i < 50; ++i) jobs.push_back(std::make_unique<TestJob>(R"({"delay_ms":60000})"));
+  for (auto& j : jobs) h->start(*j);
+  // Every handle() call ran on the one pool thread and returned while all 50
+  // events are still pending.
+  std::promise<void> drained;
+  asio::post(one, [&] { drained.set_value(); });
+  drained.get_future().wait();
+  CHECK(codes().handle_calls - calls == 50);
+  io.restart();
+  io.run_for(std::chrono::milliseconds(10));
+  for (auto& j : jobs) CHECK(j->finishes == 0);
+  h->abort_all();
+  h.reset();
+  one.join();
+}
+
+TEST_CASE("plugin v1: a plugin built against the version 1 header works unchanged", "[plugin][v1]") {
+  Fixture f;
+  bool nonblocking = GENERATE(false, true);
+  auto h = f.load(test_plugin("v1_plugin"), nonblocking ? R"({"nonblocking":1})" : "{}");
+  CHECK(h->max_concurrency() == ~0u);
+  auto run = [&](std::string_view body) {
+    TestJob job(body);
+    h->start(job);
+    REQUIRE(f.run_until([&] { return job.finishes == 1; }));
+    return *job.outcome;
+  };
+  CHECK(run("ack").verdict == Verdict::Ack);
+  auto r = run("retry");
+  CHECK(r.verdict == Verdict::Retry);
+  CHECK(r.detail == "v1 retry");
+  CHECK(r.retry_delay == std::chrono::milliseconds(250));
+  auto d = run("dead");
+  CHECK(d.verdict == Verdict::DeadLetter);
+  CHECK(d.detail == "v1 reject");
+  // Version 2's ER_PENDING value is only an error code for a version 1 plugin.
+  auto p = run("erpd");
+  CHECK(p.verdict == Verdict::Retry);
+  CHECK(p.detail == "plugin returned " + std::to_string(ER_PENDING));
+  // It sees none of version 2: its reserved fields are all NULL.
+  CHECK(run("view").detail == "host_reserved_null=1 event_reserved_null=1 sizes_ok=1");
 }

@@ -75,3 +75,24 @@ TEST_CASE("plan_warnings: an ordered hold that could reach the broker's consumer
   c.queues[0].handlers[0].ordering = config::Ordering::None;
   CHECK(dispatch::plan_warnings(c).empty());
 }
+
+TEST_CASE("plan_warnings: a timeout at the broker's ack timeout is flagged, plugins too", "[router]") {
+  config::Config c;
+  config::QueueConfig q;
+  auto h = handler("async", {"#"});
+  h.kind = config::HandlerKind::Plugin;
+  h.timeout = std::chrono::minutes(30) - std::chrono::seconds(2);  // kill_grace does not apply to plugins
+  q.handlers.push_back(h);
+  c.queues.push_back(q);
+  CHECK(dispatch::plan_warnings(c).empty());
+  c.queues[0].handlers[0].timeout = std::chrono::minutes(30);
+  auto w = dispatch::plan_warnings(c);
+  REQUIRE(w.size() == 1);
+  CHECK(w[0].find("handler 'async': timeout (1800s) is not below the broker's consumer acknowledgement timeout") == 0);
+  // The same timeout less 2 s on an exec handler: its 5 s kill_grace counts.
+  c.queues[0].handlers[0].kind = config::HandlerKind::Exec;
+  c.queues[0].handlers[0].timeout = std::chrono::minutes(30) - std::chrono::seconds(2);
+  w = dispatch::plan_warnings(c);
+  REQUIRE(w.size() == 1);
+  CHECK(w[0].find("handler 'async': timeout + kill_grace (1803s)") == 0);
+}
