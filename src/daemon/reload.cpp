@@ -15,6 +15,9 @@ namespace asio = boost::asio;
 
 struct Reloader::Built {
   std::shared_ptr<const config::Config> prev;
+  // Lends unchanged worker handlers to the build. Holds the running
+  // generation: released on the loop, in finish().
+  std::shared_ptr<const dispatch::Runtime> prev_rt;
   std::shared_ptr<dedupe::Store> prev_store;
   std::shared_ptr<const config::Config> cfg;
   std::unique_ptr<dispatch::Runtime> rt;
@@ -54,12 +57,13 @@ void Reloader::begin() {
   log::info("reloading", {{"config", path_}});
   auto b = std::make_shared<Built>();
   b->prev = consumer_.config_ptr();
+  b->prev_rt = consumer_.runtime_ptr();
   b->prev_store = consumer_.dedupe_store();
   std::weak_ptr<bool> alive = alive_;
   worker_ = std::thread([this, b, alive] {
     try {
       b->cfg = std::make_shared<const config::Config>(config::load_config(path_));
-      b->rt = dispatch::build_runtime(b->cfg, io_, pool_);
+      b->rt = dispatch::build_runtime(b->cfg, io_, pool_, b->prev_rt.get());
       for (const auto& w : dispatch::plan_warnings(*b->cfg)) log::warn(w);
       if (wants_dedupe(*b->cfg)) {
         // One store per state_dir: the same directory keeps the open store.
@@ -79,6 +83,9 @@ void Reloader::begin() {
       }
     } catch (const std::exception& e) {
       b->error = e.what();
+      // Here, off the loop: workers it started are not activated and are
+      // stopped (end of input, grace) by this thread.
+      b->rt.reset();
     }
     asio::post(io_, [this, b, alive] {
       if (!alive.expired()) finish(b);
@@ -89,6 +96,9 @@ void Reloader::begin() {
 void Reloader::finish(std::shared_ptr<Built> b) {
   busy_ = false;
   bool ok = b->error.empty();
+  // Before the switch, so that a replaced generation with no event in flight
+  // goes (and its replaced workers get end of input) with the switch.
+  b->prev_rt.reset();
   if (!ok) {
     log::error("reload failed; keeping the running config", {{"error", b->error}});
   } else {
