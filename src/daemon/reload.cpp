@@ -33,6 +33,13 @@ Reloader::Reloader(asio::io_context& io, asio::thread_pool& pool, consume::Consu
 Reloader::~Reloader() {
   *alive_ = false;
   if (worker_.joinable()) worker_.join();
+  if (building_) {
+    // Its result was posted to a loop that no longer runs: release what it
+    // holds of the running generation (and the workers it started) here,
+    // while the consumer still exists.
+    building_->prev_rt.reset();
+    building_->rt.reset();
+  }
 }
 
 void Reloader::request(std::function<void(bool)> done) {
@@ -56,6 +63,7 @@ void Reloader::begin() {
   if (worker_.joinable()) worker_.join();  // the previous build has posted its result already
   log::info("reloading", {{"config", path_}});
   auto b = std::make_shared<Built>();
+  building_ = b;
   b->prev = consumer_.config_ptr();
   b->prev_rt = consumer_.runtime_ptr();
   b->prev_store = consumer_.dedupe_store();
@@ -95,6 +103,7 @@ void Reloader::begin() {
 
 void Reloader::finish(std::shared_ptr<Built> b) {
   busy_ = false;
+  building_.reset();
   bool ok = b->error.empty();
   // Before the switch, so that a replaced generation with no event in flight
   // goes (and its replaced workers get end of input) with the switch.

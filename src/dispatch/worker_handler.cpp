@@ -792,6 +792,7 @@ bool WorkerPool::on_line(const std::shared_ptr<Proc>& p, std::string_view line) 
     return false;
   }
   if (a.type == WorkerAnswer::Type::Ready) {
+    if (p->state == Proc::State::Closing) return true;  // stopped while it started: it is ending anyway
     if (p->state != Proc::State::Starting) {
       fail(p, kProtocol, "a second ready");
       return false;
