@@ -203,6 +203,27 @@ class WorkersTest(RouterTestCase):
     async def test_unknown_id(self):
         await self.misbehave({"unknown_id": True}, "protocol_error")
 
+    async def test_line_over_16_mib(self):
+        await self.misbehave({"huge": 17 * 1024 * 1024}, "protocol_error")
+
+    async def test_events_wait_for_a_process_then_retry(self):
+        # Down for 4 s after the crash; an event waits `timeout` (1 s) for it,
+        # is retried (worker_unavailable), and its attempt 2 finds it back.
+        h, rec = self.worker(restart={"initial": "4s", "max": "4s"}, timeout="1s",
+                             retry={"max_attempts": 3, "delay": "5s", "multiplier": 1})
+        await self.start([h])
+        crash = self.make_event("job.bad", {"crash": True})
+        await self.publish(crash)
+        await self.daemon.wait_for_record("worker process failed; restarting", handler="w")
+        waiting = self.make_event("job.good", {})
+        await self.publish(waiting)
+        await self.assert_all_acked_once([crash, waiting])
+        retried = self.daemon.records("handled", event_id=waiting["event_id"], outcome="retry")
+        self.assertEqual(len(retried), 1)
+        self.assertIn("no worker process could take it within 1s", retried[0].fields["detail"])
+        starts = [r for r in read_jsonl(rec) if r["phase"] == "start" and r["event_id"] == waiting["event_id"]]
+        self.assertEqual([r["attempt"] for r in starts], [2])
+
     async def test_readyz_names_a_worker_that_is_down(self):
         h, rec = self.worker(restart={"initial": "3s", "max": "3s"})
         await self.start([h], http=True)
@@ -284,6 +305,34 @@ class WorkersTest(RouterTestCase):
         phases = [r["phase"] for r in read_jsonl(rec)]
         self.assertEqual(phases, ["ready", "start", "done", "eof"])
         await self.wait_queue_counts(self.q, 0, 0)
+
+    async def test_stop_escalates_for_a_worker_that_ignores_the_end(self):
+        h, rec = self.worker(args=["--ignore-eof", "--ignore-term"], kill_grace="500ms")
+        d = await self.start([h])
+        pid = read_jsonl(rec)[0]["pid"]
+        self.assertEqual(await d.stop(signal.SIGTERM, timeout=15), 0, d.tail())
+        self.assertEqual(len(d.records("worker process still running after end of input and kill_grace; "
+                                       "sending SIGTERM", pid=str(pid))), 1, d.tail())
+        self.assertEqual(len(d.records("worker process ignored SIGTERM; sending SIGKILL", pid=str(pid))), 1)
+        self.assertEqual([r["phase"] for r in read_jsonl(rec)], ["ready", "eof"])
+        self.assertFalse(os.path.exists("/proc/%d" % pid), "the worker outlived the daemon")
+
+    async def test_failed_reload_keeps_the_running_worker(self):
+        h, rec = self.worker()
+        d = await self.start([h])
+        pid = read_jsonl(rec)[0]["pid"]
+        self.cfg["queues"][0]["handlers"][0]["worker"].extend(["--protocol", "2"])
+        self.write_config(self.cfg)
+        d.send_signal(signal.SIGHUP)
+        failed = await d.wait_for_record("reload failed; keeping the running config")
+        self.assertIn("speaks protocol 2, the daemon speaks 1", failed[0].fields["error"])
+        ev = self.make_event("job.after", {})
+        await self.publish(ev)
+        await self.assert_all_acked_once([ev])
+        ready = [r for r in read_jsonl(rec) if r["phase"] == "ready"]
+        self.assertEqual(len(ready), 2)  # the refused one was started, and is gone
+        self.assertFalse(os.path.exists("/proc/%d" % ready[1]["pid"]))
+        self.assertEqual([r["pid"] for r in read_jsonl(rec) if r["phase"] == "start"], [pid])
 
     async def test_sighup_keeps_an_unchanged_worker(self):
         h, rec = self.worker()

@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """A worker written against the raw protocol (docs/worker-protocol.md), stdlib only.
 
-    raw_worker.py RECORD_FILE [--protocol N]
+    raw_worker.py RECORD_FILE [--protocol N] [--ignore-eof] [--ignore-term]
 
 Appends one JSON line per happening to RECORD_FILE: {"phase": "ready"|"start"|"done"|"eof",
 "pid", ...}; a start record carries the event's id, event_id, attempt and `inflight`, the
@@ -17,9 +17,12 @@ Each event's payload steers it (misbehaviour only on attempt 1, so a retry succe
   garbage      write this text (a line) on fd 4 instead of the answer
   twice        answer twice
   unknown_id   answer an id it was never given
+  huge         write a line of this many bytes on fd 4 instead of the answer
+--ignore-eof keeps it running after end of input, --ignore-term ignores SIGTERM.
 """
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -86,6 +89,9 @@ def handle(msg):
     with rec_lock:
         inflight -= 1
     record(phase="done", id=msg["id"], event_id=msg.get("event_id"), attempt=msg.get("attempt"))
+    if first and payload.get("huge"):
+        send("x" * payload["huge"])
+        return
     if first and "garbage" in payload:
         send(payload["garbage"])
         return
@@ -97,6 +103,8 @@ def handle(msg):
 
 
 def main():
+    if "--ignore-term" in sys.argv:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threads = []
     buf = b""
     while True:
@@ -118,6 +126,8 @@ def main():
     for t in threads:
         t.join()
     record(phase="eof")
+    if "--ignore-eof" in sys.argv:
+        time.sleep(3600)
 
 
 if __name__ == "__main__":
