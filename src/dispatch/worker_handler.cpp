@@ -360,6 +360,16 @@ struct SlotState {
   bool restart_pending = false;
 };
 
+// Room for the next read of answer bytes (doubling: a long line is copied O(log n) times).
+void reserve_answer(Proc& p) {
+  if (p.acap - p.alen >= kAnswerChunk / 2) return;
+  size_t cap = std::max(p.acap * 2, p.alen + kAnswerChunk);
+  auto nb = std::make_unique<char[]>(cap);
+  if (p.alen) std::memcpy(nb.get(), p.abuf.get(), p.alen);
+  p.abuf = std::move(nb);
+  p.acap = cap;
+}
+
 bool same_processes(const config::HandlerConfig& a, const config::HandlerConfig& b) {
   return a.name == b.name && a.argv == b.argv && a.env == b.env && a.inherit_env == b.inherit_env &&
          a.processes == b.processes && a.per_process == b.per_process && a.timeout == b.timeout &&
@@ -559,13 +569,7 @@ bool WorkerPool::poll_once(Proc& p, int timeout_ms) {
   if (fds[1].revents) read_raw_log(p, p.out, false);
   if (fds[2].revents) read_raw_log(p, p.err, true);
   if (fds[0].revents) {
-    if (p.acap - p.alen < kAnswerChunk) {
-      size_t cap = std::max(p.acap * 2, p.alen + kAnswerChunk);
-      auto nb = std::make_unique<char[]>(cap);
-      if (p.alen) std::memcpy(nb.get(), p.abuf.get(), p.alen);
-      p.abuf = std::move(nb);
-      p.acap = cap;
-    }
+    reserve_answer(p);
     ssize_t n;
     do n = ::read(p.raw_ans, p.abuf.get() + p.alen, p.acap - p.alen);
     while (n < 0 && errno == EINTR);
@@ -740,13 +744,7 @@ void WorkerPool::flush_writes(const std::shared_ptr<Proc>& p) {
 void WorkerPool::send_hello(const std::shared_ptr<Proc>& p) { queue_write(p, hello_); }
 
 void WorkerPool::read_answers(const std::shared_ptr<Proc>& p) {
-  if (p->acap - p->alen < kAnswerChunk / 2) {
-    size_t cap = std::max(p->acap * 2, p->alen + kAnswerChunk);
-    auto nb = std::make_unique<char[]>(cap);
-    if (p->alen) std::memcpy(nb.get(), p->abuf.get(), p->alen);
-    p->abuf = std::move(nb);
-    p->acap = cap;
-  }
+  reserve_answer(*p);
   p->ans.async_read_some(asio::buffer(p->abuf.get() + p->alen, p->acap - p->alen),
                          [self = shared_from_this(), p](const error_code& ec, size_t n) {
                            if (ec) {
@@ -766,7 +764,9 @@ void WorkerPool::on_answer_bytes(const std::shared_ptr<Proc>& p, size_t n) {
   char* b = p->abuf.get();
   size_t start = 0;
   size_t from = p->ascan;
-  while (auto* nl = static_cast<char*>(std::memchr(b + from, '\n', p->alen - from))) {
+  while (from < p->alen) {
+    auto* nl = static_cast<char*>(std::memchr(b + from, '\n', p->alen - from));
+    if (!nl) break;
     size_t end = static_cast<size_t>(nl - b);
     if (!on_line(p, std::string_view(b + start, end - start))) return;
     start = from = end + 1;
@@ -776,6 +776,10 @@ void WorkerPool::on_answer_bytes(const std::shared_ptr<Proc>& p, size_t n) {
     p->alen -= start;
   }
   p->ascan = p->alen;
+  if (p->alen == 0 && p->acap > 4 * kAnswerChunk) {  // a big answer is past: do not keep its room
+    p->abuf.reset();
+    p->acap = 0;
+  }
   if (p->alen > kMaxAnswerBytes) {
     fail(p, kProtocol, "a line longer than 16 MiB");
     return;
