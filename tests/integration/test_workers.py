@@ -193,6 +193,9 @@ class WorkersTest(RouterTestCase):
     async def test_non_object_answer(self):
         await self.misbehave({"garbage": "[1, 2, 3]"}, "protocol_error")
 
+    async def test_unknown_type(self):
+        await self.misbehave({"garbage": '{"type":"bogus","id":1}'}, "protocol_error")
+
     async def test_unknown_verdict(self):
         await self.misbehave({"verdicts": ["maybe", "ack"]}, "protocol_error")
 
