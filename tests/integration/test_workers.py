@@ -373,3 +373,24 @@ class WorkersTest(RouterTestCase):
         old = [r["phase"] for r in read_jsonl(rec) if r["pid"] == old_pid]
         self.assertEqual(old, ["ready", "start", "done", "eof"])
         self.assertEqual(await d.stop(), 0)
+
+    async def test_sighups_under_load_lose_nothing(self):
+        # Each SIGHUP replaces both processes (their env changes) while events flow.
+        h, rec = self.worker(processes=2, concurrency=4)
+        d = await self.start([h])
+        events = [self.make_event("job.n", {"sleep_ms": 20}) for _ in range(200)]
+        for i, ev in enumerate(events):
+            await self.publish(ev)
+            if i % 50 == 25:
+                self.cfg["queues"][0]["handlers"][0]["env"] = {"GENERATION": str(i)}
+                self.write_config(self.cfg)
+                d.send_signal(signal.SIGHUP)
+                await d.wait_for_record("reloaded", count=i // 50 + 1)
+        await self.assert_all_acked_once(events)
+        self.assertEqual(len(d.records("reloaded")), 4)
+        pids = {r["pid"] for r in read_jsonl(rec) if r["phase"] == "ready"}
+        self.assertEqual(len(pids), 10)  # 2 at the start + 2 per reload
+        # Every replaced process saw end of input and exited on it.
+        await self.wait_for("8 eofs", lambda: len([r for r in read_jsonl(rec) if r["phase"] == "eof"]) == 8)
+        self.assertEqual(len(d.records("worker process failed; restarting")), 0)
+        self.assertEqual(await d.stop(), 0)
