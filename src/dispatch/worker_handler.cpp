@@ -706,7 +706,13 @@ void WorkerPool::attach(const std::shared_ptr<Proc>& p) {
   if (p->err.raw >= 0) take(p->err.sd, p->err.raw); else p->err.eof = true;
   p->attached = true;
   if (ec) {
+    // Cannot supervise it: kill and reap it now rather than leave it unwatched.
     close_raw(*p);
+    process::signal_group(p->pid, SIGKILL);
+    int st;
+    process::reap_child(p->pid, &st, 0);
+    p->reaped = true;
+    p->out.eof = p->err.eof = true;
     fail(p, kStartFailed, "cannot watch the worker process: " + ec.message());
     return;
   }
