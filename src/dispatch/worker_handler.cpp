@@ -394,7 +394,7 @@ class WorkerPool : public std::enable_shared_from_this<WorkerPool> {
 
  private:
   std::shared_ptr<Proc> spawn(unsigned slot, std::string& error);
-  void handshake_blocking(Proc& p);
+  void handshake_blocking(Proc& p, steady_clock::time_point deadline);
   bool poll_once(Proc& p, int timeout_ms);  // false once the process exited
   void read_raw_log(Proc& p, LogStream& s, bool is_err);
   static void close_raw(Proc& p);
@@ -536,14 +536,22 @@ std::shared_ptr<Proc> WorkerPool::spawn(unsigned slot, std::string& error) {
 }
 
 void WorkerPool::start_blocking() {
+  // All start at once, so that N processes take start_timeout, not N times it.
   for (unsigned i = 0; i < slots_.size(); ++i) {
     std::string error;
     auto p = spawn(i, error);
     if (!p) throw std::runtime_error("worker handler '" + cfg_.name + "': " + error);
     slots_[i]->proc = p;
-    handshake_blocking(*p);
-    p->state = Proc::State::Up;
-    p->up_since = steady_clock::now();
+    // A hello is far below a pipe's buffer: this write does not wait for the worker.
+    ssize_t w;
+    do w = ::write(p->raw_in, hello_.data(), hello_.size());
+    while (w < 0 && errno == EINTR);
+  }
+  auto deadline = steady_clock::now() + cfg_.start_timeout;
+  for (auto& s : slots_) {
+    handshake_blocking(*s->proc, deadline);
+    s->proc->state = Proc::State::Up;
+    s->proc->up_since = steady_clock::now();
   }
   log::info("worker handler started", {{"handler", cfg_.name}, {"processes", std::to_string(slots_.size())}});
 }
@@ -592,13 +600,8 @@ bool WorkerPool::poll_once(Proc& p, int timeout_ms) {
   return true;
 }
 
-void WorkerPool::handshake_blocking(Proc& p) {
+void WorkerPool::handshake_blocking(Proc& p, steady_clock::time_point deadline) {
   const std::string who = "worker handler '" + cfg_.name + "'";
-  // A hello is far below a pipe's buffer: this write does not wait for the worker.
-  ssize_t w;
-  do w = ::write(p.raw_in, hello_.data(), hello_.size());
-  while (w < 0 && errno == EINTR);
-  auto deadline = steady_clock::now() + cfg_.start_timeout;
   for (;;) {
     auto* nl = p.alen ? static_cast<char*>(std::memchr(p.abuf.get(), '\n', p.alen)) : nullptr;
     if (nl) break;
