@@ -227,6 +227,31 @@ class WorkersTest(RouterTestCase):
         starts = [r for r in read_jsonl(rec) if r["phase"] == "start" and r["event_id"] == waiting["event_id"]]
         self.assertEqual([r["attempt"] for r in starts], [2])
 
+    async def test_restarts_back_off_until_the_worker_starts_again(self):
+        flag = os.path.join(self.tmp, "refuse")
+        h, rec = self.worker(args=["--fail-start-if", flag], restart={"initial": "200ms", "max": "800ms"})
+        await self.start([h], http=True)
+        open(flag, "w").close()
+        ev = self.make_event("job.bad", {"crash": True})
+        await self.publish(ev)
+        # Restarts fail (exit before ready) with waits doubling up to max.
+        waits = await self.daemon.wait_for_record("worker process restarts after backoff", handler="w", count=4)
+        self.assertEqual([r.fields["in"] for r in waits[:4]], ["200ms", "400ms", "800ms", "800ms"])
+        failed = self.daemon.records("worker process failed; restarting", handler="w", reason="start_failed")
+        self.assertGreaterEqual(len(failed), 2)
+        self.assertIn("exit code 5", failed[0].fields["detail"])
+        _, _, body = await self.get("/metrics")
+        self.assertGreaterEqual(metric(body, "event_router_worker_restarts_total", handler="w",
+                                       reason="start_failed"), 2, body)
+        status, _, text = await self.get("/readyz")
+        self.assertEqual(status, 503, text)
+        os.unlink(flag)
+        await self.assert_all_acked_once([ev])
+        deadline = time.monotonic() + 10
+        while (await self.get("/readyz"))[0] != 200:
+            self.assertLess(time.monotonic(), deadline, "never ready again")
+            await asyncio.sleep(0.05)
+
     async def test_readyz_names_a_worker_that_is_down(self):
         h, rec = self.worker(restart={"initial": "3s", "max": "3s"})
         await self.start([h], http=True)

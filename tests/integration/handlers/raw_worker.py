@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """A worker written against the raw protocol (docs/worker-protocol.md), stdlib only.
 
-    raw_worker.py RECORD_FILE [--protocol N] [--ignore-eof] [--ignore-term]
+    raw_worker.py RECORD_FILE [--protocol N] [--ignore-eof] [--ignore-term] [--fail-start-if FILE]
 
 Appends one JSON line per happening to RECORD_FILE: {"phase": "ready"|"start"|"done"|"eof",
 "pid", ...}; a start record carries the event's id, event_id, attempt and `inflight`, the
@@ -18,7 +18,8 @@ Each event's payload steers it (misbehaviour only on attempt 1, so a retry succe
   twice        answer twice
   unknown_id   answer an id it was never given
   huge         write a line of this many bytes on fd 4 instead of the answer
---ignore-eof keeps it running after end of input, --ignore-term ignores SIGTERM.
+--ignore-eof keeps it running after end of input, --ignore-term ignores SIGTERM,
+--fail-start-if FILE exits 5 before its ready while FILE exists.
 """
 import json
 import os
@@ -116,6 +117,10 @@ def main():
             line, buf = buf.split(b"\n", 1)
             msg = json.loads(line)
             if msg["type"] == "hello":
+                if "--fail-start-if" in sys.argv and os.path.exists(sys.argv[sys.argv.index("--fail-start-if") + 1]):
+                    record(phase="refused")
+                    print("refusing to start", file=sys.stderr, flush=True)
+                    os._exit(5)
                 record(phase="ready", hello=msg)
                 send({"type": "ready", "protocol": PROTOCOL})
             elif msg["type"] == "event":
