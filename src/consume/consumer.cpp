@@ -109,6 +109,9 @@ std::shared_ptr<Generation> Consumer::make_generation(std::unique_ptr<dispatch::
     g->channels.push_back(std::move(qc));
   }
   g->rt = std::move(rt);
+  // Worker handlers start watching their processes (a kept one: again, harmlessly).
+  for (auto& q : g->rt->queues)
+    for (auto& slot : q.slots()) slot.handler->activate(registry_);
   generations_.push_back(g);
   return g;
 }
@@ -157,6 +160,9 @@ bool Consumer::ready(std::string& reason) const {
       return false;
     }
   }
+  for (auto& q : current_->rt->queues)
+    for (const auto& slot : q.slots())
+      if (!slot.handler->ready(reason)) return false;
   return true;
 }
 
@@ -642,6 +648,11 @@ void Consumer::finish_stop() {
   }
   deadline_timer_.cancel();
   for (auto& qc : current_->channels) qc->recover_timer.cancel();
+  // Worker processes get end of input now that nothing is in flight (or it was abandoned).
+  for_each_generation([](Generation& g) {
+    for (auto& q : g.rt->queues)
+      for (auto& slot : q.slots()) slot.handler->stop();
+  });
   link_.close();
   log::info("stopped", {{"unsettled", std::to_string(in_flight_)}});
   if (on_stopped_) asio::post(io_, std::move(on_stopped_));

@@ -54,6 +54,10 @@ class Consumer final : LinkEvents, settle::Outbox {
   const config::Config& config() const { return *current_->cfg; }
   std::shared_ptr<const config::Config> config_ptr() const { return current_->rt->config; }
   std::shared_ptr<dedupe::Store> dedupe_store() const { return current_->dedupe; }
+  // The running runtime; holds its whole generation, so release it on the loop.
+  std::shared_ptr<const dispatch::Runtime> runtime_ptr() const {
+    return std::shared_ptr<const dispatch::Runtime>(current_, current_->rt.get());
+  }
 
   // Non-zero when the consumer gave up for a reason a restart will not fix
   // (e.g. the broker's queue has different arguments than the config).

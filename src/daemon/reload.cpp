@@ -15,6 +15,9 @@ namespace asio = boost::asio;
 
 struct Reloader::Built {
   std::shared_ptr<const config::Config> prev;
+  // Lends unchanged worker handlers to the build. Holds the running
+  // generation: released on the loop, in finish().
+  std::shared_ptr<const dispatch::Runtime> prev_rt;
   std::shared_ptr<dedupe::Store> prev_store;
   std::shared_ptr<const config::Config> cfg;
   std::unique_ptr<dispatch::Runtime> rt;
@@ -30,6 +33,13 @@ Reloader::Reloader(asio::io_context& io, asio::thread_pool& pool, consume::Consu
 Reloader::~Reloader() {
   *alive_ = false;
   if (worker_.joinable()) worker_.join();
+  if (building_) {
+    // Its result was posted to a loop that no longer runs: release what it
+    // holds of the running generation (and the workers it started) here,
+    // while the consumer still exists.
+    building_->prev_rt.reset();
+    building_->rt.reset();
+  }
 }
 
 void Reloader::request(std::function<void(bool)> done) {
@@ -53,13 +63,15 @@ void Reloader::begin() {
   if (worker_.joinable()) worker_.join();  // the previous build has posted its result already
   log::info("reloading", {{"config", path_}});
   auto b = std::make_shared<Built>();
+  building_ = b;
   b->prev = consumer_.config_ptr();
+  b->prev_rt = consumer_.runtime_ptr();
   b->prev_store = consumer_.dedupe_store();
   std::weak_ptr<bool> alive = alive_;
   worker_ = std::thread([this, b, alive] {
     try {
       b->cfg = std::make_shared<const config::Config>(config::load_config(path_));
-      b->rt = dispatch::build_runtime(b->cfg, io_, pool_);
+      b->rt = dispatch::build_runtime(b->cfg, io_, pool_, b->prev_rt.get());
       for (const auto& w : dispatch::plan_warnings(*b->cfg)) log::warn(w);
       if (wants_dedupe(*b->cfg)) {
         // One store per state_dir: the same directory keeps the open store.
@@ -79,6 +91,9 @@ void Reloader::begin() {
       }
     } catch (const std::exception& e) {
       b->error = e.what();
+      // Here, off the loop: workers it started are not activated and are
+      // stopped (end of input, grace) by this thread.
+      b->rt.reset();
     }
     asio::post(io_, [this, b, alive] {
       if (!alive.expired()) finish(b);
@@ -88,7 +103,11 @@ void Reloader::begin() {
 
 void Reloader::finish(std::shared_ptr<Built> b) {
   busy_ = false;
+  building_.reset();
   bool ok = b->error.empty();
+  // Before the switch, so that a replaced generation with no event in flight
+  // goes (and its replaced workers get end of input) with the switch.
+  b->prev_rt.reset();
   if (!ok) {
     log::error("reload failed; keeping the running config", {{"error", b->error}});
   } else {

@@ -41,6 +41,7 @@ class Reloader {
   consume::Consumer& consumer_;
   std::string path_;
   std::thread worker_;
+  std::shared_ptr<Built> building_;  // the build under way (its result may never reach the loop)
   bool busy_ = false;
   bool again_ = false;
   std::function<void(bool)> done_;

@@ -36,60 +36,16 @@ namespace {
 
 namespace asio = boost::asio;
 using boost::system::error_code;
+using process::close_fd;
+using process::describe_signal;
+using process::format_duration;
+using process::reap_child;
 
 constexpr size_t kReadBuf = 8192;        // 2 * kMaxLine: a kept partial line always leaves room to read
 constexpr size_t kMaxLine = 4096;        // longer lines are split
 constexpr size_t kLogCap = 64 * 1024;    // logged bytes per stream per event
-constexpr size_t kTailLines = 10;
-constexpr size_t kTailBytes = 2048;
 constexpr auto kDrainGrace = std::chrono::milliseconds(100);  // pipes held by grandchildren
 constexpr size_t kMaxSpareBuffers = 16;
-constexpr const char* kDefaultPath = "/usr/local/bin:/usr/bin:/bin";
-
-// Handler children not yet reaped by their handler: reap_orphans() leaves
-// them alone. The lock spans spawn + insert and reap + erase, so the orphan
-// reaper never sees one of them as untracked.
-struct Children {
-  std::mutex mu;
-  std::unordered_set<pid_t> pids;
-  bool reaper = false;  // an OrphanReaper exists
-};
-Children& children() {
-  static Children c;
-  return c;
-}
-
-// waitpid() of a handler's own child, then forgets it; once it is gone,
-// orphans that were waiting behind it (see reap_orphans) can be reaped.
-pid_t reap_child(pid_t pid, int* status, int flags) {
-  pid_t r;
-  bool reaper;
-  {
-    std::lock_guard<std::mutex> lock(children().mu);
-    do r = ::waitpid(pid, status, flags);
-    while (r < 0 && errno == EINTR);
-    if (r != 0) children().pids.erase(pid);  // reaped, or not ours (ECHILD)
-    reaper = children().reaper;
-  }
-  if (reaper && r > 0) reap_orphans();
-  return r;
-}
-
-std::string format_duration(std::chrono::milliseconds d) {
-  auto ms = d.count();
-  if (ms % 1000 == 0) return std::to_string(ms / 1000) + "s";
-  return std::to_string(ms) + "ms";
-}
-
-std::string describe_signal(int sig) {
-  std::string s = "signal " + std::to_string(sig);
-  if (const char* abbrev = sigabbrev_np(sig)) {
-    s += " (SIG";
-    s += abbrev;
-    s += ')';
-  }
-  return s;
-}
 
 // `timeout_note` is appended after "timed out" (e.g. " after 30s (sent SIGTERM)").
 Outcome exit_outcome(int status, bool timed_out, std::string_view timeout_note, std::string_view tail) {
@@ -120,30 +76,6 @@ Outcome exit_outcome(int status, bool timed_out, std::string_view timeout_note, 
   }
   if (dead_letter) return Outcome::dead_letter("handler_failed", std::move(detail));
   return Outcome::retry("handler_failed", std::move(detail));
-}
-
-void close_fd(int& fd) {
-  if (fd >= 0) ::close(fd);
-  fd = -1;
-}
-
-// pipe2(O_CLOEXEC); both ends moved to >= 3 so the child-side dup2 onto 0/1/2
-// can never clobber another pipe end (matters only if the daemon closed 0/1/2).
-int make_pipe(int p[2]) {
-  if (::pipe2(p, O_CLOEXEC) != 0) return errno;
-  for (int i = 0; i < 2; ++i) {
-    if (p[i] >= 3) continue;
-    int moved = ::fcntl(p[i], F_DUPFD_CLOEXEC, 3);
-    int err = errno;
-    ::close(p[i]);
-    p[i] = moved;
-    if (moved < 0) {
-      close_fd(p[0]);
-      close_fd(p[1]);
-      return err;
-    }
-  }
-  return 0;
 }
 
 // Read buffers, recycled across runs by the handler (returned once a run is
@@ -184,8 +116,7 @@ struct Run {
   Stream err;
   asio::posix::stream_descriptor pidfd;
   asio::steady_timer timer;
-  std::string tail;  // last stderr lines, '\n'-separated
-  size_t tail_lines = 0;
+  process::Tail tail;  // last stderr lines
   std::unique_ptr<Buffers> buffers;
 };
 
@@ -203,14 +134,6 @@ class ExecHandler final : public Handler {
   void abort_all() override;
 
  private:
-  enum Dynamic { kEventType, kEventId, kCorrelationId, kAggregateId, kRoutingKey, kQueue, kAttempt,
-                 kRedelivered, kNone };
-  struct EnvSlot {
-    std::string text;  // "KEY=VALUE" when static, "KEY=" when dynamic
-    Dynamic dyn = kNone;
-  };
-
-  void build_env(const EventView& v);
   void fail(Job& job, const char* what, int err);
   void read_more(const std::shared_ptr<Run>& run, bool is_err);
   void on_read(const std::shared_ptr<Run>& run, bool is_err, const error_code& ec, size_t n);
@@ -228,17 +151,9 @@ class ExecHandler final : public Handler {
   void remove(Run& run);
 
   asio::io_context& io_;
-  std::vector<std::string> argv_;
-  std::vector<char*> argv_ptrs_;
+  process::Spawner spawner_;
   std::chrono::milliseconds timeout_;
   std::chrono::milliseconds kill_grace_;
-  posix_spawnattr_t attr_;
-  std::vector<EnvSlot> env_slots_;
-  // Reused per spawn; posix_spawn copies nothing, but the child has exec'd
-  // (or failed) before it returns, so these only need to live across the call.
-  std::string env_buf_;
-  std::vector<size_t> env_offsets_;
-  std::vector<char*> envp_;
   std::vector<std::shared_ptr<Run>> runs_;
   std::vector<std::unique_ptr<Buffers>> spare_buffers_;
   // Cancelled operations still call back after ~ExecHandler (a reload frees
@@ -247,94 +162,27 @@ class ExecHandler final : public Handler {
 };
 
 ExecHandler::ExecHandler(const config::HandlerConfig& cfg, asio::io_context& io)
-    : Handler(cfg.name), io_(io), argv_(cfg.argv), timeout_(cfg.timeout), kill_grace_(cfg.kill_grace) {
-  for (auto& a : argv_) argv_ptrs_.push_back(a.data());
-  argv_ptrs_.push_back(nullptr);
-
-  // The daemon blocks signals and ignores SIGPIPE; the child must start clean,
-  // in its own process group (no terminal Ctrl-C, and a timeout kills the group).
-  posix_spawnattr_init(&attr_);
-  sigset_t empty;
-  sigemptyset(&empty);
-  posix_spawnattr_setsigmask(&attr_, &empty);
-  sigset_t defaults;
-  sigemptyset(&defaults);
-  for (int s : {SIGPIPE, SIGINT, SIGTERM, SIGHUP, SIGCHLD, SIGQUIT}) sigaddset(&defaults, s);
-#ifdef __GLIBC__
-  // glibc's posix_spawn sets its internal signals (32, 33) to SIG_IGN in the
-  // child, which survives exec, unless they are in sigdefault; sigaddset
-  // refuses them, so set the bits directly.
-  constexpr int kBits = 8 * sizeof(defaults.__val[0]);
-  for (int s = 32; s < SIGRTMIN; ++s) defaults.__val[(s - 1) / kBits] |= 1UL << ((s - 1) % kBits);
-#endif
-  posix_spawnattr_setsigdefault(&attr_, &defaults);
-  posix_spawnattr_setpgroup(&attr_, 0);
-  posix_spawnattr_setflags(&attr_, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETPGROUP);
-
-  auto add = [this](std::string key, std::string value, Dynamic dyn) {
-    std::string text = key + "=";
-    for (auto& s : env_slots_) {
-      if (s.text.compare(0, text.size(), text) == 0) {  // later sources override earlier ones
-        s.text = text + value;
-        s.dyn = dyn;
-        return;
-      }
-    }
-    env_slots_.push_back({text + value, dyn});
-  };
-  const char* path = std::getenv("PATH");
-  add("PATH", path ? path : kDefaultPath, kNone);
-  add("EVENT_TYPE", "", kEventType);
-  add("EVENT_ID", "", kEventId);
-  add("CORRELATION_ID", "", kCorrelationId);
-  add("AGGREGATE_ID", "", kAggregateId);
-  add("ROUTING_KEY", "", kRoutingKey);
-  add("QUEUE", "", kQueue);
-  add("ATTEMPT", "", kAttempt);
-  add("REDELIVERED", "", kRedelivered);
-  for (const auto& name : cfg.inherit_env) {
-    if (const char* v = std::getenv(name.c_str())) add(name, v, kNone);
-  }
-  for (const auto& [k, v] : cfg.env) add(k, v, kNone);
+    : Handler(cfg.name), io_(io), spawner_(cfg), timeout_(cfg.timeout), kill_grace_(cfg.kill_grace) {
+  using S = process::Spawner;
+  spawner_.set("EVENT_TYPE", "", S::kEventType);
+  spawner_.set("EVENT_ID", "", S::kEventId);
+  spawner_.set("CORRELATION_ID", "", S::kCorrelationId);
+  spawner_.set("AGGREGATE_ID", "", S::kAggregateId);
+  spawner_.set("ROUTING_KEY", "", S::kRoutingKey);
+  spawner_.set("QUEUE", "", S::kQueue);
+  spawner_.set("ATTEMPT", "", S::kAttempt);
+  spawner_.set("REDELIVERED", "", S::kRedelivered);
+  spawner_.set_configured(cfg);
 }
 
 ExecHandler::~ExecHandler() {
   abort_all();  // never leave children (or zombies) behind
   alive_.reset();
-  posix_spawnattr_destroy(&attr_);
-}
-
-void ExecHandler::build_env(const EventView& v) {
-  env_buf_.clear();
-  env_offsets_.clear();
-  const event::Envelope* e = v.envelope;
-  char attempt[16];
-  auto [end, ec] = std::to_chars(attempt, attempt + sizeof attempt, v.attempt);
-  (void)ec;
-  for (const auto& slot : env_slots_) {
-    env_offsets_.push_back(env_buf_.size());
-    env_buf_ += slot.text;
-    switch (slot.dyn) {
-      case kEventType: if (e) env_buf_ += e->event_type; break;
-      case kEventId: if (e) env_buf_ += e->event_id; break;
-      case kCorrelationId: if (e) env_buf_ += e->correlation_id; break;
-      case kAggregateId: if (e) env_buf_ += e->aggregate_id; break;
-      case kRoutingKey: env_buf_ += v.routing_key; break;
-      case kQueue: env_buf_ += v.queue; break;
-      case kAttempt: env_buf_.append(attempt, end); break;
-      case kRedelivered: env_buf_ += v.redelivered ? '1' : '0'; break;
-      case kNone: break;
-    }
-    env_buf_ += '\0';
-  }
-  envp_.clear();
-  for (size_t off : env_offsets_) envp_.push_back(env_buf_.data() + off);
-  envp_.push_back(nullptr);
 }
 
 void ExecHandler::fail(Job& job, const char* what, int err) {
   std::string detail = "cannot start ";
-  detail += argv_.empty() ? std::string("(no argv)") : argv_[0];
+  detail += spawner_.program();
   detail += ": ";
   if (what) {
     detail += what;
@@ -346,38 +194,19 @@ void ExecHandler::fail(Job& job, const char* what, int err) {
 }
 
 void ExecHandler::start(Job& job) {
-  if (argv_.empty()) {
-    fail(job, nullptr, EINVAL);
-    return;
-  }
   const EventView& v = job.view();
   int in[2] = {-1, -1}, out[2] = {-1, -1}, err[2] = {-1, -1};
-  int rc = make_pipe(in);
-  if (rc == 0) rc = make_pipe(out);
-  if (rc == 0) rc = make_pipe(err);
+  int rc = process::make_pipe(in);
+  if (rc == 0) rc = process::make_pipe(out);
+  if (rc == 0) rc = process::make_pipe(err);
   if (rc != 0) {
     for (int* p : {in, out, err}) { close_fd(p[0]); close_fd(p[1]); }
     fail(job, "pipe", rc);
     return;
   }
 
-  build_env(v);
-  posix_spawn_file_actions_t fa;
   pid_t pid = -1;
-  rc = posix_spawn_file_actions_init(&fa);
-  if (rc == 0) {
-    // dup2 clears FD_CLOEXEC on 0/1/2; closefrom drops anything else still open.
-    if (rc == 0) rc = posix_spawn_file_actions_adddup2(&fa, in[0], 0);
-    if (rc == 0) rc = posix_spawn_file_actions_adddup2(&fa, out[1], 1);
-    if (rc == 0) rc = posix_spawn_file_actions_adddup2(&fa, err[1], 2);
-    if (rc == 0) rc = posix_spawn_file_actions_addclosefrom_np(&fa, 3);
-    if (rc == 0) {
-      std::lock_guard<std::mutex> lock(children().mu);
-      rc = posix_spawn(&pid, argv_ptrs_[0], &fa, &attr_, argv_ptrs_.data(), envp_.data());
-      if (rc == 0) children().pids.insert(pid);
-    }
-    posix_spawn_file_actions_destroy(&fa);
-  }
+  rc = spawner_.spawn(pid, {{in[0], 0}, {out[1], 1}, {err[1], 2}}, &v);
   close_fd(in[0]);
   close_fd(out[1]);
   close_fd(err[1]);
@@ -463,49 +292,15 @@ void ExecHandler::on_read(const std::shared_ptr<Run>& run, bool is_err, const er
 
 void ExecHandler::consume(Run& run, bool is_err, bool at_eof) {
   Stream& s = is_err ? run.err : run.out;
-  char* b = s.buf;
-  size_t start = 0;
-  while (start < s.have) {
-    auto* nl = static_cast<char*>(std::memchr(b + start, '\n', s.have - start));
-    if (!nl) break;
-    size_t end = static_cast<size_t>(nl - b);
-    line(run, is_err, std::string_view(b + start, end - start), end - start + 1);
-    start = end + 1;
-  }
-  while (s.have - start >= kMaxLine || (at_eof && s.have > start)) {
-    size_t len = std::min(kMaxLine, s.have - start);
-    line(run, is_err, std::string_view(b + start, len), len);
-    start += len;
-  }
-  if (start > 0) {
-    std::memmove(b, b + start, s.have - start);
-    s.have -= start;
-  }
+  process::split_lines(s.buf, s.have, kMaxLine, at_eof,
+                       [&](std::string_view text, size_t nbytes) { line(run, is_err, text, nbytes); });
 }
 
 void ExecHandler::line(Run& run, bool is_err, std::string_view text, size_t nbytes) {
   Stream& s = is_err ? run.err : run.out;
   if (!text.empty() && text.back() == '\r') text.remove_suffix(1);
-  if (is_err && !text.empty()) {
-    // The tail keeps going past the log cap: the last lines are the useful ones.
-    if (!run.tail.empty()) run.tail += '\n';
-    run.tail += text;
-    ++run.tail_lines;
-    if (run.tail.size() > kTailBytes) {  // keep the last bytes, even mid-line
-      size_t cut = run.tail.size() - kTailBytes;
-      size_t removed = static_cast<size_t>(std::count(run.tail.data(), run.tail.data() + cut, '\n'));
-      if (run.tail[cut] == '\n') {
-        ++cut;
-        ++removed;
-      }
-      run.tail.erase(0, cut);
-      run.tail_lines -= removed;
-    }
-    while (run.tail_lines > kTailLines) {
-      run.tail.erase(0, run.tail.find('\n') + 1);
-      --run.tail_lines;
-    }
-  }
+  // The tail keeps going past the log cap: the last lines are the useful ones.
+  if (is_err) run.tail.add(text);
   if (s.capped || s.logged + nbytes > kLogCap) {
     s.capped = true;  // once truncating, drop everything after so the log has no gaps
     s.dropped += nbytes;
@@ -595,9 +390,7 @@ void ExecHandler::arm_timer(const std::shared_ptr<Run>& run, std::chrono::millis
 }
 
 void ExecHandler::signal_group(Run& run, int sig) {
-  // Only while unreaped: then the pid (and its group id) cannot have been reused.
-  if (run.reaped || run.pid <= 0) return;
-  if (::kill(-run.pid, sig) != 0) ::kill(run.pid, sig);  // it may have left its group
+  if (!run.reaped) process::signal_group(run.pid, sig);
 }
 
 void ExecHandler::on_timer(const std::shared_ptr<Run>& run, unsigned gen, const error_code& ec) {
@@ -664,14 +457,14 @@ void ExecHandler::complete(const std::shared_ptr<Run>& run_ref) {
   Outcome outcome;
   if (!run->status_known) {
     std::string detail = "exit status unavailable (child reaped elsewhere)";
-    if (!run->tail.empty()) detail += "; stderr: " + run->tail;
+    if (!run->tail.text().empty()) detail += "; stderr: " + run->tail.text();
     outcome = Outcome::retry("handler_failed", std::move(detail));
   } else {
     std::string note;
     if (run->timed_out) {
       note = " after " + format_duration(timeout_) + (run->sent_kill ? " (sent SIGTERM, then SIGKILL)" : " (sent SIGTERM)");
     }
-    outcome = exit_outcome(run->status, run->timed_out, note, run->tail);
+    outcome = exit_outcome(run->status, run->timed_out, note, run->tail.text());
   }
   run->job->finish(std::move(outcome));
 }
@@ -697,64 +490,6 @@ void ExecHandler::abort_all() {
 }
 
 }  // namespace
-
-size_t reap_orphans() {
-  std::lock_guard<std::mutex> lock(children().mu);
-  size_t n = 0;
-  for (;;) {
-    // Peek at one exited child; reap it only if no handler waits for it. A
-    // handler's own zombie stops the loop (P_ALL would return it again): its
-    // handler reaps it soon and then calls us again (reap_child).
-    siginfo_t info{};
-    int w = ::waitid(P_ALL, 0, &info, WEXITED | WNOHANG | WNOWAIT);
-    if (w < 0 && errno == EINTR) continue;
-    if (w < 0 || info.si_pid == 0) break;  // no children, or none exited
-    pid_t pid = info.si_pid;
-    if (children().pids.count(pid)) break;
-    int st;
-    pid_t r;
-    do r = ::waitpid(pid, &st, WNOHANG);
-    while (r < 0 && errno == EINTR);
-    if (r <= 0) break;
-    ++n;
-    std::string p = std::to_string(pid);
-    std::string how = WIFSIGNALED(st) ? describe_signal(WTERMSIG(st)) : "exit code " + std::to_string(WEXITSTATUS(st));
-    log::debug("reaped an orphaned process", {{"pid", p}, {"status", how}});
-  }
-  return n;
-}
-
-OrphanReaper::OrphanReaper(boost::asio::io_context& io) : sigchld_(io, SIGCHLD) {
-  // asio installs its handler without SA_RESTART: SIGCHLD comes with every
-  // handler exit and must not make other threads' blocking calls fail with EINTR.
-  struct sigaction sa;
-  if (::sigaction(SIGCHLD, nullptr, &sa) == 0) {
-    sa.sa_flags |= SA_RESTART | SA_NOCLDSTOP;
-    ::sigaction(SIGCHLD, &sa, nullptr);
-  }
-  {
-    std::lock_guard<std::mutex> lock(children().mu);
-    children().reaper = true;
-  }
-  reap_orphans();  // any from before the handler was installed
-  wait();
-}
-
-void OrphanReaper::stop() {
-  stopped_ = true;  // a SIGCHLD already queued must not wait again
-  std::lock_guard<std::mutex> lock(children().mu);
-  children().reaper = false;
-  error_code ignored;
-  sigchld_.cancel(ignored);
-}
-
-void OrphanReaper::wait() {
-  sigchld_.async_wait([this](const error_code& ec, int) {
-    if (ec || stopped_) return;
-    reap_orphans();
-    wait();
-  });
-}
 
 Outcome outcome_for_exit(int wait_status, bool timed_out, std::string_view stderr_tail) {
   return exit_outcome(wait_status, timed_out, {}, stderr_tail);

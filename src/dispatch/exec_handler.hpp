@@ -7,6 +7,7 @@
 
 #include "config/config.hpp"
 #include "dispatch/handler.hpp"
+#include "dispatch/process.hpp"  // OrphanReaper, reap_orphans
 
 namespace er::dispatch {
 
@@ -22,28 +23,5 @@ std::unique_ptr<Handler> make_exec_handler(const config::HandlerConfig& cfg,
 // other codes, signals and timeouts -> retry. `wait_status` as from waitpid.
 // `stderr_tail` (last lines) goes into the detail.
 Outcome outcome_for_exit(int wait_status, bool timed_out, std::string_view stderr_tail);
-
-// Reaps every exited child of this process that no exec handler is waiting
-// for: processes handlers left behind, reparented to us because we are a
-// child subreaper (or PID 1). A handler's own child is never taken (its exit
-// status is the event's outcome). Returns how many were reaped.
-size_t reap_orphans();
-
-// Runs reap_orphans() on SIGCHLD on `io`, and after every handler child is
-// reaped, while it exists. One per process (the daemon makes it at startup).
-class OrphanReaper {
- public:
-  explicit OrphanReaper(boost::asio::io_context& io);
-  ~OrphanReaper() { stop(); }
-  // Stops waiting for SIGCHLD (its pending wait would keep io.run() going).
-  void stop();
-  OrphanReaper(const OrphanReaper&) = delete;
-  OrphanReaper& operator=(const OrphanReaper&) = delete;
-
- private:
-  void wait();
-  boost::asio::signal_set sigchld_;
-  bool stopped_ = false;
-};
 
 }  // namespace er::dispatch

@@ -1,5 +1,5 @@
 #pragma once
-// The handler interface: every kind (plugin, exec, later worker) ends an
+// The handler interface: every kind (plugin, exec, worker) ends an
 // event with exactly one Outcome, delivered through Job::finish() on the
 // event loop thread. Nothing on this path throws.
 #include <chrono>
@@ -10,6 +10,10 @@
 #include <vector>
 
 #include "event/envelope.hpp"
+
+namespace er::metrics {
+class Registry;
+}
 
 namespace er::dispatch {
 
@@ -80,6 +84,15 @@ class Handler {
   // The shutdown deadline passed: stop in-flight work now (kill children).
   // finish() is not called for the aborted jobs; their events stay unacked.
   virtual void abort_all() {}
+
+  // Long-lived handlers (workers) only; all on the event loop thread.
+  // A generation that uses the handler was made: register metrics, start
+  // watching processes. May be called again for the next generation.
+  virtual void activate(metrics::Registry&) {}
+  // The daemon stops: no more events; let processes end (bounded).
+  virtual void stop() {}
+  // False, with `reason`, while the handler cannot take events as configured.
+  virtual bool ready(std::string& /*reason*/) const { return true; }
 
  private:
   std::string name_;

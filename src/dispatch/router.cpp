@@ -4,6 +4,7 @@
 
 #include "dispatch/exec_handler.hpp"
 #include "dispatch/plugin_handler.hpp"
+#include "dispatch/worker_handler.hpp"
 #include "util/log.hpp"
 
 namespace er::dispatch {
@@ -26,7 +27,7 @@ HandlerSlot* QueueRouter::route(std::string_view event_type) {
 }
 
 std::unique_ptr<Runtime> build_runtime(std::shared_ptr<const config::Config> cfg, boost::asio::io_context& io,
-                                       boost::asio::thread_pool& pool) {
+                                       boost::asio::thread_pool& pool, const Runtime* previous) {
   auto rt = std::make_unique<Runtime>();
   rt->config = cfg;
   if (!cfg->schemas_dir.empty()) rt->schemas = event::SchemaSet::load(cfg->schemas_dir);
@@ -41,7 +42,8 @@ std::unique_ptr<Runtime> build_runtime(std::shared_ptr<const config::Config> cfg
         case config::HandlerKind::Plugin: slot.handler = make_plugin_handler(h, io, pool); break;
         case config::HandlerKind::Exec: slot.handler = make_exec_handler(h, io); break;
         case config::HandlerKind::Worker:
-          throw std::runtime_error("handler '" + h.name + "': worker handlers are not built yet");
+          slot.handler = make_worker_handler(h, q, io, previous ? previous->find_handler(q.name, h.name) : nullptr);
+          break;
       }
       slot.limit = std::max(1u, std::min(h.concurrency, slot.handler->max_concurrency()));
       router.slots().push_back(std::move(slot));
@@ -49,6 +51,15 @@ std::unique_ptr<Runtime> build_runtime(std::shared_ptr<const config::Config> cfg
     rt->queues.push_back(std::move(router));
   }
   return rt;
+}
+
+const Handler* Runtime::find_handler(std::string_view queue, std::string_view handler) const {
+  for (const auto& q : queues) {
+    if (q.cfg().name != queue) continue;
+    for (const auto& slot : const_cast<QueueRouter&>(q).slots())
+      if (slot.handler && slot.handler->name() == handler) return slot.handler.get();
+  }
+  return nullptr;
 }
 
 std::vector<std::string> plan_warnings(const config::Config& cfg) {

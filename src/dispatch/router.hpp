@@ -49,12 +49,20 @@ struct Runtime {
   std::shared_ptr<const config::Config> config;
   std::vector<QueueRouter> queues;  // same order as config->queues
   std::shared_ptr<const event::SchemaSet> schemas;  // null = no validation
+
+  // The handler named `handler` of queue `queue`, or nullptr. Reads only what
+  // never changes after the build (safe from the reload thread).
+  const Handler* find_handler(std::string_view queue, std::string_view handler) const;
 };
 
-// Loads every handler (plugins are dlopened and initialised). Throws
-// std::runtime_error naming the handler on failure.
+// Loads every handler (plugins are dlopened and initialised, worker processes
+// started and handshaken). Throws std::runtime_error naming the handler on
+// failure. `previous` (a reload: the running runtime, kept alive by the
+// caller) lends worker handlers whose processes can be kept. Nothing here
+// touches `io`: handlers start using it in Handler::activate(), on the loop.
 std::unique_ptr<Runtime> build_runtime(std::shared_ptr<const config::Config> cfg,
-                                       boost::asio::io_context& io, boost::asio::thread_pool& pool);
+                                       boost::asio::io_context& io, boost::asio::thread_pool& pool,
+                                       const Runtime* previous = nullptr);
 
 // Human-readable topology and routing plan, for --check.
 void print_plan(const Runtime& rt, std::ostream& out);
