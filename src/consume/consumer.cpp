@@ -259,6 +259,9 @@ void Consumer::delivery(QueueChannel& qc, amqp_envelope_t& env, uint64_t body_si
   Decision dec = decide(in, qcfg, g.rt->queues[qi], g.rt->schemas.get(), seen, d->envelope, detail_);
   d->event_id = d->envelope.event_id;
   d->event_type = d->envelope.event_type;
+  d->correlation_id = d->envelope.correlation_id;
+  d->emit_exchange = g.cfg->exchange.name;
+  d->schemas = g.rt->schemas.get();
   switch (dec.kind) {
     case Decision::Kind::DeadLetter:
       settler_.dead_letter(*d, dec.reason, detail_, {});
@@ -349,7 +352,8 @@ void Consumer::on_finished(Delivery* d, dispatch::Outcome outcome) {
                 {"duration_ms", std::string_view(dur, static_cast<size_t>(res.ptr - dur))},
                 {"detail", outcome.detail}});
   }
-  if (ok) remember_success(d);
+  // With emits, the success counts once they are confirmed (succeeded()).
+  if (ok && outcome.emits.empty()) remember_success(d);
   finish_twins(d, ok ? RunEnd::Succeeded : RunEnd::Failed);
   if (!is_live(d)) {
     // Its channel is gone; the broker redelivers the event. A success is still
@@ -357,7 +361,7 @@ void Consumer::on_finished(Delivery* d, dispatch::Outcome outcome) {
     log::debug("dropping a result from a closed channel", {{"event_id", d->envelope.event_id}});
     release(d);
   } else {
-    settler_.settle(*d, outcome, handler, slot.cfg->retry);
+    settler_.settle(*d, outcome, handler, slot.cfg->retry, slot.cfg->emit_style);
   }
   start_waiting(slot);
 }
@@ -440,6 +444,18 @@ void Consumer::publish(settle::Settling& s) {
     settler_.copy_result(*d, r);
   });
 }
+
+void Consumer::publish_emit(settle::Settling& s, size_t index) {
+  auto* d = static_cast<Delivery*>(&s);
+  const settle::EmittedEvent& e = d->emits->events[index];
+  std::weak_ptr<bool> alive = alive_;
+  link_.publish_to(std::string(d->emit_exchange), e.routing_key, &d->emits->props[index], amqp::bytes(e.body),
+                   [this, d, index, alive](settle::CopyResult r) {
+                     if (!alive.expired()) settler_.emit_result(*d, index, r);
+                   });
+}
+
+void Consumer::succeeded(settle::Settling& s) { remember_success(static_cast<Delivery*>(&s)); }
 
 void Consumer::queue_channel_lost(QueueChannel& qc) {
   drop_waiting(qc);
@@ -616,6 +632,7 @@ void Consumer::release(Delivery* d) {
   d->slot = nullptr;
   d->copy.reset();
   d->info.reset();
+  d->emits.reset();
   std::shared_ptr<QueueChannel> qc = std::move(d->qc);
   d->qc.reset();
   d->g.reset();  // the last event of an old generation unloads its handlers
