@@ -13,6 +13,11 @@ Then it optionally sleeps and exits. The body's payload may override the
 arguments: payload.exit_code, payload.sleep, payload.stderr, payload.stdout.
 After a sleep it appends a second line {"phase": "done", "pid": N, ...}.
 payload.kill_signal: the handler then kills itself with that signal.
+
+Emits (docs/handlers.md#emit), written to the fd named by ER_EMIT_FD before
+it exits: payload.emit, a list of emit objects (one JSON line each);
+payload.emit_raw, text written as is, payload.emit_raw_repeat times (default 1).
+payload.fail_attempts: N exits 75 (retry) while ATTEMPT <= N, after emitting.
 """
 import fcntl
 import json
@@ -44,6 +49,20 @@ def append(path, record):
         os.write(fd, line)
     finally:
         os.close(fd)
+
+
+def write_all(fd, data):
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def emit(payload):
+    fd = int(os.environ.get("ER_EMIT_FD", "3"))
+    for e in payload.get("emit") or []:
+        write_all(fd, (json.dumps(e) + "\n").encode("utf-8"))
+    raw = payload.get("emit_raw")
+    if raw is not None:
+        write_all(fd, raw.encode("utf-8") * int(payload.get("emit_raw_repeat", 1)))
 
 
 def main(argv):
@@ -105,6 +124,9 @@ def main(argv):
     if err_text:
         sys.stderr.write(err_text + "\n")
         sys.stderr.flush()
+    emit(payload)
+    if int(os.environ.get("ATTEMPT", "1")) <= int(payload.get("fail_attempts", 0)):
+        exit_code = 75
     if sleep > 0:
         time.sleep(sleep)
         append(path, {"phase": "done", "pid": os.getpid(), "time": time.time()})
