@@ -33,13 +33,15 @@ class EmitTest(RouterTestCase):
         self.dlq = self.q + ".dlq"
         self.follow = self.queue_name("follow")  # bound by the test, not consumed by the daemon
 
-    async def start(self, style=None, schemas=False, retry=None):
+    async def start(self, style=None, schemas=False, retry=None, dedupe=False):
         h = self.recorder(HANDLER, events=["src.#"], timeout="60s")
         if style:
             h["emit"] = {"style": style}
         queue = {"name": self.q, "bindings": ["src.#"], "handlers": [h]}
         if retry:
             queue["retry"] = retry
+        if dedupe:
+            queue["dedupe"] = {"ttl": "1h"}
         self.http_port = free_port()
         top = {"http": {"listen": "127.0.0.1:%d" % self.http_port}}
         if schemas:
@@ -164,7 +166,9 @@ class EmitTest(RouterTestCase):
         # The follow-up queue refuses new messages while full (reject-publish):
         # the broker nacks the emit, so the original must not be acked; it comes
         # back and runs again, and goes through once there is room, with the same id.
-        await self.start()
+        # With dedupe on, the handler's success counts only once its emits are
+        # confirmed: the event that comes back is run, not skipped as a duplicate.
+        await self.start(dedupe=True)
         await self.bind_follow(arguments={"x-max-length": 1, "x-overflow": "reject-publish"})
         await self.publish_raw(b'{"filler": true}', "follow.filler")
         await self.wait_message_count(self.follow, 1)
