@@ -260,6 +260,8 @@ class EmitTest(RouterTestCase):
              r"^emit\[0\]: 'event_id' is the daemon's to set"),
             ({"emit_raw": "{\"event_type\":\"" + "t" * 300 + "\"}\n"}, r"^emit\[0\]: 'event_type' must be"),
             ({"emit_raw": "\xff\xfe garbage \x00\n"}, r"^emit\[0\]: invalid JSON"),
+            ({"emit_big": 10 * 1000 * 1000},
+             r"^emit\[0\] \(follow\.big\): the event is \d+ bytes, over max_message_bytes 1048576$"),
             ({"emit_raw": "x", "emit_raw_repeat": 20 * 1024 * 1024},
              r"^more than 16777216 bytes of emitted events on fd 3$"),
             ({"emit_raw": "{\"event_type\":\"follow.x\"}\n", "emit_raw_repeat": 5000},
@@ -283,9 +285,9 @@ class EmitTest(RouterTestCase):
             self.assertEqual(d.headers["x-death-reason"], "emit_invalid")
             self.assertRegex(d.headers["x-death-detail"], pattern)
         self.assertEqual(await self.get_all(self.follow), [], "no hostile emit was published")
-        # `invalid` counts emit objects: 7 in the first six cases; a cap exceeded
+        # `invalid` counts emit objects: 8 in the first seven cases; a cap exceeded
         # on fd 3 ends the run with emit_invalid before any emit object exists.
-        self.assertEqual(await self.emitted(), {"confirmed": 1, "invalid": 7})
+        self.assertEqual(await self.emitted(), {"confirmed": 1, "invalid": 8})
         self.assertTrue(self.daemon.running())
 
 

@@ -16,7 +16,8 @@ payload.kill_signal: the handler then kills itself with that signal.
 
 Emits (docs/handlers.md#emit), written to the fd named by ER_EMIT_FD before
 it exits: payload.emit, a list of emit objects (one JSON line each);
-payload.emit_raw, text written as is, payload.emit_raw_repeat times (default 1).
+payload.emit_raw, text written as is, payload.emit_raw_repeat times (default 1);
+payload.emit_big: N, one emit whose payload holds a string of N bytes.
 payload.fail_attempts: N exits 75 (retry) while ATTEMPT <= N, after emitting.
 """
 import fcntl
@@ -60,6 +61,9 @@ def emit(payload):
     fd = int(os.environ.get("ER_EMIT_FD", "3"))
     for e in payload.get("emit") or []:
         write_all(fd, (json.dumps(e) + "\n").encode("utf-8"))
+    if payload.get("emit_big"):
+        big = {"event_type": "follow.big", "payload": {"s": "x" * int(payload["emit_big"])}}
+        write_all(fd, (json.dumps(big) + "\n").encode("utf-8"))
     raw = payload.get("emit_raw")
     if raw is not None:
         write_all(fd, raw.encode("utf-8") * int(payload.get("emit_raw_repeat", 1)))
