@@ -286,6 +286,9 @@ void Consumer::delivery(QueueChannel& qc, amqp_envelope_t& env, uint64_t body_si
   Decision dec = decide(in, qcfg, g.rt->queues[qi], g.rt->schemas.get(), seen, d->envelope, detail_);
   d->event_id = d->envelope.event_id;
   d->event_type = d->envelope.event_type;
+  d->correlation_id = d->envelope.correlation_id;
+  d->emit_exchange = g.cfg->exchange.name;
+  d->schemas = g.rt->schemas.get();
   switch (dec.kind) {
     case Decision::Kind::DeadLetter:
       settler_.dead_letter(*d, dec.reason, detail_, {});
@@ -387,7 +390,8 @@ void Consumer::on_finished(Delivery* d, dispatch::Outcome outcome) {
                 {"duration_ms", std::string_view(dur, static_cast<size_t>(res.ptr - dur))},
                 {"detail", outcome.detail}});
   }
-  if (ok) remember_success(d);
+  // With emits, the success counts once they are confirmed (succeeded()).
+  if (ok && outcome.emits.empty()) remember_success(d);
   // An ordered retry may wait in place: its copies keep waiting for it (see settle_or_hold).
   if (outcome.verdict != dispatch::Verdict::Retry || !d->in_line())
     finish_twins(d, ok ? RunEnd::Succeeded : RunEnd::Failed);
@@ -487,6 +491,18 @@ void Consumer::publish(settle::Settling& s) {
     settler_.copy_result(*d, r);
   });
 }
+
+void Consumer::publish_emit(settle::Settling& s, size_t index) {
+  auto* d = static_cast<Delivery*>(&s);
+  const settle::EmittedEvent& e = d->emits->events[index];
+  std::weak_ptr<bool> alive = alive_;
+  link_.publish_to(std::string(d->emit_exchange), e.routing_key, &d->emits->props[index], amqp::bytes(e.body),
+                   [this, d, index, alive](settle::CopyResult r) {
+                     if (!alive.expired()) settler_.emit_result(*d, index, r);
+                   });
+}
+
+void Consumer::succeeded(settle::Settling& s) { remember_success(static_cast<Delivery*>(&s)); }
 
 void Consumer::queue_channel_lost(QueueChannel& qc) {
   wake_held([&](const Delivery* d) { return d->qc.get() == &qc; });
@@ -663,7 +679,7 @@ void Consumer::finish_stop() {
 void Consumer::settle_or_hold(Delivery* d, const dispatch::Outcome& outcome, std::string_view handler,
                               const config::HandlerConfig& h) {
   if (!d->in_line() || outcome.verdict != dispatch::Verdict::Retry) {
-    settler_.settle(*d, outcome, handler, h.retry);
+    settler_.settle(*d, outcome, handler, h.retry, h.emit_style);
     return;
   }
   if (state_ != State::Running) {
@@ -779,6 +795,7 @@ void Consumer::release(Delivery* d) {
   d->slot = nullptr;
   d->copy.reset();
   d->info.reset();
+  d->emits.reset();
   std::shared_ptr<QueueChannel> qc = std::move(d->qc);
   d->qc.reset();
   d->g.reset();  // the last event of an old generation unloads its handlers

@@ -96,6 +96,8 @@ class Consumer final : LinkEvents, settle::Outbox {
   void drop(settle::Settling& s) override;
   void publish(settle::Settling& s) override;
   bool live(const settle::Settling& s) const override;
+  void publish_emit(settle::Settling& s, size_t index) override;
+  void succeeded(settle::Settling& s) override;
 
   std::shared_ptr<Generation> make_generation(std::unique_ptr<dispatch::Runtime> rt, Extras extras);
   template <class F>

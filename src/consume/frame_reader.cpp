@@ -89,6 +89,7 @@ void FrameReader::start_return(amqp_channel_t ch, const amqp_basic_return_t& m) 
   Partial& p = partial_[ch];
   p.kind = Kind::Return;
   p.started = std::chrono::steady_clock::now();
+  p.exchange.assign(static_cast<const char*>(m.exchange.bytes), m.exchange.len);
   p.routing_key.assign(static_cast<const char*>(m.routing_key.bytes), m.routing_key.len);
 }
 
@@ -139,6 +140,7 @@ bool FrameReader::content(const amqp_frame_t& frame, Done& done) {
       done.env.message.body = amqp_empty_bytes;
     }
   }
+  done.exchange = std::move(p.exchange);
   done.routing_key = std::move(p.routing_key);
   partial_.erase(it);  // the envelope now belongs to `done`
   return true;

@@ -21,7 +21,8 @@ class FrameReader {
     Kind kind = Kind::None;
     amqp_envelope_t env{};   // Delivery: owned by the receiver (amqp_destroy_envelope)
     uint64_t body_size = 0;  // as the broker announced it; env's body may be shorter
-    std::string routing_key; // Return: where the copy was sent
+    std::string exchange;    // Return: where the message was sent
+    std::string routing_key;
   };
 
   FrameReader() = default;
@@ -48,6 +49,7 @@ class FrameReader {
     uint64_t body_size = 0;
     uint64_t received = 0;
     size_t keep = 0;
+    std::string exchange;
     std::string routing_key;
     std::chrono::steady_clock::time_point started;  // its last frame
   };

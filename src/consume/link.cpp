@@ -404,13 +404,13 @@ bool BrokerLink::nack(amqp_channel_t ch, uint64_t tag, bool requeue) {
   return false;
 }
 
-void BrokerLink::publish(std::string routing_key, const amqp_basic_properties_t* props, amqp_bytes_t body,
-                         CopyDone done) {
+void BrokerLink::publish_to(std::string exchange, std::string routing_key, const amqp_basic_properties_t* props,
+                            amqp_bytes_t body, CopyDone done) {
   if (!conn_) {
     done(CopyResult::Lost);
     return;
   }
-  Held h{std::move(routing_key), props, body, std::move(done)};
+  Held h{std::move(exchange), std::move(routing_key), props, body, std::move(done)};
   if (blocked_) {
     held_.push_back(std::move(h));
     return;
@@ -419,7 +419,7 @@ void BrokerLink::publish(std::string routing_key, const amqp_basic_properties_t*
 }
 
 void BrokerLink::send_now(Held h) {
-  int rc = amqp_basic_publish(conn_->get(), publish_channel_, amqp_empty_bytes, amqp::bytes(h.routing_key),
+  int rc = amqp_basic_publish(conn_->get(), publish_channel_, amqp::bytes(h.exchange), amqp::bytes(h.routing_key),
                               /*mandatory*/ 1, 0, h.props, h.body);
   if (rc != AMQP_STATUS_OK) {
     // The socket failed or a frame is half written: the connection is unusable.
@@ -427,7 +427,7 @@ void BrokerLink::send_now(Held h) {
     lost(std::string("publishing a copy: ") + amqp_error_string2(rc));
     return;
   }
-  pending_.emplace(next_seq_++, Pending{std::move(h.routing_key), std::move(h.done), false});
+  pending_.emplace(next_seq_++, Pending{std::move(h.exchange), std::move(h.routing_key), std::move(h.done), false});
 }
 
 void BrokerLink::on_confirm(uint64_t tag, bool multiple, bool acked) {
@@ -702,7 +702,12 @@ void BrokerLink::on_frame(const amqp_frame_t& frame) {
 void BrokerLink::on_return(const FrameReader::Done& done) {
   const std::string& target = done.routing_key;
   for (auto& kv : pending_)
-    if (kv.second.routing_key == target) kv.second.returned = true;
+    if (kv.second.routing_key == target && kv.second.exchange == done.exchange) kv.second.returned = true;
+  if (!done.exchange.empty()) {
+    // An emitted event no binding takes: the settler dead-letters its trigger.
+    log::error("the broker could not route an emitted event", {{"exchange", done.exchange}, {"routing_key", target}});
+    return;
+  }
   // The queue that owns the target (its DLQ or a delay queue) is declared
   // again once, after this turn, not once per returned copy.
   std::string owner;

@@ -97,7 +97,12 @@ class BrokerLink {
   // Publishes mandatory through the default exchange on the confirm channel;
   // `done` runs exactly once. `props` and `body` must stay valid until then.
   // Held while the broker blocks publishing.
-  void publish(std::string routing_key, const amqp_basic_properties_t* props, amqp_bytes_t body, CopyDone done);
+  void publish(std::string routing_key, const amqp_basic_properties_t* props, amqp_bytes_t body, CopyDone done) {
+    publish_to({}, std::move(routing_key), props, body, std::move(done));
+  }
+  // The same through `exchange` (emitted events, to the config's exchange).
+  void publish_to(std::string exchange, std::string routing_key, const amqp_basic_properties_t* props,
+                  amqp_bytes_t body, CopyDone done);
   size_t held_copies() const { return held_.size(); }
 
   // Re-runs the queue's declare on a channel of its own; throws amqp::AmqpError.
@@ -107,11 +112,13 @@ class BrokerLink {
 
  private:
   struct Pending {
+    std::string exchange;
     std::string routing_key;
     CopyDone done;
     bool returned = false;
   };
   struct Held {
+    std::string exchange;
     std::string routing_key;
     const amqp_basic_properties_t* props;
     amqp_bytes_t body;

@@ -28,6 +28,7 @@ extern "C" {
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/write.hpp>
 
+#include "settle/emit.hpp"
 #include "util/log.hpp"
 
 namespace er::dispatch {
@@ -46,6 +47,7 @@ constexpr size_t kMaxLine = 4096;        // longer lines are split
 constexpr size_t kLogCap = 64 * 1024;    // logged bytes per stream per event
 constexpr auto kDrainGrace = std::chrono::milliseconds(100);  // pipes held by grandchildren
 constexpr size_t kMaxSpareBuffers = 16;
+constexpr int kEmitFd = 3;  // the child writes emit objects here, one per line (docs/handlers.md#emit)
 
 // `timeout_note` is appended after "timed out" (e.g. " after 30s (sent SIGTERM)").
 Outcome exit_outcome(int status, bool timed_out, std::string_view timeout_note, std::string_view tail) {
@@ -83,6 +85,20 @@ Outcome exit_outcome(int status, bool timed_out, std::string_view timeout_note, 
 struct Buffers {
   std::array<char, kReadBuf> out;
   std::array<char, kReadBuf> err;
+  std::array<char, kReadBuf> emit;
+};
+
+// fd 3: emit objects, one per line, kept only up to the caps; past them the
+// rest is read and discarded (the program never blocks on a full pipe) and
+// an exit 0 becomes emit_invalid.
+struct EmitStream {
+  explicit EmitStream(asio::io_context& io) : sd(io) {}
+  asio::posix::stream_descriptor sd;
+  std::string partial;  // an unfinished line
+  std::vector<std::string> lines;
+  size_t bytes = 0;
+  std::string over;  // why the caps were exceeded; empty = within them
+  bool eof = false;
 };
 
 struct Stream {
@@ -100,7 +116,7 @@ struct Stream {
 // completion handlers. `done` is set once (finished or aborted); every
 // completion handler checks it first.
 struct Run {
-  Run(asio::io_context& io, Job& j) : job(&j), in(io), out(io), err(io), pidfd(io), timer(io) {}
+  Run(asio::io_context& io, Job& j) : job(&j), in(io), out(io), err(io), emit(io), pidfd(io), timer(io) {}
   Job* job;
   size_t index = 0;  // position in ExecHandler::runs_
   pid_t pid = -1;
@@ -114,6 +130,7 @@ struct Run {
   asio::posix::stream_descriptor in;
   Stream out;
   Stream err;
+  EmitStream emit;
   asio::posix::stream_descriptor pidfd;
   asio::steady_timer timer;
   process::Tail tail;  // last stderr lines
@@ -137,6 +154,8 @@ class ExecHandler final : public Handler {
   void fail(Job& job, const char* what, int err);
   void read_more(const std::shared_ptr<Run>& run, bool is_err);
   void on_read(const std::shared_ptr<Run>& run, bool is_err, const error_code& ec, size_t n);
+  void read_emits(const std::shared_ptr<Run>& run);
+  void emit_lines(Run& run, std::string_view data, bool at_eof);
   void wait_exit(const std::shared_ptr<Run>& run);
   void on_exit(const std::shared_ptr<Run>& run, const error_code& ec);
   void arm_timer(const std::shared_ptr<Run>& run, std::chrono::milliseconds after);
@@ -173,6 +192,7 @@ ExecHandler::ExecHandler(const config::HandlerConfig& cfg, asio::io_context& io)
   spawner_.set("ATTEMPT", "", S::kAttempt);
   spawner_.set("REDELIVERED", "", S::kRedelivered);
   spawner_.set_configured(cfg);
+  spawner_.set("ER_EMIT_FD", std::to_string(kEmitFd));  // last: a handler's env cannot override it
 }
 
 ExecHandler::~ExecHandler() {
@@ -195,25 +215,29 @@ void ExecHandler::fail(Job& job, const char* what, int err) {
 
 void ExecHandler::start(Job& job) {
   const EventView& v = job.view();
-  int in[2] = {-1, -1}, out[2] = {-1, -1}, err[2] = {-1, -1};
-  int rc = process::make_pipe(in);
-  if (rc == 0) rc = process::make_pipe(out);
-  if (rc == 0) rc = process::make_pipe(err);
+  int in[2] = {-1, -1}, out[2] = {-1, -1}, err[2] = {-1, -1}, em[2] = {-1, -1};
+  // Every end above fd 3, so the child's dup2 onto 0..3 never clobbers one.
+  int rc = process::make_pipe(in, kEmitFd + 1);
+  if (rc == 0) rc = process::make_pipe(out, kEmitFd + 1);
+  if (rc == 0) rc = process::make_pipe(err, kEmitFd + 1);
+  if (rc == 0) rc = process::make_pipe(em, kEmitFd + 1);
   if (rc != 0) {
-    for (int* p : {in, out, err}) { close_fd(p[0]); close_fd(p[1]); }
+    for (int* p : {in, out, err, em}) { close_fd(p[0]); close_fd(p[1]); }
     fail(job, "pipe", rc);
     return;
   }
 
   pid_t pid = -1;
-  rc = spawner_.spawn(pid, {{in[0], 0}, {out[1], 1}, {err[1], 2}}, &v);
+  rc = spawner_.spawn(pid, {{in[0], 0}, {out[1], 1}, {err[1], 2}, {em[1], kEmitFd}}, &v);
   close_fd(in[0]);
   close_fd(out[1]);
   close_fd(err[1]);
+  close_fd(em[1]);
   if (rc != 0) {
     close_fd(in[1]);
     close_fd(out[0]);
     close_fd(err[0]);
+    close_fd(em[0]);
     fail(job, nullptr, rc);
     return;
   }
@@ -236,12 +260,14 @@ void ExecHandler::start(Job& job) {
   if (!watch_err) { run->in.assign(in[1], ec); if (ec) { close_fd(in[1]); watch_err = ec.value(); } else in[1] = -1; }
   if (!watch_err) { run->out.sd.assign(out[0], ec); if (ec) { close_fd(out[0]); watch_err = ec.value(); } else out[0] = -1; }
   if (!watch_err) { run->err.sd.assign(err[0], ec); if (ec) { close_fd(err[0]); watch_err = ec.value(); } else err[0] = -1; }
+  if (!watch_err) { run->emit.sd.assign(em[0], ec); if (ec) { close_fd(em[0]); watch_err = ec.value(); } else em[0] = -1; }
   if (watch_err) {
     // Cannot supervise it: kill it now rather than leave it unwatched.
     close_fd(pfd);
     close_fd(in[1]);
     close_fd(out[0]);
     close_fd(err[0]);
+    close_fd(em[0]);
     close_all(*run);
     signal_group(*run, SIGKILL);
     int st;
@@ -265,6 +291,7 @@ void ExecHandler::start(Job& job) {
   }
   read_more(run, false);
   read_more(run, true);
+  read_emits(run);
   wait_exit(run);
   if (timeout_.count() > 0) arm_timer(run, timeout_);
 }
@@ -288,6 +315,64 @@ void ExecHandler::on_read(const std::shared_ptr<Run>& run, bool is_err, const er
   }
   end_stream(*run, is_err);  // EOF, or a read error: treat alike
   maybe_complete(run);
+}
+
+void ExecHandler::read_emits(const std::shared_ptr<Run>& run) {
+  run->emit.sd.async_read_some(
+      asio::buffer(run->buffers->emit), [this, run, alive = std::weak_ptr<bool>(alive_)](const error_code& ec, size_t n) {
+        if (alive.expired() || run->done) return;
+        EmitStream& e = run->emit;
+        if (!ec) {
+          emit_lines(*run, std::string_view(run->buffers->emit.data(), n), false);
+          read_emits(run);
+          return;
+        }
+        emit_lines(*run, {}, true);  // EOF, or a read error: treat alike
+        e.eof = true;
+        error_code ignored;
+        e.sd.close(ignored);
+        maybe_complete(run);
+      });
+}
+
+void ExecHandler::emit_lines(Run& run, std::string_view data, bool at_eof) {
+  EmitStream& e = run.emit;
+  if (!e.over.empty()) return;  // past the caps: discard
+  auto take = [&](std::string_view line) {
+    if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
+    if (line.find_first_not_of(" \t") == std::string_view::npos) return;  // blank
+    e.bytes += line.size();
+    if (e.lines.size() == settle::kMaxEmits) {
+      e.over = "more than " + std::to_string(settle::kMaxEmits) + " emitted events on fd 3";
+    } else {
+      e.lines.emplace_back(line);
+    }
+  };
+  size_t start = 0;
+  while (e.over.empty()) {
+    size_t nl = data.find('\n', start);
+    if (nl == std::string_view::npos) break;
+    if (e.partial.empty()) {
+      take(data.substr(start, nl - start));
+    } else {
+      e.partial.append(data, start, nl - start);
+      take(e.partial);
+      e.partial.clear();
+    }
+    start = nl + 1;
+  }
+  if (e.over.empty() && start < data.size()) e.partial.append(data, start, data.size() - start);
+  if (e.over.empty() && at_eof && !e.partial.empty()) {
+    take(e.partial);
+    e.partial.clear();
+  }
+  if (e.over.empty() && e.bytes + e.partial.size() > settle::kMaxEmitTotalBytes)
+    e.over = "more than " + std::to_string(settle::kMaxEmitTotalBytes) + " bytes of emitted events on fd 3";
+  if (!e.over.empty()) {
+    e.lines.clear();
+    e.lines.shrink_to_fit();
+    std::string().swap(e.partial);
+  }
 }
 
 void ExecHandler::consume(Run& run, bool is_err, bool at_eof) {
@@ -373,7 +458,7 @@ void ExecHandler::on_exit(const std::shared_ptr<Run>& run, const error_code& ec)
   run->status = st;
   error_code ignored;
   run->pidfd.close(ignored);
-  if (run->out.eof && run->err.eof) {
+  if (run->out.eof && run->err.eof && run->emit.eof) {
     complete(run);
     return;
   }
@@ -421,7 +506,7 @@ void ExecHandler::on_timer(const std::shared_ptr<Run>& run, unsigned gen, const 
 }
 
 void ExecHandler::maybe_complete(const std::shared_ptr<Run>& run) {
-  if (run->reaped && run->out.eof && run->err.eof) complete(run);
+  if (run->reaped && run->out.eof && run->err.eof && run->emit.eof) complete(run);
 }
 
 void ExecHandler::close_all(Run& run) {
@@ -429,6 +514,7 @@ void ExecHandler::close_all(Run& run) {
   run.in.close(ec);
   run.out.sd.close(ec);
   run.err.sd.close(ec);
+  run.emit.sd.close(ec);
   run.pidfd.close(ec);
   run.timer.cancel();
   if (run.buffers && spare_buffers_.size() < kMaxSpareBuffers) spare_buffers_.push_back(std::move(run.buffers));
@@ -465,6 +551,17 @@ void ExecHandler::complete(const std::shared_ptr<Run>& run_ref) {
       note = " after " + format_duration(timeout_) + (run->sent_kill ? " (sent SIGTERM, then SIGKILL)" : " (sent SIGTERM)");
     }
     outcome = exit_outcome(run->status, run->timed_out, note, run->tail.text());
+  }
+  // Emits count only with exit 0. A line left unfinished (fd 3 still held
+  // by a background process) is not one.
+  if (outcome.verdict == Verdict::Ack) {
+    if (!run->emit.partial.empty())
+      log::warn("exec handler left an unfinished line on fd 3; ignored", {{"handler", name()}, {"event_id", event_id(*run)}});
+    if (!run->emit.over.empty()) {
+      outcome = Outcome::dead_letter("emit_invalid", std::move(run->emit.over));
+    } else {
+      outcome.emits = std::move(run->emit.lines);
+    }
   }
   run->job->finish(std::move(outcome));
 }

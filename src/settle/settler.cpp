@@ -1,5 +1,7 @@
 #include "settle/settler.hpp"
 
+#include <ctime>
+
 #include "amqp/topology.hpp"
 #include "util/log.hpp"
 
@@ -26,13 +28,26 @@ Settler::Settler(Outbox& out, metrics::Registry& r)
                                {"queue", "reason"})),
       retries_in_place_(&r.counter("event_router_retries_in_place_total",
                                    "Ordered events held unacked for another attempt (ordering: aggregate).",
-                                   {"queue", "reason"})) {}
+                                   {"queue", "reason"})),
+      emitted_(&r.counter("event_router_emitted_events_total",
+                          "Events handlers emitted, by outcome: confirmed, returned (unroutable), refused, lost, "
+                          "invalid (never published).",
+                          {"queue", "outcome"})) {}
 
 void Settler::settle(Settling& s, const dispatch::Outcome& outcome, std::string_view handler,
-                     const config::RetryConfig& policy) {
+                     const config::RetryConfig& policy, config::EmitStyle style) {
+  if (!outcome.emits.empty() && outcome.verdict != dispatch::Verdict::Ack) {
+    log::warn("ignoring emitted events: they go out only with an ack",
+              {{"queue", s.queue_cfg->name}, {"event_id", s.event_id}, {"handler", handler},
+               {"verdict", dispatch::verdict_name(outcome.verdict)}, {"emits", std::to_string(outcome.emits.size())}});
+  }
   switch (outcome.verdict) {
     case dispatch::Verdict::Ack:
-      ack(s);
+      if (outcome.emits.empty()) {
+        ack(s);
+      } else {
+        emit(s, outcome, handler, style);
+      }
       break;
     case dispatch::Verdict::Retry:
       retry(s, outcome, handler, policy);
@@ -197,6 +212,93 @@ void Settler::copy_result(Settling& s, CopyResult result) {
       out_.hand_back_later(s, "the broker refused the copy; the event goes back to its queue");
       break;
   }
+}
+
+void Settler::emit(Settling& s, const dispatch::Outcome& outcome, std::string_view handler,
+                   config::EmitStyle style) {
+  const auto& q = *s.queue_cfg;
+  auto batch = std::make_unique<EmitBatch>();
+  EmitTrigger trigger{s.event_id, s.correlation_id, amqp::view(s.body), handler};
+  EmitOptions opts;
+  opts.style = style;
+  opts.schemas = s.schemas;
+  opts.max_event_bytes = q.max_message_bytes;
+  std::string error;
+  if (!build_emits(outcome.emits, trigger, opts, batch->events, error)) {
+    // Nothing is published: a follow-up that is not what consumers accept
+    // is the handler's bug, and the triggering event keeps it visible.
+    emitted_->with({q.name, "invalid"}).inc(outcome.emits.size());
+    dead_letter(s, "emit_invalid", error, handler);
+    return;
+  }
+  if (!out_.live(s)) {
+    out_.drop(s);
+    return;
+  }
+  const uint64_t now = static_cast<uint64_t>(std::time(nullptr));
+  batch->props.reserve(batch->events.size());
+  for (const auto& e : batch->events) batch->props.push_back(e.properties(now));
+  batch->handler = handler;
+  s.emits = std::move(batch);
+  EmitBatch& b = *s.emits;
+  // A result may come back at once (the connection is gone): the batch ends
+  // only after the loop, so `s` stays valid through it.
+  for (size_t i = 0; i < b.events.size() && !b.lost; ++i) {
+    ++b.outstanding;
+    out_.publish_emit(s, i);
+  }
+  b.all_sent = true;
+  if (b.outstanding == 0) emits_done(s);
+}
+
+void Settler::emit_result(Settling& s, size_t index, CopyResult result) {
+  EmitBatch& b = *s.emits;
+  --b.outstanding;
+  const char* name = "confirmed";
+  switch (result) {
+    case CopyResult::Confirmed: break;
+    case CopyResult::Returned:
+      name = "returned";
+      if (b.returned == SIZE_MAX) b.returned = index;
+      break;
+    case CopyResult::Refused:
+      name = "refused";
+      b.refused = true;
+      break;
+    case CopyResult::Lost:
+      name = "lost";
+      b.lost = true;
+      break;
+  }
+  emitted_->with({s.queue_cfg->name, name}).inc();
+  if (b.outstanding == 0 && b.all_sent) emits_done(s);
+}
+
+// Every emitted event has its answer: the original is acked only when all
+// were confirmed. Otherwise it comes back and is handled again, and emits
+// the same ids (consumers that dedupe see each follow-up once).
+void Settler::emits_done(Settling& s) {
+  EmitBatch& b = *s.emits;
+  if (b.lost || !out_.live(s)) {
+    out_.drop(s);  // the broker redelivers it
+    return;
+  }
+  if (b.returned != SIZE_MAX) {
+    // A binding is missing: a config error that waiting does not fix.
+    const EmittedEvent& e = b.events[b.returned];
+    dead_letter(s, "emit_unroutable",
+                "emit[" + std::to_string(b.returned) + "] (" + e.event_type + ", id " + e.event_id +
+                    "): no queue is bound for routing key '" + e.routing_key + "' on exchange '" +
+                    std::string(s.emit_exchange) + "'",
+                b.handler);
+    return;
+  }
+  if (b.refused) {
+    out_.hand_back_later(s, "the broker refused an emitted event; the event goes back to its queue");
+    return;
+  }
+  out_.succeeded(s);
+  ack(s);
 }
 
 }  // namespace er::settle

@@ -5,6 +5,7 @@
 // carries the decisions out (the consumer on the broker link; a fake in tests).
 #include <amqp.h>
 
+#include <cstdint>
 #include <memory>
 #include <optional>
 #include <random>
@@ -15,6 +16,7 @@
 #include "config/config.hpp"
 #include "dispatch/handler.hpp"
 #include "metrics/metrics.hpp"
+#include "settle/emit.hpp"
 #include "settle/settle.hpp"
 
 namespace er::settle {
@@ -38,6 +40,18 @@ std::vector<RetryStep> retry_steps(const config::QueueConfig& q);
 // as long, else the longest. Null when there are none.
 const RetryStep* choose_step(const std::vector<RetryStep>& steps, config::Duration want);
 
+// The events one ack emits, in flight until the broker answered each.
+struct EmitBatch {
+  std::vector<EmittedEvent> events;
+  std::vector<amqp_basic_properties_t> props;  // point into `events`
+  std::string handler;
+  size_t outstanding = 0;   // published, not yet answered
+  bool all_sent = false;
+  bool lost = false;
+  bool refused = false;
+  size_t returned = SIZE_MAX;  // the first returned one
+};
+
 // One event being settled: what its copy is made of and where the original
 // came from. The consumer's delivery is one.
 struct Settling {
@@ -58,6 +72,11 @@ struct Settling {
   std::string info_text;                 // owns info's reason and detail
   uint32_t next_attempt = 0;             // retry copies: the attempt they will be; 0 = dead letter
   uint64_t expiration_ms = 0;
+  // Emits (docs/handlers.md#emit): what they inherit and where they go.
+  std::string_view correlation_id;
+  std::string_view emit_exchange;          // the config's exchange
+  const event::SchemaSet* schemas = nullptr;
+  std::unique_ptr<EmitBatch> emits;        // null unless an ack emitted events
 };
 
 // The broker operations a settlement needs.
@@ -74,6 +93,11 @@ class Outbox {
   virtual void publish(Settling& s) = 0;
   // Whether the original can still be settled.
   virtual bool live(const Settling& s) const = 0;
+  // Publish s.emits->events[index] to s.emit_exchange; the answer comes to
+  // Settler::emit_result.
+  virtual void publish_emit(Settling& s, size_t index) = 0;
+  // Every emitted event is confirmed: the handler's success counts (dedupe), just before the ack.
+  virtual void succeeded(Settling&) {}
 };
 
 class Settler {
@@ -86,15 +110,20 @@ class Settler {
 
   Settler(Outbox& out, metrics::Registry& registry);
 
-  // A handler's verdict. `policy` is the handler's retry policy.
+  // A handler's verdict. `policy` is the handler's retry policy, `style`
+  // how it wants its emitted events written.
   void settle(Settling& s, const dispatch::Outcome& outcome, std::string_view handler,
-              const config::RetryConfig& policy);
+              const config::RetryConfig& policy, config::EmitStyle style = config::EmitStyle::Snake);
   void ack(Settling& s);
   void dead_letter(Settling& s, std::string_view reason, std::string_view detail, std::string_view handler);
   void retry(Settling& s, const dispatch::Outcome& outcome, std::string_view handler,
              const config::RetryConfig& policy);
   // The broker's answer to s.copy.
   void copy_result(Settling& s, CopyResult result);
+  // An ack with emits: publish them all, ack once every one is confirmed.
+  void emit(Settling& s, const dispatch::Outcome& outcome, std::string_view handler, config::EmitStyle style);
+  // The broker's answer to s.emits->events[index].
+  void emit_result(Settling& s, size_t index, CopyResult result);
 
   // A Retry verdict of an ordered event (docs/ordering.md): returns the wait
   // (the policy's delay_before, or the handler's own request if longer) when
@@ -111,10 +140,12 @@ class Settler {
  private:
   void make_copy(Settling& s, const DeadLetterInfo& info);
   void send(Settling& s);
+  void emits_done(Settling& s);
   Outbox& out_;
   metrics::CounterFamily* retries_;
   metrics::CounterFamily* dead_letters_;
   metrics::CounterFamily* retries_in_place_;
+  metrics::CounterFamily* emitted_;
   Stats stats_;
   std::mt19937 rng_{std::random_device{}()};
 };

@@ -8,7 +8,7 @@ import unittest
 from harness import RouterTestCase
 
 EXPECTED_ENV_KEYS = {"PATH", "EVENT_TYPE", "EVENT_ID", "CORRELATION_ID", "AGGREGATE_ID", "ROUTING_KEY", "QUEUE",
-                     "ATTEMPT", "REDELIVERED"}
+                     "ATTEMPT", "REDELIVERED", "ER_EMIT_FD"}
 
 
 class FlowTest(RouterTestCase):
@@ -49,6 +49,7 @@ class FlowTest(RouterTestCase):
         self.assertEqual(env["QUEUE"], self.q_speaker)
         self.assertEqual(env["ATTEMPT"], "1")
         self.assertEqual(env["REDELIVERED"], "0")
+        self.assertEqual(env["ER_EMIT_FD"], "3")
         self.assertEqual(env["HANDLER_FOO"], "bar baz")
         self.assertEqual(env["INHERITED_VAR"], "inherited-value")
         self.assertNotIn("SECRET_TOKEN", env)

@@ -18,6 +18,11 @@ at most N (so the event succeeds on attempt N + 1).
 --done: always append the "done" line, with "exit" (the exit code it is about
 to return); start and done lines then also carry "event_id", "aggregate_id"
 and "attempt" (from ATTEMPT), so that runs can be paired without the body.
+
+Emits (docs/handlers.md#emit), written to the fd named by ER_EMIT_FD before
+it exits: payload.emit, a list of emit objects (one JSON line each);
+payload.emit_raw, text written as is, payload.emit_raw_repeat times (default 1);
+payload.emit_big: N, one emit whose payload holds a string of N bytes.
 """
 import fcntl
 import json
@@ -49,6 +54,23 @@ def append(path, record):
         os.write(fd, line)
     finally:
         os.close(fd)
+
+
+def write_all(fd, data):
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def emit(payload):
+    fd = int(os.environ.get("ER_EMIT_FD", "3"))
+    for e in payload.get("emit") or []:
+        write_all(fd, (json.dumps(e) + "\n").encode("utf-8"))
+    if payload.get("emit_big"):
+        big = {"event_type": "follow.big", "payload": {"s": "x" * int(payload["emit_big"])}}
+        write_all(fd, (json.dumps(big) + "\n").encode("utf-8"))
+    raw = payload.get("emit_raw")
+    if raw is not None:
+        write_all(fd, raw.encode("utf-8") * int(payload.get("emit_raw_repeat", 1)))
 
 
 def main(argv):
@@ -123,6 +145,7 @@ def main(argv):
     if err_text:
         sys.stderr.write(err_text + "\n")
         sys.stderr.flush()
+    emit(payload)  # also when it then fails (fail_attempts): a failed run's emits are dropped
     if sleep > 0:
         time.sleep(sleep)
     if sleep > 0 or always_done:

@@ -110,4 +110,15 @@ TEST_CASE("frame reader: a return is read to its end and names its target", "[fr
   REQUIRE(r.content(body(1, b), done));
   CHECK(done.kind == FrameReader::Kind::Return);
   CHECK(done.routing_key == "work.dlq");
+  CHECK(done.exchange.empty());  // a copy, through the default exchange
+
+  // An emitted event, through the config's exchange: the exchange tells them apart.
+  m.exchange = amqp_cstring_bytes("events");
+  m.routing_key = amqp_cstring_bytes("rag.dfn_generated");
+  r.start_return(1, m);
+  REQUIRE(r.content(header(1, 3, &props), done));
+  REQUIRE(r.content(body(1, b), done));
+  CHECK(done.kind == FrameReader::Kind::Return);
+  CHECK(done.exchange == "events");
+  CHECK(done.routing_key == "rag.dfn_generated");
 }

@@ -452,6 +452,7 @@ TEST_CASE("the environment is exactly the documented set", "[exec][env]") {
       {"ER_TEST_INHERIT", "passed"},
       {"ER_TEST_INHERIT2", "override"},
       {"HANDLER_VAR", "a b=c"},
+      {"ER_EMIT_FD", "3"},
   };
   CHECK(got == want);
   CHECK(got.count("ER_TEST_SECRET") == 0);
@@ -479,8 +480,8 @@ TEST_CASE("no daemon fd leaks into the child", "[exec][fd]") {
   ::close(leaky);
   REQUIRE(job.finish_count == 1);
   CHECK(job.outcome->verdict == Verdict::Ack);
-  // 0,1,2 and the directory fd ls itself opened.
-  CHECK(log_messages(log, "stdout") == std::vector<std::string>{"0", "1", "2", "3"});
+  // 0,1,2, the emit pipe (3) and the directory fd ls itself opened.
+  CHECK(log_messages(log, "stdout") == std::vector<std::string>{"0", "1", "2", "3", "4"});
 }
 
 TEST_CASE("output truncation", "[exec][output]") {
@@ -750,4 +751,39 @@ TEST_CASE("the orphan reaper never takes a handler's own exit status", "[exec][o
   CHECK(zombie_children().empty());
   CHECK(no_children());
   cap.text();
+}
+
+// One run of a shell script; its outcome.
+Outcome run_script(const std::string& script) {
+  TestJob job;
+  run_job(make_cfg(sh(script)), job);
+  REQUIRE(job.finish_count == 1);
+  return *job.outcome;
+}
+
+TEST_CASE("emits: NDJSON on fd 3, counted only with exit 0", "[exec][emit]") {
+  // In order; blank lines skipped; a last line without newline counts.
+  Outcome o = run_script(R"(printf '{"event_type":"a"}\n\n  \r\n{"event_type":"b"}\r\nlast' >&$ER_EMIT_FD)");
+  CHECK(o.verdict == Verdict::Ack);
+  CHECK(o.emits == std::vector<std::string>{R"({"event_type":"a"})", R"({"event_type":"b"})", "last"});
+
+  // A program that fails after emitting: nothing is emitted.
+  o = run_script(R"(echo '{"event_type":"a"}' >&3; exit 75)");
+  CHECK(o.verdict == Verdict::Retry);
+  CHECK(o.emits.empty());
+
+  // Over the caps (lines, bytes in one line): emit_invalid, and the program is
+  // never blocked on a full pipe.
+  o = run_script("yes '{}' | head -n 200000 >&3");
+  CHECK((o.verdict == Verdict::DeadLetter && o.reason == "emit_invalid"));
+  CHECK(o.detail == "more than 1000 emitted events on fd 3");
+  CHECK(o.emits.empty());
+  o = run_script(R"(head -c 20000000 /dev/zero | tr '\0' x >&3)");
+  CHECK((o.verdict == Verdict::DeadLetter && o.reason == "emit_invalid"));
+  CHECK(o.detail == "more than 16777216 bytes of emitted events on fd 3");
+
+  // A program that closes fd 3 at once is fine.
+  o = run_script("exec 3>&-; echo done");
+  CHECK(o.verdict == Verdict::Ack);
+  CHECK(o.emits.empty());
 }

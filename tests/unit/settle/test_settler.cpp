@@ -2,6 +2,8 @@
 // and each answer to a copy lead to.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -19,6 +21,12 @@ struct FakeOutbox : Outbox {
   void drop(Settling&) override { ops.push_back("drop"); }
   void publish(Settling& s) override { ops.push_back("publish " + s.copy_target); }
   bool live(const Settling&) const override { return is_live; }
+  void publish_emit(Settling& s, size_t i) override {
+    ops.push_back("emit " + s.emits->events[i].routing_key);
+    if (emit_now) emit_now(s, i);
+  }
+  void succeeded(Settling&) override { ops.push_back("succeeded"); }
+  std::function<void(Settling&, size_t)> emit_now;  // answers at once (a lost connection)
 };
 
 struct Fixture {
@@ -45,6 +53,13 @@ struct Fixture {
     s.exchange = "ex";
     s.routing_key = "a.b";
     s.signer = &signer;
+    s.event_id = "evt-1";
+    s.emit_exchange = "events";
+  }
+  dispatch::Outcome ack_with(std::vector<std::string> emits) {
+    dispatch::Outcome o;
+    o.emits = std::move(emits);
+    return o;
   }
 };
 
@@ -201,4 +216,76 @@ TEST_CASE("settler: a hold past ordering_hold_max is dead-lettered as ordering_h
                                   std::chrono::seconds(9), hold_max);
   CHECK(wait);
   CHECK(g.out.ops.empty());
+}
+
+TEST_CASE("settler: emits are published first; the ack waits for every confirm", "[settler][emit]") {
+  Fixture f;
+  f.settler.settle(f.s, f.ack_with({R"({"event_type":"a.one"})", R"({"event_type":"a.two","routing_key":"k2"})"}),
+                   "h", f.q.retry);
+  CHECK(f.out.ops == std::vector<std::string>{"emit a.one", "emit k2"});
+  REQUIRE(f.s.emits);
+  CHECK(f.s.emits->events[0].event_id == emit_event_id("evt-1", "h", 0));
+  f.settler.emit_result(f.s, 1, CopyResult::Confirmed);
+  CHECK(f.out.ops.size() == 2);  // still waiting for the first
+  f.settler.emit_result(f.s, 0, CopyResult::Confirmed);
+  CHECK(f.out.ops == std::vector<std::string>{"emit a.one", "emit k2", "succeeded", "ack"});
+  CHECK(f.settler.stats().acked == 1);
+}
+
+TEST_CASE("settler: an unroutable emit dead-letters the original, naming it", "[settler][emit]") {
+  Fixture f;
+  f.settler.settle(f.s, f.ack_with({R"({"event_type":"a.one"})", R"({"event_type":"a.two"})"}), "h", f.q.retry);
+  f.settler.emit_result(f.s, 0, CopyResult::Confirmed);
+  f.settler.emit_result(f.s, 1, CopyResult::Returned);
+  CHECK(f.out.ops.back() == "publish work.dlq");
+  CHECK(header(f.s.copy->get(), kReason) == "emit_unroutable");
+  std::string detail = header(f.s.copy->get(), kDetail);
+  CHECK(detail.find("emit[1] (a.two, id " + emit_event_id("evt-1", "h", 1) + ")") == 0);
+  CHECK(detail.find("routing key 'a.two' on exchange 'events'") != std::string::npos);
+  f.settler.copy_result(f.s, CopyResult::Confirmed);
+  CHECK(f.out.ops.back() == "ack");
+  CHECK(std::count(f.out.ops.begin(), f.out.ops.end(), "succeeded") == 0);
+}
+
+TEST_CASE("settler: a refused emit hands the original back; a lost one drops it", "[settler][emit]") {
+  Fixture f;
+  f.settler.settle(f.s, f.ack_with({R"({"event_type":"a.one"})"}), "h", f.q.retry);
+  f.settler.emit_result(f.s, 0, CopyResult::Refused);
+  CHECK(f.out.ops.back().rfind("hand_back: the broker refused an emitted event", 0) == 0);
+
+  Fixture g;
+  g.settler.settle(g.s, g.ack_with({R"({"event_type":"a.one"})", R"({"event_type":"a.two"})"}), "h", g.q.retry);
+  g.settler.emit_result(g.s, 0, CopyResult::Lost);
+  g.settler.emit_result(g.s, 1, CopyResult::Confirmed);
+  CHECK(g.out.ops.back() == "drop");
+
+  // The connection is already gone: the first answer comes at once, and the
+  // rest are not published.
+  Fixture h;
+  h.out.emit_now = [&](Settling& s, size_t i) { h.settler.emit_result(s, i, CopyResult::Lost); };
+  h.settler.settle(h.s, h.ack_with({R"({"event_type":"a.one"})", R"({"event_type":"a.two"})"}), "h", h.q.retry);
+  CHECK(h.out.ops == std::vector<std::string>{"emit a.one", "drop"});
+}
+
+TEST_CASE("settler: an invalid emit publishes nothing and dead-letters emit_invalid", "[settler][emit]") {
+  Fixture f;
+  f.settler.settle(f.s, f.ack_with({R"({"event_type":"a.one"})", "garbage"}), "h", f.q.retry);
+  CHECK(f.out.ops == std::vector<std::string>{"publish work.dlq"});
+  CHECK(header(f.s.copy->get(), kReason) == "emit_invalid");
+  CHECK(header(f.s.copy->get(), kDetail).rfind("emit[1]: invalid JSON", 0) == 0);
+}
+
+TEST_CASE("settler: emits with retry or dead_letter are ignored; camel style is passed on", "[settler][emit]") {
+  Fixture f;
+  auto o = dispatch::Outcome::retry("busy", "");
+  o.emits = {R"({"event_type":"a.one"})"};
+  f.settler.settle(f.s, o, "h", f.q.retry);
+  REQUIRE(f.out.ops.size() == 1);
+  CHECK(f.out.ops[0].rfind("publish work.retry.", 0) == 0);
+  CHECK_FALSE(f.s.emits);
+
+  Fixture g;
+  g.settler.settle(g.s, g.ack_with({R"({"event_type":"a.one"})"}), "h", g.q.retry, config::EmitStyle::Camel);
+  REQUIRE(g.s.emits);
+  CHECK(g.s.emits->events[0].body.find("\"eventId\":") != std::string::npos);
 }
