@@ -6,6 +6,7 @@ import inspect
 import json
 import os
 import signal
+import stat
 import sys
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -140,13 +141,20 @@ class Worker:
         """Serve the daemon until it closes the input or sends SIGTERM, then
         return; exits with status 2 on a handshake failure, 1 if the daemon
         stops reading the answers."""
-        code = asyncio.run(self.serve())
+        # Before the loop exists: without the daemon's pipes, its own epoll
+        # and self-pipe fds would take the numbers 3 and 4.
+        fds = _protocol_fds()
+        code = asyncio.run(self._serve(fds)) if fds else 2
         if code:
             sys.exit(code)
 
     async def serve(self):
         """run() for a caller that owns the loop; returns the exit status."""
-        return await _Session(self, asyncio.get_running_loop()).serve()
+        fds = _protocol_fds()
+        return await self._serve(fds) if fds else 2
+
+    async def _serve(self, fds):
+        return await _Session(self, fds).serve()
 
 
 class _Reader(asyncio.Protocol):
@@ -175,9 +183,7 @@ class _Writer(asyncio.BaseProtocol):
 
 
 def _env_fd(name, default):
-    value = os.environ.get(name)
-    if value is None:
-        return default
+    value = os.environ.get(name, default)
     try:
         fd = int(value)
         if fd >= 0:
@@ -187,12 +193,31 @@ def _env_fd(name, default):
     raise ValueError("%s=%s is not a file descriptor" % (name, _show(value)))
 
 
+def _protocol_fds():
+    """(in, out) as the daemon passes them, or None after saying why not."""
+    try:
+        fds = _env_fd("ER_WORKER_IN_FD", 3), _env_fd("ER_WORKER_OUT_FD", 4)
+        for fd in fds:
+            mode = os.fstat(fd).st_mode
+            if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode)):
+                raise ValueError("fd %d is not a pipe" % fd)
+            # Programs the handlers start must not hold or write the protocol pipes.
+            os.set_inheritable(fd, False)
+        return fds
+    except (OSError, ValueError) as e:
+        _log("%s: this program is an event-router worker (docs/worker-protocol.md); it reads "
+             "events on fd 3 and answers on fd 4 (ER_WORKER_IN_FD / ER_WORKER_OUT_FD), "
+             "both pipes" % e)
+        return None
+
+
 class _Session:
     """One run: the two pipes, the events in flight, the answers to write."""
 
-    def __init__(self, worker, loop):
+    def __init__(self, worker, fds):
         self._worker = worker
-        self._loop = loop
+        self._fds = fds
+        self._loop = loop = asyncio.get_running_loop()
         self._lookup = worker._lookup
         self._inflight = {}          # protocol id -> Task
         self._limit = 1              # the hello's concurrency once it came
@@ -212,17 +237,7 @@ class _Session:
         self._done = loop.create_future()
 
     async def serve(self):
-        try:
-            in_fd = _env_fd("ER_WORKER_IN_FD", 3)
-            out_fd = _env_fd("ER_WORKER_OUT_FD", 4)
-            for fd in (in_fd, out_fd):
-                os.fstat(fd)
-                # Programs the handlers start must not hold or write the protocol pipes.
-                os.set_inheritable(fd, False)
-        except (OSError, ValueError) as e:
-            _log("%s: this program is an event-router worker (docs/worker-protocol.md); it reads "
-                 "events on fd 3 and answers on fd 4 (ER_WORKER_IN_FD / ER_WORKER_OUT_FD)" % e)
-            return 2
+        in_fd, out_fd = self._fds
         # stdout and stderr are pipes to the daemon's log: line by line, so a
         # print shows up when it happens, not a buffer later.
         for stream in (sys.stdout, sys.stderr):
