@@ -25,4 +25,5 @@ if [ -x /usr/bin/python3 ]; then
   /usr/bin/python3 -I -c 'import sys; sys.path.insert(0, sys.argv[1]); import event_router; assert event_router.__file__.startswith(sys.argv[1]), event_router.__file__' "$tmp/lib/python3/dist-packages" ||
     fail "the installed event_router does not import"
 fi
+[ -x "$tmp/etc/event-router/handlers/rag_worker.py" ] || fail "handlers/rag_worker.py not installed executable"
 echo "install modes ok: router.yaml 640, sysusers.d entry, EnvironmentFile, event_router for python3"
