@@ -254,11 +254,17 @@ class _Session:
         except (OSError, ValueError) as e:
             _log("cannot use fd %d/%d as the protocol pipes: %s" % (in_fd, out_fd, e))
             return 2
-        loop.add_signal_handler(signal.SIGTERM, self._sigterm)
+        try:
+            loop.add_signal_handler(signal.SIGTERM, self._sigterm)
+            on_sigterm = True
+        except (ValueError, RuntimeError) as e:  # serve() outside the main thread
+            _log("SIGTERM will not drain the events in flight: %s" % e)
+            on_sigterm = False
         try:
             code = await self._done
         finally:
-            loop.remove_signal_handler(signal.SIGTERM)
+            if on_sigterm:
+                loop.remove_signal_handler(signal.SIGTERM)
             self._rt.close()
             if self._executor is not None:
                 self._executor.shutdown(wait=False)
