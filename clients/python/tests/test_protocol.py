@@ -45,8 +45,8 @@ class HandshakeTest(WorkerTestCase):
         w.send({"type": "ping", "future": True})
         w.event(1, "ack.one")
         self.assertEqual(w.results(1)[1]["verdict"], "ack")
-        self.assertIn("ignored a line that is not JSON", w.stderr())
-        self.assertIn("ignored messages of type 'ping'", w.stderr())
+        w.wait_stderr("ignored a line that is not JSON")
+        w.wait_stderr("ignored messages of type 'ping'")
 
 
 class VerdictTest(WorkerTestCase):
@@ -76,8 +76,8 @@ class VerdictTest(WorkerTestCase):
         self.assertEqual(r[9], {"type": "result", "id": 9, "verdict": "dead_letter", "reason": "no_handler",
                                 "detail": "no handler for event type 'nobody.home'"})
         # The unexpected exception's traceback went to stderr (the daemon's log).
-        self.assertIn("handler fail_value failed on event 'ev-8'", w.stderr())
-        self.assertIn('raise ValueError(payload(event_data)["message"])', w.stderr())
+        w.wait_stderr("handler fail_value failed on event 'ev-8'")
+        w.wait_stderr('raise ValueError(payload(event_data)["message"])')
 
     def test_reason_and_detail_are_made_valid(self):
         w = self.started()
@@ -276,8 +276,8 @@ class EndTest(WorkerTestCase):
 
     def test_sigterm_finishes_in_flight_takes_nothing_new_exits_0(self):
         w = self.started(concurrency=3)
-        for i in range(1, 4):
-            w.event(i, "sleep.x", {"seconds": 0.5})
+        for i in range(1, 4):  # long enough to be in flight when the signal comes
+            w.event(i, "sleep.x", {"seconds": 2})
         self.records.wait(lambda r: r["phase"] == "start", 3)
         os.kill(w.proc.pid, signal.SIGTERM)
         w.wait_stderr("SIGTERM: finishing 3 event(s) in flight")
