@@ -39,6 +39,33 @@ class HandshakeTest(WorkerTestCase):
         self.assertEqual(p.returncode, 2)
         self.assertIn("reads events on fd 3 and answers on fd 4", p.stderr)
 
+    def test_fds_from_the_environment(self):
+        import subprocess
+        from workerproc import CLIENT_DIR, PYTHON, WORKERS
+        ev_r, ev_w = os.pipe()
+        res_r, res_w = os.pipe()
+        env = {"PYTHONPATH": CLIENT_DIR, "RECORD_FILE": self.records.path,
+               "ER_WORKER_IN_FD": str(ev_r), "ER_WORKER_OUT_FD": str(res_w)}
+        p = subprocess.Popen([PYTHON, os.path.join(WORKERS, "fixture.py")], env=env, pass_fds=(ev_r, res_w))
+        os.close(ev_r)
+        os.close(res_w)
+        with os.fdopen(ev_w, "wb") as to_worker, os.fdopen(res_r, "rb") as from_worker:
+            to_worker.write(b'{"type":"hello","protocol":1,"concurrency":1}\n'
+                            b'{"type":"event","id":5,"event_type":"ack.x","event":{"event_id":"e"}}\n')
+            to_worker.close()
+            self.assertEqual(from_worker.read(), b'{"type":"ready","protocol":1}\n'
+                                                 b'{"type":"result","id":5,"verdict":"ack"}\n')
+        self.assertEqual(p.wait(30), 0)
+
+    def test_programs_the_handlers_start_do_not_get_the_protocol_fds(self):
+        w = self.started()
+        w.event(1, "child.fds")
+        self.assertEqual(w.results(1)[1]["verdict"], "ack")
+        rec, = self.records.wait(lambda r: r["phase"] == "child", 1)
+        self.assertIn(2, rec["fds"])  # the listing worked
+        self.assertNotIn(3, rec["fds"])
+        self.assertNotIn(4, rec["fds"])
+
     def test_garbage_and_unknown_messages_from_the_daemon_are_skipped(self):
         w = self.started()
         w.send(b"not json\n\n[1,2]\n")

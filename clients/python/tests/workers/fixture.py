@@ -9,6 +9,7 @@ import dataclasses
 import datetime
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -227,6 +228,13 @@ async def prints(event_data):
     print("to stderr", file=sys.stderr)
     os.write(1, b"raw write to fd 1\n")
     record(phase="printed", id=current().id)
+
+
+@worker.on("child.fds")
+async def child_fds(event_data):
+    # What a program the handler starts inherits (close_fds=False: all it can).
+    out = subprocess.run(["/bin/sh", "-c", "ls /proc/$$/fd"], close_fds=False, capture_output=True, text=True)
+    record(phase="child", fds=sorted(int(x) for x in out.stdout.split()))
 
 
 @worker.on("meta.*")
