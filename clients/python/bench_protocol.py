@@ -8,11 +8,12 @@ what the aio-pika peer does: parse, dispatch by event type to a no-op
 `async def` (or a plain function with --sync).
 
     /usr/bin/python3 clients/python/bench_protocol.py [--events N] [--concurrency C]
-                     [--sync] [--baseline] [--rounds R]
+                     [--sync] [--baseline | --compare] [--rounds R]
 
 --baseline runs the bare loop instead of the helper: StreamReader.readline,
 json.loads, a dict lookup, await the no-op, write an ack line (the issue's
-reference figure). Prints events/s and the worker's CPU time per event.
+reference figure); --compare interleaves rounds of both and prints both
+medians and their ratio. Prints events/s and the worker's CPU time per event.
 """
 import argparse
 import json
@@ -134,18 +135,29 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--sync", action="store_true", help="plain handler functions (thread pool)")
     ap.add_argument("--baseline", action="store_true", help="the bare asyncio loop instead of the helper")
+    ap.add_argument("--compare", action="store_true",
+                    help="interleave rounds of the baseline loop and the helper; print both medians")
     args = ap.parse_args()
     lines = [event_line(i) for i in range(args.events)]
-    what = "baseline loop" if args.baseline else ("helper, plain functions" if args.sync else "helper, async def")
-    rates = []
+    helper = "helper, plain functions" if args.sync else "helper, async def"
+    if args.compare:
+        modes = [("baseline loop", True), (helper, False)]
+    else:
+        modes = [("baseline loop" if args.baseline else helper, args.baseline)]
+    rates = {what: [] for what, _ in modes}
     for r in range(args.rounds):
-        rate, cpu_us = one_round(args, lines)
-        rates.append(rate)
-        print("round %d: %s, concurrency %d: %.0f events/s, worker CPU %.1f us/event"
-              % (r + 1, what, args.concurrency, rate, cpu_us), flush=True)
-    rates.sort()
-    print("median: %.0f events/s (%d events, %d rounds, load average %.1f)"
-          % (rates[len(rates) // 2], args.events, args.rounds, os.getloadavg()[0]))
+        for what, baseline in modes:
+            args.baseline = baseline
+            rate, cpu_us = one_round(args, lines)
+            rates[what].append(rate)
+            print("round %d: %s, concurrency %d: %.0f events/s, worker CPU %.1f us/event"
+                  % (r + 1, what, args.concurrency, rate, cpu_us), flush=True)
+    medians = {what: sorted(v)[len(v) // 2] for what, v in rates.items()}
+    for what, m in medians.items():
+        print("median: %s: %.0f events/s (%d events, %d rounds, load average %.1f)"
+              % (what, m, args.events, args.rounds, os.getloadavg()[0]))
+    if args.compare:
+        print("helper / baseline: %.2fx" % (medians[helper] / medians["baseline loop"]))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ grep -q 'chgrp event-router' "$(dirname "$0")/../../packaging/debian/postinst" |
 if [ -x /usr/bin/python3 ]; then
   /usr/bin/python3 -c 'import sys; sys.exit("/usr/lib/python3/dist-packages" not in sys.path)' ||
     fail "/usr/bin/python3 does not search /usr/lib/python3/dist-packages"
-  /usr/bin/python3 -I -c 'import sys; sys.path.insert(0, sys.argv[1]); import event_router; assert event_router.__file__.startswith(sys.argv[1]), event_router.__file__' "$tmp/lib/python3/dist-packages" ||
+  /usr/bin/python3 -I -B -c 'import sys; sys.path.insert(0, sys.argv[1]); import event_router; assert event_router.__file__.startswith(sys.argv[1]), event_router.__file__' "$tmp/lib/python3/dist-packages" ||
     fail "the installed event_router does not import"
 fi
 [ -x "$tmp/etc/event-router/handlers/rag_worker.py" ] || fail "handlers/rag_worker.py not installed executable"
