@@ -9,7 +9,7 @@ from dataclasses import dataclass
 DETAIL_MAX = 1024          # bytes of UTF-8, as the protocol cuts them
 REASON_MAX = 64
 _REASON_BAD = re.compile(r"[^A-Za-z0-9_.-]")
-_DELAY_MAX_MS = 2**31 - 1  # ~24.8 days: past any retry step
+DELAY_MAX_MS = 2**31 - 1  # ~24.8 days: past any retry step
 
 # allow_nan=False: NaN is not JSON; the daemon would call the answer garbage.
 _dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
@@ -29,7 +29,10 @@ def clean_reason(reason, default):
     bytes): other characters become '_', so a verdict is never lost to a typo."""
     if reason is None:
         return default
-    reason = _REASON_BAD.sub("_", str(reason))[:REASON_MAX]
+    try:
+        reason = _REASON_BAD.sub("_", reason if isinstance(reason, str) else str(reason))[:REASON_MAX]
+    except Exception:  # a reason object whose str() fails
+        return default
     return reason or default
 
 
@@ -55,7 +58,7 @@ def delay_ms(after):
     if math.isnan(seconds):
         return None
     # Rounded up: `after` is the least wait.
-    return int(min(max(math.ceil(seconds * 1000), 0), _DELAY_MAX_MS))
+    return int(min(max(math.ceil(seconds * 1000), 0), DELAY_MAX_MS))
 
 
 class Retry(Exception):

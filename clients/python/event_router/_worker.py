@@ -12,7 +12,8 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 
 from . import _topics
-from ._verdicts import DeadLetter, Retry, _current, _State, cut_text
+from ._verdicts import (DELAY_MAX_MS, DeadLetter, Retry, _current, _State, clean_detail, clean_reason,
+                        cut_text)
 
 PROTOCOL = 1
 MAX_EMIT_LINE = 16 * 1024 * 1024  # the daemon's limit for an answer with emits
@@ -67,8 +68,18 @@ def _verdict_line(id, verdict, reason, detail, delay_ms=None):
         msg["delay_ms"] = delay_ms
     if detail is not None:
         msg["detail"] = detail
-    # Reason and detail are already valid UTF-8 text (cut_text, clean_reason).
+    # Reason and detail are valid UTF-8 text already (cut_text, clean_reason).
     return (_dumps(msg) + "\n").encode("utf-8")
+
+
+def _raised_line(id, verdict, exc, default_reason):
+    """The answer for a Retry or DeadLetter, read again from the exception: a
+    subclass may skip our __init__, a handler may change the attributes."""
+    delay = getattr(exc, "delay_ms", None) if verdict == "retry" else None
+    if type(delay) is not int or not 0 <= delay <= DELAY_MAX_MS:
+        delay = None
+    return _verdict_line(id, verdict, clean_reason(getattr(exc, "reason", None), default_reason),
+                         clean_detail(getattr(exc, "detail", None)), delay)
 
 
 class _Handler:
@@ -417,9 +428,9 @@ class _Session:
                 if inspect.isawaitable(result):
                     await result
         except Retry as e:
-            line = _verdict_line(state.id, "retry", e.reason, e.detail, e.delay_ms)
+            line = _raised_line(state.id, "retry", e, "handler_failed")
         except DeadLetter as e:
-            line = _verdict_line(state.id, "dead_letter", e.reason, e.detail)
+            line = _raised_line(state.id, "dead_letter", e, "handler_rejected")
         except BaseException as e:  # even SystemExit: one event never ends the others
             line = _verdict_line(state.id, "retry", "handler_failed", _describe(e))
             if not self._out_closed:  # else: cancelled at exit, nobody to answer

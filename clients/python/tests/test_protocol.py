@@ -117,6 +117,17 @@ class VerdictTest(WorkerTestCase):
         self.assertEqual(len(r[2]["detail"].encode()), 1023)  # 12 + 337 * 3: no character cut in half
         self.assertTrue(r[2]["detail"].startswith("ValueError: \u2028"))
 
+    def test_verdict_exceptions_half_built_still_answer(self):
+        w = self.started()
+        w.event(1, "retry.subclass")
+        w.event(2, "retry.mutated")
+        w.event(3, "dead.subclass")
+        r = w.results(3)
+        self.assertEqual(r[1], {"type": "result", "id": 1, "verdict": "retry", "reason": "handler_failed"})
+        self.assertEqual(r[2], {"type": "result", "id": 2, "verdict": "retry", "reason": "bad_reason_",
+                                "detail": "???"})
+        self.assertEqual(r[3], {"type": "result", "id": 3, "verdict": "dead_letter", "reason": "handler_rejected"})
+
     def test_exception_whose_str_fails(self):
         w = self.started()
         w.event(1, "fail.unprintable")

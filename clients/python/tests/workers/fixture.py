@@ -56,6 +56,33 @@ async def retry_bare(event_data):
     raise Retry()
 
 
+class LazyRetry(Retry):
+    def __init__(self, why):  # never calls Retry.__init__
+        self.why = why
+
+
+class LazyDeadLetter(DeadLetter):
+    def __init__(self):
+        pass
+
+
+@worker.on("retry.subclass")
+async def retry_subclass(event_data):
+    raise LazyRetry("no reason given")
+
+
+@worker.on("retry.mutated")
+async def retry_mutated(event_data):
+    e = Retry(5, "ok")
+    e.reason, e.detail, e.delay_ms = "bad reason!", "\udcff" * 3, -7
+    raise e
+
+
+@worker.on("dead.subclass")
+async def dead_subclass(event_data):
+    raise LazyDeadLetter()
+
+
 @worker.on("dead.*")
 async def dead(event_data):
     p = payload(event_data)
