@@ -118,11 +118,7 @@ class VerdictTest(WorkerTestCase):
         self.assertTrue(r[2]["detail"].startswith("ValueError: \u2028"))
 
     def test_verdict_exceptions_half_built_still_answer(self):
-        w = self.started()
-        w.event(1, "retry.subclass")
-        w.event(2, "retry.mutated")
-        w.event(3, "dead.subclass")
-        r = w.results(3)
+        r = self.started().handle("retry.subclass", "retry.mutated", "dead.subclass")
         self.assertEqual(r[1], {"type": "result", "id": 1, "verdict": "retry", "reason": "handler_failed"})
         self.assertEqual(r[2], {"type": "result", "id": 2, "verdict": "retry", "reason": "bad_reason_",
                                 "detail": "???"})
@@ -146,11 +142,7 @@ class VerdictTest(WorkerTestCase):
         self.assertIsNone(w.proc.poll())
 
     def test_plain_functions_run_in_threads(self):
-        w = self.started()
-        w.event(1, "sync.ack")
-        w.event(2, "sync.fail")
-        w.event(3, "sync.dead")
-        r = w.results(3)
+        r = self.started().handle("sync.ack", "sync.fail", "sync.dead")
         self.assertEqual(r[1]["verdict"], "ack")
         self.assertEqual((r[2]["verdict"], r[2]["reason"], r[2]["detail"]), ("retry", "handler_failed", "KeyError: 'missing'"))
         self.assertEqual((r[3]["verdict"], r[3]["reason"]), ("dead_letter", "sync_rejected"))

@@ -89,6 +89,12 @@ class WorkerProcess:
         self.send(msg)
         return body
 
+    def handle(self, *event_types):
+        """Sends one event of each type (ids 1, 2, ...) and returns the results by id."""
+        for id, event_type in enumerate(event_types, 1):
+            self.event(id, event_type)
+        return self.results(len(event_types))
+
     def close_input(self):
         if self.ev_w is not None:
             os.close(self.ev_w)
