@@ -21,6 +21,7 @@ COPY plugins/ plugins/
 COPY config/ config/
 COPY systemd/ systemd/
 COPY packaging/ packaging/
+COPY clients/python/event_router/ clients/python/event_router/
 RUN cmake -S . -B /build -DCMAKE_BUILD_TYPE=Release -DCMAKE_INSTALL_PREFIX=/usr -DER_BUILD_TESTS=OFF \
  && cmake --build /build -j"${JOBS}" \
  && DESTDIR=/out cmake --install /build --strip \
@@ -31,7 +32,8 @@ COPY docker/router.yaml /out/etc/event-router/router.yaml
 # --- runtime -----------------------------------------------------------------
 FROM debian:bookworm-slim
 # Runtime libraries (from `ldd event-router`; libssl3, also our libcrypto, comes with librabbitmq4),
-# CA certificates for amqps://, python3 for the example handler rag-notify.py.
+# CA certificates for amqps://, python3 for the example handlers (rag_worker.py
+# runs on the event_router package, installed in /usr/lib/python3/dist-packages).
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       librabbitmq4 libyaml-cpp0.7 libsqlite3-0 libstdc++6 ca-certificates python3 \

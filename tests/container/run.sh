@@ -64,7 +64,7 @@ def event(t, agg, payload):
             "timestamp": now(), "version": 1, "payload": payload}
 
 async def publish(exchange):
-    # One event per queue: plugin (speaker, evaluation), sh (draft), python (rag).
+    # One event per queue: plugin (speaker, evaluation), sh (draft), python worker (rag).
     evs = [event("speaker.onboarded", "s1", {"speaker_id": "s1", "external_id": "e1", "name": "N", "bucket": "GOOD"}),
            event("draft.ingested", "d1", {"draft_id": "d1", "speaker_id": "s1", "source": "ct", "word_count": 3}),
            event("rag.dfn_generated", "r1", {"dfn_id": "r1", "speaker_id": "s1", "draft_id": "d1"}),
@@ -136,7 +136,7 @@ def compose_check(src):
                 if not os.path.exists(os.path.join(d, host)): errs.append("volume source missing: " + host)
                 targets[rest.split(":")[0]] = os.path.normpath(os.path.join(d, host))
             elif host not in (c.get("volumes") or {}): errs.append("named volume not declared: " + host)
-    # The mounted config: every exec handler must be in the mounted handlers/.
+    # The mounted config: every exec and worker handler must be in the mounted handlers/.
     cfgfile = targets.get("/etc/event-router/router.yaml")
     hdir = targets.get("/etc/event-router/handlers")
     if not cfgfile or not hdir: errs.append("router: router.yaml and handlers/ mounts")
@@ -145,7 +145,7 @@ def compose_check(src):
         if "listen" not in (cfg.get("http") or {}): errs.append("router.yaml: no http.listen (HEALTHCHECK needs it)")
         for q in cfg.get("queues", []):
             for h in q.get("handlers", []):
-                exe = (h.get("exec") or [None])[0]
+                exe = (h.get("exec") or h.get("worker") or [None])[0]
                 if exe and exe.startswith("handlers/"):
                     p = os.path.join(hdir, exe[len("handlers/"):])
                     if not os.access(p, os.X_OK): errs.append("handler %s: %s missing or not executable" % (h["name"], p))
@@ -449,7 +449,7 @@ for _ in $(seq 1 25); do
 done
 "$PY" -c 'import json,sys; sys.exit(any(json.loads(sys.argv[1]).values()))' "$COUNTS" ||
   fail "queues not empty: $COUNTS"
-phase "4 events handled (plugin, sh and python exec handlers), queues and dead-letter queues empty"
+phase "4 events handled (plugins, an sh exec handler, a python worker), queues and dead-letter queues empty"
 
 stop_daemon
 grep -q ' stopped' "$WORK/daemon.log" || fail "no 'stopped' line in the daemon log"
