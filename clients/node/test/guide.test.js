@@ -13,12 +13,18 @@ const guideEvent = () => ({
   payload: { speaker_id: '123', external_id: 'ext-123', name: 'John Doe', bucket: 'GOOD' },
 });
 
-test('handleSpeakerOnboarded (Consuming Events) runs unchanged: acks, logs the speaker', async (t) => {
-  const d = new FakeDaemon(path.join(__dirname, '../fixtures/workers/guide_consuming.js'));
+// A ready worker from fixtures/workers/<file> and the guide's event for it.
+async function guideWorker(t, file) {
+  const d = new FakeDaemon(path.join(__dirname, '../fixtures/workers', file));
   t.after(() => d.cleanup());
   await d.ready();
-  const ok = eventMessage('speaker.onboarded');
-  ok.event = guideEvent();
+  const ev = eventMessage('speaker.onboarded');
+  ev.event = guideEvent();
+  return { d, ev };
+}
+
+test('handleSpeakerOnboarded (Consuming Events) runs unchanged: acks, logs the speaker', async (t) => {
+  const { d, ev: ok } = await guideWorker(t, 'guide_consuming.js');
   // Without a payload the handler throws a TypeError: the guide's "throw to retry".
   const broken = eventMessage('speaker.onboarded', { payload: undefined });
   delete broken.event.payload;
@@ -33,11 +39,7 @@ test('handleSpeakerOnboarded (Consuming Events) runs unchanged: acks, logs the s
 });
 
 test('the inline async (eventData) => console.log(...) handler (Complete Example) runs unchanged', async (t) => {
-  const d = new FakeDaemon(path.join(__dirname, '../fixtures/workers/guide_complete.js'));
-  t.after(() => d.cleanup());
-  await d.ready();
-  const ev = eventMessage('speaker.onboarded');
-  ev.event = guideEvent();
+  const { d, ev } = await guideWorker(t, 'guide_complete.js');
   d.send(ev);
   const a = await d.answers([ev.id]);
   assert.strictEqual(a.get(ev.id).verdict, 'ack');

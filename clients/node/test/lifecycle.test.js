@@ -7,6 +7,15 @@ const { FakeDaemon, eventMessage } = require('../fixtures/daemon');
 
 const LIFECYCLE = path.join(__dirname, '../fixtures/workers/lifecycle.js');
 
+// A ready worker with three slow events running; returns the events.
+async function threeRunning(d, ms) {
+  await d.ready();
+  const evs = [1, 2, 3].map((n) => eventMessage('l.slow', { payload: { n, ms } }));
+  for (const ev of evs) d.send(ev);
+  await d.waitFor(() => d.stdout.includes('slow 3 started'), 'all three started');
+  return evs;
+}
+
 test('console.log and stdout writes inside a handler do not reach the protocol', async (t) => {
   const d = new FakeDaemon(LIFECYCLE);
   t.after(() => d.cleanup());
@@ -26,10 +35,7 @@ test('console.log and stdout writes inside a handler do not reach the protocol',
 test('end of input: in-flight events finish and are answered, shutdown hooks run, exit 0', async (t) => {
   const d = new FakeDaemon(LIFECYCLE);
   t.after(() => d.cleanup());
-  await d.ready();
-  const evs = [1, 2, 3].map((n) => eventMessage('l.slow', { payload: { n, ms: 300 } }));
-  for (const ev of evs) d.send(ev);
-  await d.waitFor(() => d.stdout.includes('slow 3 started'), 'all three started');
+  const evs = await threeRunning(d, 300);
   d.closeInput();
   const { code, signal } = await d.exit;
   assert.deepStrictEqual({ code, signal }, { code: 0, signal: null });
@@ -51,10 +57,7 @@ test('end of input right after hello: exits 0', async (t) => {
 test('SIGTERM: no new events, in-flight ones finish and are answered, exit 0', async (t) => {
   const d = new FakeDaemon(LIFECYCLE);
   t.after(() => d.cleanup());
-  await d.ready();
-  const evs = [1, 2, 3].map((n) => eventMessage('l.slow', { payload: { n, ms: 400 } }));
-  for (const ev of evs) d.send(ev);
-  await d.waitFor(() => d.stdout.includes('slow 3 started'), 'all three started');
+  const evs = await threeRunning(d, 400);
   d.kill('SIGTERM');
   const { code, signal } = await d.exit;   // fd 3 stays open: the signal alone ends it
   assert.deepStrictEqual({ code, signal }, { code: 0, signal: null });
