@@ -59,9 +59,19 @@ test('SIGTERM: no new events, in-flight ones finish and are answered, exit 0', a
   t.after(() => d.cleanup());
   const evs = await threeRunning(d, 400);
   d.kill('SIGTERM');
+  await new Promise((r) => setTimeout(r, 100));
+  const late = [4, 5].map((n) => eventMessage('l.slow', { payload: { n, ms: 1 } }));
+  for (const ev of late) d.send(ev);
   const { code, signal } = await d.exit;   // fd 3 stays open: the signal alone ends it
   assert.deepStrictEqual({ code, signal }, { code: 0, signal: null });
-  assert.deepStrictEqual(d.results().map((r) => [r.id, r.verdict]).sort(), evs.map((e) => [e.id, 'ack']));
+  const answers = d.results().map((r) => [r.id, r.verdict]);
+  assert.deepStrictEqual(answers.filter(([id]) => id <= evs[2].id).sort(), evs.map((e) => [e.id, 'ack']));
+  // Events sent after the signal are not started: unanswered (the daemon
+  // retries them at the exit) or given back as retry worker_stopping.
+  for (const r of d.results().filter((x) => x.id > evs[2].id)) {
+    assert.deepStrictEqual([r.verdict, r.reason], ['retry', 'worker_stopping']);
+  }
+  assert.ok(!/slow [45] started/.test(d.stdout));
   assert.match(d.stdout, /slow 1 done[\s\S]*shutdown hook ran/);
 });
 
