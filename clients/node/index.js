@@ -241,6 +241,7 @@ class Worker {
     this._stopping = false;     // end of input or SIGTERM: no new events
     this._exiting = false;
     this._carry = '';
+    this._ignored = new Set();  // message types said on stderr
   }
 
   /** The hello message once started ({handler, queue, concurrency, ...}). */
@@ -367,8 +368,12 @@ class Worker {
     } else if (m.type === 'hello') {
       this._onHello(m);
     } else {
-      // Forward compatibility: later versions may add messages.
-      process.stderr.write(`event-router worker: ignoring a message of type ${JSON.stringify(String(m.type))}\n`);
+      // Forward compatibility: later versions may add messages (said once a type).
+      const type = JSON.stringify(String(m.type)).slice(0, 100);
+      if (!this._ignored.has(type) && this._ignored.size < 100) {
+        this._ignored.add(type);
+        process.stderr.write(`event-router worker: ignoring messages of type ${type}\n`);
+      }
     }
   }
 
