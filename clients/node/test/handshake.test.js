@@ -21,6 +21,15 @@ test('hello is answered with ready, protocol 1, and start() resolves after it', 
   assert.deepStrictEqual(a.get(ev.id), { type: 'result', id: ev.id, verdict: 'ack' });
 });
 
+test('the fds come from ER_WORKER_IN_FD / ER_WORKER_OUT_FD', async (t) => {
+  const d = new FakeDaemon(VERDICTS, { fds: [6, 5] });
+  t.after(() => d.cleanup());
+  assert.deepStrictEqual(await d.ready(), { type: 'ready', protocol: 1 });
+  const ev = eventMessage('t.ack');
+  d.send(ev);
+  assert.strictEqual((await d.answers([ev.id])).get(ev.id).verdict, 'ack');
+});
+
 test('a hello with another protocol version: answers 1 and exits non-zero with a clear message', async (t) => {
   const d = new FakeDaemon(VERDICTS);
   t.after(() => d.cleanup());
@@ -84,4 +93,23 @@ test('run by hand without fds 3/4: exits 2 and says what it is', () => {
   const r = spawnSync(process.execPath, [VERDICTS], { env, encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], timeout: 10000 });
   assert.strictEqual(r.status, 2);
   assert.match(r.stderr, /fd 3\/4 not a pipe: this program is an event-router worker/);
+});
+
+test('files on fds 3/4 (replaying a capture by hand): answered, exit 0 at its end', (t) => {
+  const fs = require('fs');
+  const os = require('os');
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'er-node-replay-'));
+  t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const evs = [eventMessage('t.ack'), eventMessage('t.dead')];
+  const lines = [{ type: 'hello', protocol: 1, handler: 'h', queue: 'q', concurrency: 4 }, ...evs];
+  fs.writeFileSync(path.join(dir, 'in'), lines.map((l) => JSON.stringify(l) + '\n').join(''));
+  const inFd = fs.openSync(path.join(dir, 'in'), 'r');
+  const outFd = fs.openSync(path.join(dir, 'out'), 'w');
+  const r = spawnSync(process.execPath, [VERDICTS], { stdio: ['ignore', 'pipe', 'pipe', inFd, outFd], encoding: 'utf8', timeout: 10000 });
+  fs.closeSync(inFd);
+  fs.closeSync(outFd);
+  assert.strictEqual(r.status, 0, r.stderr);
+  const out = fs.readFileSync(path.join(dir, 'out'), 'utf8').trim().split('\n').map((l) => JSON.parse(l));
+  assert.deepStrictEqual(out[0], { type: 'ready', protocol: 1 });
+  assert.deepStrictEqual(out.slice(1).map((m) => [m.id, m.verdict]).sort(), [[evs[0].id, 'ack'], [evs[1].id, 'dead_letter']]);
 });
