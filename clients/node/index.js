@@ -235,6 +235,7 @@ class Worker {
     this._concurrency = Infinity;
     this._inFlight = 0;
     this._waiting = [];         // events beyond hello's concurrency
+    this._startingWaiting = false;
     this._pending = '';         // answers not yet written (flushed once per tick)
     this._flushQueued = false;
     this._blocked = false;      // output full: input paused until 'drain'
@@ -470,8 +471,18 @@ class Worker {
     ctx._emits = null;
     this._inFlight--;
     this._answer(line);
-    if (this._waiting.length > 0 && this._inFlight < this._concurrency) this._run(this._waiting.shift());
+    if (this._waiting.length > 0) this._startWaiting();
     else if (this._stopping) this._maybeExit();
+  }
+
+  // A loop, not a call per settle: synchronous handlers settle inside _run,
+  // and a call each would nest once per waiting event.
+  _startWaiting() {
+    if (this._startingWaiting) return;
+    this._startingWaiting = true;
+    while (this._waiting.length > 0 && this._inFlight < this._concurrency) this._run(this._waiting.shift());
+    this._startingWaiting = false;
+    if (this._stopping) this._maybeExit();
   }
 
   // Answers finishing in the same tick go out in one write.

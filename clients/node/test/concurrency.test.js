@@ -45,3 +45,16 @@ test('no more than hello\'s concurrency at once, even if the daemon sends more',
   const most = Math.max(...evs.map((ev) => a.get(ev.id).emit[0].payload.most));
   assert.strictEqual(most, 4);
 });
+
+test('a long queue of waiting events with synchronous handlers: all answered (no deep recursion)', async (t) => {
+  const d = new FakeDaemon(path.join(__dirname, '../fixtures/workers/verdicts.js'));
+  t.after(() => d.cleanup());
+  d.hello({ concurrency: 1 });
+  await d.waitFor(() => d.messages.length === 1, 'ready');
+  // The first holds the only slot until all the others are read and waiting.
+  const evs = [eventMessage('t.slow', { payload: { ms: 1500 } })];
+  for (let i = 0; i < 20000; i++) evs.push(eventMessage('t.sync_ok'));
+  d.sendRaw(evs.map((e) => JSON.stringify(e) + '\n').join(''));
+  const a = await d.answers(evs.map((e) => e.id), 30000);
+  assert.strictEqual([...a.values()].filter((r) => r.verdict === 'ack').length, evs.length);
+});
