@@ -17,6 +17,8 @@ WORKDIR /src
 COPY CMakeLists.txt README.md ./
 COPY include/ include/
 COPY src/ src/
+# The Node worker helper's installed files only (its tests would bust the cache).
+COPY clients/node/package.json clients/node/index.js clients/node/index.d.ts clients/node/README.md clients/node/
 COPY plugins/ plugins/
 COPY config/ config/
 COPY systemd/ systemd/

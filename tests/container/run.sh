@@ -380,6 +380,9 @@ ENVS=(--env "RABBITMQ_URL=$AMQP_URL" --env "RABBITMQ_EXCHANGE=$PREFIX.events"
       --env "EVENT_ROUTER_HTTP=127.0.0.1:$PORT")
 CTR=$(buildah from --pull=never --name "er-test-$PREFIX" "$IMAGE")
 run_in() { buildah run --isolation chroot "${ENVS[@]}" "$CTR" -- "$@"; }
+# The Node worker helper where node's require() finds it (clients/node/README.md).
+run_in sh -c 'test -f /usr/share/nodejs/@event-router/worker/index.js && test -L /usr/lib/node/@event-router/worker' ||
+  fail "the image lacks @event-router/worker in /usr/share/nodejs (or its /usr/lib/node link)"
 
 # Runs the daemon from the image with config $1 (log $WORK/daemon.log) until
 # it is ready; sets DAEMON_BPID (buildah run) and DPID (the daemon).
