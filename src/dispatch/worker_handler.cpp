@@ -152,8 +152,8 @@ const char* json_type_name(const rapidjson::Value& v) {
 // Checks `emit` and keeps each element's compact JSON. Empty result = fine.
 std::string take_emits(const rapidjson::Value& emit, std::vector<std::string>& out) {
   if (!emit.IsArray()) return std::string("emit is ") + json_type_name(emit) + ", not an array";
-  if (emit.Size() > kMaxEmits)
-    return "emit has " + std::to_string(emit.Size()) + " events, at most " + std::to_string(kMaxEmits) + " allowed";
+  if (emit.Size() > settle::kMaxEmits)
+    return "emit has " + std::to_string(emit.Size()) + " events, at most " + std::to_string(settle::kMaxEmits) + " allowed";
   out.reserve(emit.Size());
   for (rapidjson::SizeType i = 0; i < emit.Size(); ++i) {
     const auto& e = emit[i];

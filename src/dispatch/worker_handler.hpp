@@ -11,11 +11,11 @@
 
 #include "config/config.hpp"
 #include "dispatch/handler.hpp"
+#include "settle/emit.hpp"  // settle::kMaxEmits: one cap for every handler kind
 
 namespace er::dispatch {
 
 inline constexpr int kWorkerProtocol = 1;
-inline constexpr size_t kMaxEmits = 256;                        // per answer
 inline constexpr size_t kMaxAnswerBytes = 16 * 1024 * 1024;     // one line from a worker
 inline constexpr size_t kMaxReasonBytes = 64;
 inline constexpr size_t kMaxDetailBytes = 1024;

@@ -145,9 +145,9 @@ TEST_CASE("worker answers: emit", "[worker]") {
   CHECK(invalid(R"([{"event_type":""}])") == "emit[0] has no event_type (a non-empty string)");
   CHECK(invalid(R"([{"event_type":["b"]}])") == "emit[0] has no event_type (a non-empty string)");
   std::string many = "[";
-  for (size_t i = 0; i <= kMaxEmits; ++i) many += std::string(i ? "," : "") + R"({"event_type":"b"})";
+  for (size_t i = 0; i <= er::settle::kMaxEmits; ++i) many += std::string(i ? "," : "") + R"({"event_type":"b"})";
   many += "]";
-  CHECK(invalid(many) == "emit has 257 events, at most 256 allowed");
+  CHECK(invalid(many) == "emit has 1001 events, at most 1000 allowed");
 }
 
 TEST_CASE("worker event lines: one line of JSON, metadata escaped", "[worker]") {
