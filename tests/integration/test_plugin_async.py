@@ -92,6 +92,12 @@ class PluginAsyncTest(RouterTestCase):
 
     async def test_double_completion_settles_once(self):
         await self.start()
+        # The plugin's emit (made before it completed) goes out with the ack.
+        follow = self.queue_name("follow")
+        ch = await self.conn.channel()
+        fq = await ch.declare_queue(follow, durable=True)
+        await fq.bind(self.exchange, routing_key="follow.#")
+        await ch.close()
         ev = self.make_event("as.twice", {"double": 1, "emit": 1})
         await self.publish(ev)
         await self.handled(1, event_id=ev["event_id"], outcome="ack")
@@ -101,6 +107,12 @@ class PluginAsyncTest(RouterTestCase):
         await asyncio.sleep(0.3)
         self.assertEqual(len(self.daemon.records("handled")), 1)
         self.assertEqual(await self.message_count(self.dlq), 0)
+        got = await self.get_all(follow, expect=1)
+        self.assertEqual(len(got), 1)
+        body = got[0].json()
+        self.assertEqual(body["event_type"], "follow.up")
+        self.assertEqual(body["causation_id"], ev["event_id"])
+        self.assertEqual(body["payload"], {"n": 0})
         self.assertEqual(await self.daemon.stop(), 0)
 
     async def test_sigterm_while_pending(self):
