@@ -98,6 +98,7 @@ class Consumer final : LinkEvents, settle::Outbox {
   void start_job(Delivery* d);
   void start_waiting(dispatch::HandlerSlot& slot);
   void on_finished(Delivery* d, dispatch::Outcome outcome);
+  bool event_line(const config::LogConfig& lc, bool ok);
   enum class RunEnd { Succeeded, Failed, NotRun };
   void finish_twins(Delivery* d, RunEnd end);
   bool is_live(const Delivery* d) const;
@@ -121,6 +122,7 @@ class Consumer final : LinkEvents, settle::Outbox {
   size_t in_flight_ = 0;
   uint64_t received_ = 0;
   uint64_t reconnects_counted_ = 0;  // of link_.reconnects(), in the metric
+  uint64_t successes_seen_ = 0;      // for log.sample
   // Dedupe for copies in flight: queue + '\0' + event_id -> the delivery
   // running it. A second copy waits for that run's outcome.
   std::unordered_map<std::string, Delivery*> running_ids_;
