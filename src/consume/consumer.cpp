@@ -63,6 +63,8 @@ Consumer::Consumer(asio::io_context& io, std::unique_ptr<dispatch::Runtime> runt
     std::string reason;
     current_->m->connected->set(ready(reason) ? 1 : 0);
     current_->m->in_flight->set(static_cast<double>(in_flight_));
+    current_->m->ack_frames->inc(link_.ack_frames() - ack_frames_counted_);
+    ack_frames_counted_ = link_.ack_frames();
   });
 }
 
