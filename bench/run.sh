@@ -7,7 +7,7 @@
 #
 #   bash bench/run.sh [ROUNDS] [N]      (defaults: 3 rounds, 100000 events of ~380 B)
 #   env: ROUNDS, N            as the arguments (quick look: N=20000 ROUNDS=1)
-#        ROWS=REGEX           only the rows whose name matches (and the rows they compare with)
+#        ROWS=REGEX           only the rows whose name matches (and the rows they compare with, in turn)
 #        ER_BINARY            the daemon (default build/event-router)
 #        ER_BENCH_KIT         the kit (default ../shared/bench), AMQP_URL
 #
@@ -77,11 +77,14 @@ gcc -O2 -I"$kit/c" -o "$ER_BENCH_CACHE/bin/preload" "$here/preload_aggregates.c"
 declare -A want=()
 mapfile -t table < <(grep -v '^[[:space:]]*$' <<<"$ROWS_TABLE")
 for line in "${table[@]}"; do
-  read -r name _p _a base _rest <<<"$line"
-  if [[ -z $only || $name =~ $only ]]; then
-    want[$name]=1
-    [[ $base == - ]] || want[$base]=1
-  fi
+  read -r name _rest <<<"$line"
+  [[ -n $only && ! $name =~ $only ]] || want[$name]=1
+done
+for _ in 1 2 3; do  # and what those compare with, and so on
+  for line in "${table[@]}"; do
+    read -r name _p _a base _rest <<<"$line"
+    [[ -z ${want[$name]:-} || $base == - ]] || want[$base]=1
+  done
 done
 # A config that is missing or that this binary refuses skips its rows.
 declare -A skip=()
