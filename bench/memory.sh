@@ -33,32 +33,14 @@ queue=$tag.q
 tmp=$(mktemp -d /tmp/er-mem.XXXXXX)
 pid=
 
+. "$here/lib.sh"
 cleanup() {
   set +e
   if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
     kill -TERM "$pid"; wait "$pid" 2>/dev/null
   fi
   # the queue, its .dlq and whatever else the daemon declared under our name (retry queues)
-  local names
-  names=$(rabbitmqctl -q list_queues name 2>/dev/null | grep -F "$tag." || true)
-  /usr/bin/python3 - "$AMQP_URL" "$ER_BENCH_EXCHANGE" "$queue" "$queue.dlq" $names <<'PY' >/dev/null 2>&1
-import asyncio, sys, aio_pika
-async def main(url, ex, *queues):
-    c = await aio_pika.connect(url + ("" if url.endswith("/") else "/"))
-    for name in sorted(set(queues)):
-        ch = await c.channel()
-        try:
-            await ch.queue_delete(name)
-        except Exception:
-            pass
-    ch = await c.channel()
-    try:
-        await ch.exchange_delete(ex)
-    except Exception:
-        pass
-    await c.close()
-asyncio.run(main(*sys.argv[1:]))
-PY
+  bench_cleanup "$tag" "$queue" "$queue.dlq"
   rm -rf "$tmp"
 }
 trap cleanup EXIT

@@ -458,7 +458,7 @@ Config Loader::load(const std::string& text) {
   }
   if (Val v = child(root, "log"); v.present) {
     expect_map(v);
-    check_keys(v, {"level", "format"});
+    check_keys(v, {"level", "format", "events", "sample"});
     if (Val f = child(v, "format"); f.present)
       c.log.format = choice<LogFormat>(f, {{"text", LogFormat::Text}, {"json", LogFormat::Json}}, {"text", "json"});
     if (Val l = child(v, "level"); l.present)
@@ -468,6 +468,13 @@ Config Loader::load(const std::string& text) {
                                       {"warn", LogLevel::Warn},
                                       {"error", LogLevel::Error}},
                                      {"debug", "info", "warn", "error"});
+    if (Val e = child(v, "events"); e.present)
+      c.log.events = choice<EventLog>(e, {{"info", EventLog::Info}, {"debug", EventLog::Debug}, {"off", EventLog::Off}},
+                                      {"info", "debug", "off"});
+    if (Val n = child(v, "sample"); n.present) {
+      c.log.sample = static_cast<unsigned>(integer(n, 1, 1000000));
+      if (c.log.events == EventLog::Off) fail(n, "sample has no effect with events: off");
+    }
   }
 
   if (Val v = child(root, "security"); v.present) load_security(expect_map(v), c.security);
@@ -536,7 +543,7 @@ void Loader::check_url(const Val& v, const std::string& url) const {
 }
 
 void Loader::load_broker(const Val& v, BrokerConfig& b) const {
-  check_keys(v, {"url", "urls", "heartbeat", "reconnect", "rpc_timeout", "tls"});
+  check_keys(v, {"url", "urls", "heartbeat", "reconnect", "rpc_timeout", "ack_window", "tls"});
   Val url = child(v, "url");
   Val urls = child(v, "urls");
   if (url.present && urls.present) fail(urls, "set either 'url' or 'urls', not both");
@@ -563,6 +570,11 @@ void Loader::load_broker(const Val& v, BrokerConfig& b) const {
   if (Val t = child(v, "rpc_timeout"); t.present) {
     b.rpc_timeout = duration(t, false);
     if (b.rpc_timeout < std::chrono::milliseconds(100)) fail(t, "rpc_timeout must be at least 100ms");
+  }
+  if (Val w = child(v, "ack_window"); w.present) {
+    b.ack_window = duration(w, true);
+    // A held ack holds a prefetch slot: a long wait only slows the queue.
+    if (b.ack_window > std::chrono::seconds(1)) fail(w, "ack_window must be at most 1s");
   }
   if (Val t = child(v, "tls"); t.present) {
     expect_map(t);

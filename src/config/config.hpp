@@ -43,6 +43,9 @@ struct BrokerConfig {
   // Bound on every broker call made from the event loop (RPC replies, a
   // delivery's frames): a stalled broker costs at most this, then a reconnect.
   Duration rpc_timeout{std::chrono::seconds(10)};
+  // How long a settled event's ack may wait for an unsettled one below it, to
+  // go out in one `multiple` ack with it; 0 = one ack per event, at once.
+  Duration ack_window{std::chrono::milliseconds(10)};
   TlsConfig tls;
 };
 
@@ -146,9 +149,14 @@ enum class LogLevel { Debug = 0, Info = 1, Warn = 2, Error = 3 };
 
 enum class LogFormat { Text, Json };
 
+// The per-event "handled" line: at info (the default), at debug, or never.
+enum class EventLog { Info, Debug, Off };
+
 struct LogConfig {
   LogLevel level = LogLevel::Info;
   LogFormat format = LogFormat::Text;
+  EventLog events = EventLog::Info;  // `events:` the level of the line for a handled event
+  unsigned sample = 1;               // `sample:` one line per N successes; failures always
 };
 
 // `security:` The key that signs the bookkeeping headers of retry and

@@ -66,6 +66,8 @@ Consumer::Consumer(asio::io_context& io, std::unique_ptr<dispatch::Runtime> runt
     std::string reason;
     current_->m->connected->set(ready(reason) ? 1 : 0);
     current_->m->in_flight->set(static_cast<double>(in_flight_));
+    current_->m->ack_frames->inc(link_.ack_frames() - ack_frames_counted_);
+    ack_frames_counted_ = link_.ack_frames();
   });
   auto& waiting = registry.gauge("event_router_ordering_waiting_events",
                                  "Events waiting behind an earlier event of their aggregate (ordering: aggregate).",
@@ -376,11 +378,12 @@ void Consumer::on_finished(Delivery* d, dispatch::Outcome outcome) {
   sm.duration->observe(std::chrono::duration<double>(elapsed).count());
   const bool ok = outcome.verdict == dispatch::Verdict::Ack;
   (ok ? sm.ack : outcome.verdict == dispatch::Verdict::Retry ? sm.retry : sm.dead_letter)->inc();
-  if (log::enabled(log::Level::Info)) {
+  if (event_line(g->cfg->log, ok)) {
     auto ms = std::chrono::duration<double, std::milli>(elapsed).count();
     char dur[32];
     auto res = std::to_chars(dur, dur + sizeof dur, static_cast<long long>(ms + 0.5));
-    log::write(ok ? log::Level::Info : log::Level::Warn, "handled",
+    log::write(!ok ? log::Level::Warn : g->cfg->log.events == config::EventLog::Debug ? log::Level::Debug : log::Level::Info,
+               "handled",
                {{"queue", d->view_.queue},
                 {"event_type", d->envelope.event_type},
                 {"event_id", d->envelope.event_id},
@@ -404,6 +407,14 @@ void Consumer::on_finished(Delivery* d, dispatch::Outcome outcome) {
     settle_or_hold(d, outcome, handler, *slot.cfg);
   }
   start_waiting(slot);
+}
+
+// Whether this event gets its "handled" line (log.events at or above
+// log.level): every failure (at warn), one success in log.sample.
+bool Consumer::event_line(const config::LogConfig& lc, bool ok) {
+  if (lc.events == config::EventLog::Off) return false;
+  if (!log::enabled(lc.events == config::EventLog::Debug ? log::Level::Debug : log::Level::Info)) return false;
+  return !ok || lc.sample <= 1 || successes_seen_++ % lc.sample == 0;
 }
 
 // The copies that waited for `d`: after a success they are duplicates; after

@@ -115,6 +115,7 @@ class Consumer final : LinkEvents, settle::Outbox {
   void wake_held(Pred&& pred);
   void leave_line(Delivery* d);
   void drop_waiting_in_lines(const QueueChannel* qc);
+  bool event_line(const config::LogConfig& lc, bool ok);
   enum class RunEnd { Succeeded, Failed, NotRun };
   void finish_twins(Delivery* d, RunEnd end);
   bool is_live(const Delivery* d) const;
@@ -138,6 +139,8 @@ class Consumer final : LinkEvents, settle::Outbox {
   size_t in_flight_ = 0;
   uint64_t received_ = 0;
   uint64_t reconnects_counted_ = 0;  // of link_.reconnects(), in the metric
+  uint64_t successes_seen_ = 0;      // for log.sample
+  uint64_t ack_frames_counted_ = 0;  // of link_.ack_frames(), in the metric
   // Dedupe for copies in flight: queue + '\0' + event_id -> the delivery
   // running it. A second copy waits for that run's outcome.
   std::unordered_map<std::string, Delivery*> running_ids_;

@@ -21,6 +21,9 @@ ConsumerMetrics::ConsumerMetrics(metrics::Registry& r, const dispatch::Runtime& 
   connected = &r.gauge("event_router_connected", "1 while connected to the broker and consuming every queue.").with();
   in_flight = &r.gauge("event_router_in_flight_events", "Events delivered and not yet settled.").with();
   reconnects = &r.counter("event_router_reconnects_total", "Connections to the broker after the first.").with();
+  ack_frames = &r.counter("event_router_ack_frames_total",
+                          "basic.ack frames sent; one that acks several events (multiple) counts once.")
+                    .with();
   auto& confirms = r.counter("event_router_publish_confirms_total",
                              "Broker answers to the daemon's own publishes (retry and dead-letter copies).",
                              {"result"});

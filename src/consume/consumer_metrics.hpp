@@ -33,6 +33,7 @@ class ConsumerMetrics {
   metrics::Gauge* connected = nullptr;
   metrics::Gauge* in_flight = nullptr;
   metrics::Counter* reconnects = nullptr;
+  metrics::Counter* ack_frames = nullptr;
   metrics::Counter* confirms_ack = nullptr;
   metrics::Counter* confirms_nack = nullptr;
   metrics::Counter* confirms_returned = nullptr;

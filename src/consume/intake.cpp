@@ -21,12 +21,15 @@ Decision decide(const IntakeInput& in, const config::QueueConfig& q, dispatch::Q
     return d;
   }
   const char* body = static_cast<const char*>(in.body.bytes);
-  auto status = event::decode(body, in.body.len, in.routing_key, envelope, detail);
+  // With schemas, one parse both decodes and validates.
+  bool valid = true;
+  auto status = schemas ? schemas->decode_validate(body, in.body.len, in.routing_key, envelope, detail, valid)
+                        : event::decode(body, in.body.len, in.routing_key, envelope, detail);
   if (status != event::DecodeStatus::Ok) {
     d.reason = event::reason_code(status);
     return d;
   }
-  if (schemas && !schemas->validate(body, in.body.len, envelope.event_type, detail)) {
+  if (!valid) {
     d.reason = "schema_violation";
     return d;
   }

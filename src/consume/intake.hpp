@@ -2,7 +2,7 @@
 // Intake: turns one delivery into a decision (handle it with this handler,
 // dead-letter it with this reason, ack it as a duplicate or as unhandled).
 // Pure apart from the dedupe lookup it is handed; one SAX pass over the body
-// for the envelope and, with schemas, one for validation.
+// decodes the envelope and, with schemas, validates it.
 #include <amqp.h>
 
 #include <functional>

@@ -25,7 +25,7 @@ milliseconds next_backoff(milliseconds current, milliseconds initial, millisecon
 }  // namespace
 
 BrokerLink::BrokerLink(asio::io_context& io, LinkEvents& events)
-    : io_(io), events_(events), heartbeat_timer_(io), reconnect_timer_(io) {}
+    : io_(io), events_(events), heartbeat_timer_(io), reconnect_timer_(io), ack_timer_(io) {}
 
 BrokerLink::~BrokerLink() {
   *alive_ = false;
@@ -201,6 +201,7 @@ void BrokerLink::connected(std::shared_ptr<Opening> o) {
       continue;
     }
     qc->channel = s.channel;
+    qc->acks.clear();
     qc->consuming = true;
     qc->consumer_tag = s.tag;
     qc->backoff = milliseconds(0);
@@ -269,6 +270,7 @@ void BrokerLink::open_queue(const std::shared_ptr<QueueChannel>& qc) {
     return;
   }
   qc->channel = ch;
+  qc->acks.clear();
   qc->consuming = true;
   by_channel_[ch] = qc;
   log::info("consuming", {{"queue", qc->name}, {"prefetch", std::to_string(qc->prefetch)},
@@ -290,6 +292,11 @@ void BrokerLink::cancel_consumer(QueueChannel& qc) {
 void BrokerLink::close_queue(QueueChannel& qc) {
   if (qc.channel == 0) return;
   amqp_channel_t ch = qc.channel;
+  // Settled events are acked before the close would hand them back.
+  if (conn_ && !flush_acks(qc, true)) {
+    lost("acknowledging before closing a channel");
+    return;
+  }
   drop_channel(qc);
   if (!conn_) return;
   amqp_rpc_reply_t r = amqp_channel_close(conn_->get(), ch, AMQP_REPLY_SUCCESS);
@@ -308,6 +315,7 @@ void BrokerLink::drop_channel(QueueChannel& qc) {
   }
   qc.channel = 0;
   qc.consuming = false;
+  qc.acks.clear();
   ++qc.incarnation;
 }
 
@@ -379,25 +387,121 @@ void BrokerLink::declare_queue(const config::QueueConfig& q) {
 void BrokerLink::kick() {
   if (kicked_ || !conn_) return;
   kicked_ = true;
+  later([this](bool same_connection) {
+    kicked_ = false;
+    if (same_connection) pump();
+  });
+}
+
+// Runs `f` on a later turn of the loop unless the link is gone; it is told
+// whether the connection is still the one of now.
+template <class F>
+void BrokerLink::later(F f) {
   std::weak_ptr<bool> alive = alive_;
   const uint64_t id = connection_id_;
-  asio::post(io_, [this, alive, id] {
-    if (alive.expired()) return;
-    kicked_ = false;
-    if (id == connection_id_) pump();
+  asio::post(io_, [this, alive, id, f = std::move(f)]() mutable {
+    if (!alive.expired()) f(id == connection_id_);
   });
 }
 
 bool BrokerLink::ack(amqp_channel_t ch, uint64_t tag) {
   if (!conn_) return false;
+  QueueChannel* qc = ch < by_channel_.size() ? by_channel_[ch].get() : nullptr;
+  if (qc && cfg_->broker.ack_window.count() > 0 && qc->acks.settled(tag)) {
+    // Half the prefetch ready: send now, so the broker can refill the
+    // window while the rest of this turn runs.
+    if (qc->acks.ready() >= std::max<size_t>(1, qc->prefetch / 2)) {
+      if (!flush_acks(*qc, false)) {
+        lost("acknowledging");
+        return false;
+      }
+    }
+    if (qc->acks.pending() > 0) flush_acks_later(*qc);
+    return true;
+  }
+  if (qc) qc->acks.forget(tag);  // acked alone: a later multiple ack may pass over it
   int rc = amqp_basic_ack(conn_->get(), ch, tag, 0);
-  if (rc == AMQP_STATUS_OK) return true;
+  if (rc == AMQP_STATUS_OK) {
+    ++ack_frames_;
+    return true;
+  }
   lost(std::string("acknowledging: ") + amqp_error_string2(rc));
   return false;
 }
 
+// Sends what `qc`'s tracker lets go now; false if the socket failed (the
+// caller drops the connection, outside the tracker).
+bool BrokerLink::flush_acks(QueueChannel& qc, bool all) {
+  if (!conn_ || qc.channel == 0) return true;
+  amqp_connection_state_t c = conn_->get();
+  int rc = AMQP_STATUS_OK;
+  qc.acks.flush(all, [&](AckTracker::Ack a) {
+    if (rc != AMQP_STATUS_OK) return;
+    rc = amqp_basic_ack(c, qc.channel, a.tag, a.multiple ? 1 : 0);
+    if (rc == AMQP_STATUS_OK) ++ack_frames_;
+  });
+  if (rc == AMQP_STATUS_OK) return true;
+  log::error("acknowledging failed", {{"reason", amqp_error_string2(rc)}});
+  return false;
+}
+
+// At the end of this turn of the loop: the acks the turn settled go out
+// together, with no added wait when the daemon is idle.
+void BrokerLink::flush_acks_later(QueueChannel& qc) {
+  if (std::find(ack_dirty_.begin(), ack_dirty_.end(), qc.channel) == ack_dirty_.end())
+    ack_dirty_.push_back(qc.channel);
+  if (ack_flush_posted_) return;
+  ack_flush_posted_ = true;
+  later([this](bool same_connection) {
+    ack_flush_posted_ = false;
+    auto dirty = std::move(ack_dirty_);
+    ack_dirty_.clear();
+    if (!same_connection || !conn_) return;
+    bool blocked = false;
+    for (amqp_channel_t ch : dirty) {
+      QueueChannel* qc = ch < by_channel_.size() ? by_channel_[ch].get() : nullptr;
+      if (!qc) continue;
+      if (!flush_acks(*qc, false)) {
+        lost("acknowledging");
+        return;
+      }
+      blocked = blocked || qc->acks.pending() > 0;
+    }
+    if (blocked) arm_ack_window();
+  });
+}
+
+// Settled tags behind a running one wait at most broker.ack_window for it,
+// then go out one by one: the broker counts them against the prefetch.
+void BrokerLink::arm_ack_window() {
+  if (ack_timer_armed_) return;
+  ack_timer_armed_ = true;
+  const uint64_t id = connection_id_;
+  ack_timer_.expires_after(cfg_->broker.ack_window);
+  ack_timer_.async_wait([this, id](boost::system::error_code ec) {
+    if (ec) return;  // cancelled: whoever cancelled it cleared the flag
+    ack_timer_armed_ = false;
+    if (id != connection_id_ || !conn_) return;
+    for (size_t ch = 0; ch < by_channel_.size(); ++ch) {
+      QueueChannel* qc = by_channel_[ch].get();
+      if (!qc || qc->acks.pending() == 0) continue;
+      if (!flush_acks(*qc, true)) {
+        lost("acknowledging");
+        return;
+      }
+    }
+  });
+}
+
 bool BrokerLink::nack(amqp_channel_t ch, uint64_t tag, bool requeue) {
   if (!conn_) return false;
+  // Handed back, it blocks no coalescing: a multiple ack passes over it.
+  // (A nack of one tag touches no other, so waiting acks need not go first.)
+  QueueChannel* qc = ch < by_channel_.size() ? by_channel_[ch].get() : nullptr;
+  if (qc) {
+    qc->acks.forget(tag);
+    if (qc->acks.pending() > 0) flush_acks_later(*qc);
+  }
   int rc = amqp_basic_nack(conn_->get(), ch, tag, 0, requeue ? 1 : 0);
   if (rc == AMQP_STATUS_OK) return true;
   lost(std::string("handing back a delivery: ") + amqp_error_string2(rc));
@@ -454,6 +558,12 @@ void BrokerLink::close() {
   closing_ = true;
   heartbeat_timer_.cancel();
   reconnect_timer_.cancel();
+  ack_timer_.cancel();
+  ack_timer_armed_ = false;
+  // Settled events are acked before the connection goes (a failure here
+  // only means the broker redelivers them).
+  for (auto& qc : by_channel_)
+    if (qc && conn_ && !flush_acks(*qc, true)) break;
   if (socket_) {
     socket_->release();
     socket_.reset();
@@ -466,6 +576,7 @@ void BrokerLink::close() {
   for (auto& qc : by_channel_)
     if (qc) {
       qc->channel = 0;
+      qc->acks.clear();
       ++qc->incarnation;
     }
   by_channel_.clear();
@@ -481,6 +592,8 @@ void BrokerLink::lost(const std::string& why) {
   }
   socket_armed_ = false;
   heartbeat_timer_.cancel();
+  ack_timer_.cancel();
+  ack_timer_armed_ = false;
   conn_->abandon();  // it is dead or stalled: a close would wait for it
   conn_.reset();
   reader_ = FrameReader{};
@@ -490,6 +603,7 @@ void BrokerLink::lost(const std::string& why) {
     if (!qc) continue;
     qc->channel = 0;
     qc->consuming = false;
+    qc->acks.clear();
     ++qc->incarnation;
     qc->recover_timer.cancel();
     qc->recovering = false;
@@ -558,9 +672,8 @@ void BrokerLink::pump() {
     if (id != connection_id_ || !conn_) return;
   }
   // More is waiting: let the loop's other work run first.
-  std::weak_ptr<bool> alive = alive_;
-  asio::post(io_, [this, alive, id] {
-    if (!alive.expired() && id == connection_id_) pump();
+  later([this](bool same_connection) {
+    if (same_connection) pump();
   });
 }
 
@@ -578,6 +691,7 @@ void BrokerLink::on_frame(const amqp_frame_t& frame) {
     if (done.kind == FrameReader::Kind::Delivery) {
       auto qc = frame.channel < by_channel_.size() ? by_channel_[frame.channel] : nullptr;
       if (qc) {
+        qc->acks.delivered(done.env.delivery_tag);
         events_.delivery(*qc, done.env, done.body_size);
       } else {
         amqp_destroy_envelope(&done.env);
@@ -621,6 +735,10 @@ void BrokerLink::on_frame(const amqp_frame_t& frame) {
       // The broker cancelled a consumer (its queue was deleted, or its node
       // went down). Close that channel and consume again on a fresh one.
       if (!qc) break;
+      if (!flush_acks(*qc, true)) {  // what is settled is done: ack it first
+        lost("acknowledging before closing a cancelled consumer's channel");
+        return;
+      }
       drop_channel(*qc);
       events_.queue_channel_lost(*qc);
       amqp_rpc_reply_t r = amqp_channel_close(c, ch, AMQP_REPLY_SUCCESS);  // other frames are queued meanwhile

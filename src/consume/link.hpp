@@ -91,8 +91,14 @@ class BrokerLink {
            qc.incarnation.load(std::memory_order_relaxed) == incarnation;
   }
   // Socket errors drop the connection (and report link_down); false then.
+  // An ack may wait to be coalesced with its neighbours (broker.ack_window):
+  // it goes out at the end of this turn of the loop, or when half the
+  // prefetch is ready, or before its channel closes; one still blocked by an
+  // unsettled tag below it goes out alone when the window has passed.
   bool ack(amqp_channel_t ch, uint64_t tag);
   bool nack(amqp_channel_t ch, uint64_t tag, bool requeue);
+  // basic.ack frames sent (a coalesced one counts once).
+  uint64_t ack_frames() const { return ack_frames_; }
 
   // Publishes mandatory through the default exchange on the confirm channel;
   // `done` runs exactly once. `props` and `body` must stay valid until then.
@@ -142,6 +148,11 @@ class BrokerLink {
   void fail_pending(CopyResult result);
   void send_now(Held h);
   void kick();
+  template <class F>
+  void later(F f);
+  bool flush_acks(QueueChannel& qc, bool all);
+  void flush_acks_later(QueueChannel& qc);
+  void arm_ack_window();
   amqp_channel_t next_channel();
 
   boost::asio::io_context& io_;
@@ -172,6 +183,11 @@ class BrokerLink {
   bool connecting_ = false;
   bool draining_ = false;                   // stop_recovering() was called
   bool kicked_ = false;                     // a pump() is posted
+  std::vector<amqp_channel_t> ack_dirty_;  // channels with acks for the end of this turn
+  bool ack_flush_posted_ = false;
+  boost::asio::steady_timer ack_timer_;      // acks blocked behind a running tag
+  bool ack_timer_armed_ = false;
+  uint64_t ack_frames_ = 0;
   std::set<std::string> redeclare_;         // queues to declare again after a returned copy
   std::vector<std::shared_ptr<QueueChannel>> opening_;  // the consumers the connector starts
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);  // guards posted continuations

@@ -13,6 +13,8 @@
 #include <cstdint>
 #include <string>
 
+#include "consume/ack_tracker.hpp"
+
 namespace er::consume {
 
 struct QueueChannel {
@@ -31,6 +33,7 @@ struct QueueChannel {
   // earlier incarnation is never settled on a later one. Read by worker threads.
   std::atomic<uint64_t> incarnation{0};
   size_t in_flight = 0;        // deliveries not yet settled
+  AckTracker acks;             // tags out on `channel` (the link's; cleared with the channel)
   std::string consumer_tag;
   std::chrono::milliseconds backoff{0};
   bool recovering = false;     // a recovery is scheduled

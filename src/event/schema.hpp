@@ -11,6 +11,8 @@
 #include <string_view>
 #include <vector>
 
+#include "event/envelope.hpp"
+
 namespace er::event {
 
 namespace detail {
@@ -30,6 +32,15 @@ class SchemaSet {
   // the failing keyword and the instance path, e.g. "speaker.onboarded.json: required: missing property 'bucket' at #/payload".
   // Thread-safe (called from one thread in practice, but must not mutate shared state unsafely).
   bool validate(const char* body, size_t len, std::string_view event_type, std::string& detail) const;
+
+  // decode() and validate() on one parse of the body: decodes the envelope
+  // into `out` exactly as event::decode() does (its status and detail); when
+  // that succeeds, `valid` says whether the schemas accept the body, with
+  // validate()'s `detail` when not. The type schema is the decoded event
+  // type's; an event type that comes late in a large body, or only from the
+  // routing key, costs that schema a second parse.
+  DecodeStatus decode_validate(const char* body, size_t len, std::string_view routing_key, Envelope& out,
+                               std::string& detail, bool& valid) const;
 
   size_t size() const;  // number of schemas loaded, envelope.json included
   std::vector<std::string> event_types() const;  // sorted; without the envelope
