@@ -46,7 +46,7 @@ bool well_formed(const char* what) {
 }
 
 void check_config(const er::config::Config& c) {
-  CHECK(!c.queues.empty() && c.workers >= 1);
+  CHECK(!c.queues.empty() && c.plugin_threads >= 1);
   CHECK(!c.broker.url.empty() && !c.exchange.name.empty());
   std::set<std::string> queues, handlers;
   for (const auto& q : c.queues) {
