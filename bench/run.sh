@@ -6,6 +6,8 @@
 # Timings on a shared 2-core box are noisy: compare the ratios, not msg/s.
 #
 #   bash bench/run.sh [ROUNDS] [N]      (defaults: 3 rounds, 100000 events of ~380 B)
+#   bash bench/run.sh workers [ROUNDS] [N] [N_SUB]   worker and exec handlers against the
+#                                        service-style peers (bench/workers.sh)
 #   env: ROUNDS, N            as the arguments (quick look: N=20000 ROUNDS=1)
 #        ROWS=REGEX           only the rows whose name matches (and the rows they compare with, in turn)
 #        ER_BINARY            the daemon (default build/event-router)
@@ -19,6 +21,7 @@
 set -euo pipefail
 export LC_NUMERIC=C
 here=$(cd "$(dirname "$0")" && pwd)
+if [[ ${1:-} == workers ]]; then shift; exec bash "$here/workers.sh" "$@"; fi
 repo=$(dirname "$here")
 kit=${ER_BENCH_KIT:-$repo/../shared/bench}
 rounds=${1:-${ROUNDS:-3}}

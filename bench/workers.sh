@@ -4,7 +4,7 @@
 # aio-pika peer, a Node worker against the amqplib peer, an exec handler
 # against amqp-consume, all against raw rabbitmq-c; interleaved rounds,
 # medians, prefetch 10, and where the CPU went (broker, router, worker).
-#   bench/workers.sh [ROUNDS] [N] [N_SUB]   (defaults 3, 50000, 3000)
+#   bash bench/run.sh workers [ROUNDS] [N] [N_SUB]   (defaults 3, 50000, 3000)
 # N_SUB is for the per-event-process rows (amqp-consume, exec).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -16,11 +16,15 @@ bin=${ER_BINARY:-$repo/build/event-router}
 [[ -d $kit ]] || { echo "benchmark kit not found at $kit (set ER_BENCH_KIT)" >&2; exit 1; }
 bash "$kit/setup.sh" >/dev/null
 
-export ER_BENCH_EXCHANGE=${ER_BENCH_EXCHANGE:-er-bench.events}
+export AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672}
+. "$here/lib.sh"
+# Names are ours alone: nothing of a service or of another run is touched.
+tag=er-bench-w$$-$RANDOM
+export ER_BENCH_EXCHANGE=$tag.events
 export ER_NODE_CLIENT=$repo/clients/node
-q_peer=er-bench.peer q_router=er-bench.workers
+q_peer=$tag.peer q_router=$tag.workers
 tmp=$(mktemp -d /tmp/er-bench-workers.XXXXXX)
-trap 'rm -rf "$tmp"' EXIT
+trap 'bench_cleanup "$tag" "$q_peer" "$q_router"; rm -rf "$tmp"' EXIT
 
 # config KIND: the router's config for one handler kind.
 config() {
@@ -72,7 +76,6 @@ for ((i = 1; i <= rounds; i++)); do
   drain amqp-consume "$n_sub" $q_peer -- bash "$kit/peer.sh" amqp-consume $q_peer
   router exec "$n_sub" exec
 done
-amqp-delete-queue -q $q_peer >/dev/null 2>&1 || true
 
 python3 - "$out" <<'PY'
 import re, statistics, sys
