@@ -1,7 +1,7 @@
 """Worker handlers on the real helpers, through the real daemon and broker:
 clients/python's `event_router` (workers/py_worker.py) and clients/node's
 `@event-router/worker` (workers/node_worker.js), the same tests for both:
-every verdict, emit (published once with the derived id, the original
+every verdict, events in flight at once, emit (published once with the derived id, the original
 settled only after; a retried handler re-emits the same id), a crash, a hang
 past `timeout` and prints from user code (nothing lost, nothing acked twice,
 the daemon stays up), SIGTERM drain, SIGHUP replacing a worker, and the
@@ -157,6 +157,19 @@ class WorkerClientCases:
                           start["redelivered"], start["handler"]),
                          ("job.ack", ack["correlation_id"], "job.ack", self.q, False, HANDLER))
         self.assertEqual(len({r["pid"] for r in read_jsonl(rec)}), 1)
+
+    async def test_events_in_flight_at_once(self):
+        # 8 at once in one process (the hello's concurrency), by its own count.
+        h, rec = self.worker(concurrency=8)
+        await self.start([h])
+        events = [self.make_event("job.slow", {"sleep_ms": 500}) for _ in range(20)]
+        for ev in events:
+            await self.publish(ev)
+        await self.assert_all_acked_once(events)
+        starts = phases(rec, phase="start")
+        self.assertEqual(len(starts), 20)
+        self.assertEqual(max(r["inflight"] for r in starts), 8, starts)
+        self.assertEqual(len(self.booted(rec)), 1)
 
     # -- emit ------------------------------------------------------------------------
 

@@ -17,13 +17,23 @@ function record(phase, fields) {
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 const worker = new Worker();
+let inflight = 0;  // events in this process's handler at once
 
 worker.registerHandler('#', async (eventData, ctx) => {
+  inflight += 1;
+  try {
+    await steered(eventData, ctx);
+  } finally {
+    inflight -= 1;
+  }
+});
+
+async function steered(eventData, ctx) {
   const p = eventData.payload || {};
   const actions = p.attempts || ['ack'];
   const action = actions[Math.min(ctx.attempt, actions.length) - 1];
   const ids = { event_id: ctx.eventId, attempt: ctx.attempt };
-  record('start', { ...ids, event_type: ctx.eventType, correlation_id: ctx.correlationId,
+  record('start', { ...ids, inflight, event_type: ctx.eventType, correlation_id: ctx.correlationId,
     routing_key: ctx.routingKey, queue: ctx.queue, redelivered: ctx.redelivered, handler: ctx.handler });
   for (const line of p.stdout || []) console.log(line);
   if (p.forge_answer) {
@@ -48,7 +58,7 @@ worker.registerHandler('#', async (eventData, ctx) => {
   if (action === 'retry') throw new Retry({ after: p.retry_after_ms, reason: p.reason, detail: p.detail });
   if (action === 'fail') throw new Error(p.message || 'boom');
   if (action === 'dead_letter') throw new DeadLetter(p.reason, p.detail);
-});
+}
 
 worker.onShutdown(() => record('exit', {}));
 record('boot', {});

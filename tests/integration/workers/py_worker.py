@@ -14,8 +14,9 @@ The event's payload steers it:
   sleep_ms       a sleep before the verdict
   reason, detail, retry_after_ms, message
 It appends JSON lines to $RECORD_FILE: "boot" (with $GENERATION), per event
-"start" and then "done", "crash" or "hang" (each with pid, event_id, attempt,
-time), and "exit" when the helper's run() returns.
+"start" (with `inflight`, its own count of events in handlers) and then
+"done", "crash" or "hang" (each with pid, event_id, attempt, time), and "exit"
+when the helper's run() returns.
 """
 import asyncio
 import json
@@ -35,16 +36,26 @@ def record(phase, **fields):
 
 
 worker = Worker()
+inflight = 0  # events in this process's handler at once
 
 
 @worker.on("#")
 async def handle(event_data: dict) -> None:
+    global inflight
+    inflight += 1
+    try:
+        await steered(event_data)
+    finally:
+        inflight -= 1
+
+
+async def steered(event_data):
     ctx = current()
     p = event_data.get("payload") or {}
     actions = p.get("attempts") or ["ack"]
     action = actions[min(ctx.attempt, len(actions)) - 1]
     ids = dict(event_id=ctx.event_id, attempt=ctx.attempt)
-    record("start", **ids, event_type=ctx.event_type, correlation_id=ctx.correlation_id,
+    record("start", **ids, inflight=inflight, event_type=ctx.event_type, correlation_id=ctx.correlation_id,
            routing_key=ctx.routing_key, queue=ctx.queue, redelivered=ctx.redelivered, handler=ctx.handler)
     for line in p.get("stdout", []):
         print(line)
