@@ -366,12 +366,13 @@ class PythonWorkerClientTest(WorkerClientCases, RouterTestCase):
         return {"PYTHONPATH": PY_CLIENT}
 
     async def test_shipped_rag_worker_and_guide_handlers(self):
-        # config/handlers/rag_worker.py as shipped (rag.dfn_generated: emits
-        # evaluation.started; no dfn_id: dead_letter bad_payload; other rag.*: ack),
-        # and the guide's idempotent handler (clients/python/tests/workers), with
-        # events published as the Python services publish them (aio-pika, snake_case).
-        rag = {"name": "rag-worker", "events": ["rag.*"], "worker": [PYTHON, RAG_WORKER],
-               "env": {"PYTHONPATH": PY_CLIENT}, "timeout": "10s"}
+        # config/handlers/rag_worker.py (rag.dfn_generated: emits evaluation.started;
+        # no dfn_id: dead_letter bad_payload; other rag.*: ack), run as config/router.yaml
+        # runs it (the script as the program, no PYTHONPATH: it finds the helper next
+        # to it in a source tree), and the guide's idempotent handler
+        # (clients/python/tests/workers), with events published as the Python
+        # services publish them (aio-pika, snake_case).
+        rag = {"name": "rag-worker", "events": ["rag.*"], "worker": [RAG_WORKER], "timeout": "10s"}
         guide_rec = self.record_file("guide")
         guide = {"name": "speaker-worker", "events": ["speaker.*"],
                  "worker": [PYTHON, os.path.join(PY_CLIENT, "tests", "workers", "guide_idempotent.py")],
