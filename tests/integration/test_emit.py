@@ -75,14 +75,14 @@ class EmitTest(RouterTestCase):
     async def settled(self):
         await self.wait_queue_counts(self.q, 0, 0, timeout=30)
 
-    def assert_follow_up(self, m, trigger, index, event_type, key=None, style="snake"):
+    def assert_follow_up(self, m, trigger, index, event_type, key=None, style="snake", handler=HANDLER):
         ev = m.json()
         names = {"id": "event_id", "type": "event_type", "corr": "correlation_id", "cause": "causation_id",
                  "agg": "aggregate_id"}
         if style == "camel":
             names = {"id": "eventId", "type": "eventType", "corr": "correlationId", "cause": "causationId",
                      "agg": "aggregateId"}
-        want_id = derived_id(trigger["event_id"], HANDLER, index)
+        want_id = derived_id(trigger["event_id"], handler, index)
         self.assertEqual(ev[names["id"]], want_id)
         self.assertEqual(ev[names["type"]], event_type)
         self.assertEqual(ev[names["corr"]], trigger["correlation_id"])
