@@ -175,8 +175,15 @@ std::string take_emits(const rapidjson::Value& emit, std::vector<std::string>& o
 bool parse_worker_answer(std::string_view line, WorkerAnswer& out, std::string& error) {
   out = WorkerAnswer{};
   if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
+  // A line is untrusted: nested thousands deep it would exhaust the stack of
+  // a recursive parse or of writing an emit back. An emit object sits two
+  // levels down (answer, emit array) and may nest as deep as any emit.
+  if (settle::json_too_deep(line, settle::kMaxEmitDepth + 2)) {
+    error = "nested deeper than " + std::to_string(settle::kMaxEmitDepth + 2) + " levels";
+    return false;
+  }
   rapidjson::Document doc;
-  doc.Parse<rapidjson::kParseValidateEncodingFlag>(line.data(), line.size());
+  doc.Parse<rapidjson::kParseValidateEncodingFlag | rapidjson::kParseIterativeFlag>(line.data(), line.size());
   if (doc.HasParseError()) {
     error = std::string("not JSON (") + rapidjson::GetParseError_En(doc.GetParseError()) + " at byte " +
             std::to_string(doc.GetErrorOffset()) + "): " + quote(line);

@@ -40,9 +40,9 @@ void netstring(std::string& out, std::string_view s) {
   out += ',';
 }
 
-// Deeper than the envelope decoder reads, or deep enough that writing the
-// payload back (recursive) could exhaust the stack.
-bool too_deep(std::string_view text) {
+}  // namespace
+
+bool json_too_deep(std::string_view text, size_t max_depth) {
   size_t depth = 0;
   bool in_string = false;
   for (size_t i = 0; i < text.size(); ++i) {
@@ -53,13 +53,19 @@ bool too_deep(std::string_view text) {
     } else if (c == '"') {
       in_string = true;
     } else if (c == '{' || c == '[') {
-      if (++depth > kMaxEmitDepth) return true;
+      if (++depth > max_depth) return true;
     } else if (c == '}' || c == ']') {
       if (depth > 0) --depth;
     }
   }
   return false;
 }
+
+namespace {
+
+// Deeper than the envelope decoder reads, or deep enough that writing the
+// payload back (recursive) could exhaust the stack.
+bool too_deep(std::string_view text) { return json_too_deep(text, kMaxEmitDepth); }
 
 // The keys an emit object may carry; any other key is ignored (later
 // versions may add some), except the envelope fields the daemon owns.

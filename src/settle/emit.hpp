@@ -23,6 +23,10 @@ inline constexpr size_t kMaxEmits = 1000;
 inline constexpr size_t kMaxEmitTotalBytes = 16 * 1024 * 1024;  // every emit object's text together
 inline constexpr size_t kMaxEmitDepth = 64;                     // nesting, as the envelope decoder allows
 
+// Whether JSON text nests objects/arrays deeper than `max_depth` (a string-
+// aware scan, no parse): checked before anything recursive touches it.
+bool json_too_deep(std::string_view text, size_t max_depth);
+
 // The event that triggered the emits.
 struct EmitTrigger {
   std::string_view event_id;        // may be empty (an event without an id)

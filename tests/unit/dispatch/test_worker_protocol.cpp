@@ -97,6 +97,22 @@ TEST_CASE("worker answers: garbage is a protocol error", "[worker]") {
   CHECK(bad("\x01\x02").find("\\u0001") != std::string::npos);
 }
 
+TEST_CASE("worker answers: deep nesting is refused before any parse (it would exhaust the stack)", "[worker]") {
+  // 200 000 levels, far under the line cap: a recursive parse or writer dies on it.
+  std::string deep = std::string(200000, '[') + std::string(200000, ']');
+  CHECK(bad(deep) == "nested deeper than 66 levels");
+  std::string emit = R"({"type":"result","id":1,"verdict":"ack","emit":[{"event_type":"b","payload":)" +
+                     std::string(100000, '[') + std::string(100000, ']') + "}]}";
+  CHECK(bad(emit) == "nested deeper than 66 levels");
+  // Brackets inside strings do not count.
+  std::string quoted = R"({"type":"result","id":1,"verdict":"ack","detail":")" + std::string(1000, '[') + "\"}";
+  CHECK(ok(quoted).outcome.verdict == er::dispatch::Verdict::Ack);
+  // Nesting the emit rules allow (64 inside an emit object) still parses.
+  std::string allowed = R"({"type":"result","id":1,"verdict":"ack","emit":[{"event_type":"b","payload":)" +
+                        std::string(63, '[') + std::string(63, ']') + "}]}";
+  CHECK(ok(allowed).outcome.emits.size() == 1);
+}
+
 TEST_CASE("worker answers: detail and delay are bounded", "[worker]") {
   std::string long_detail(3000, 'd');
   auto a = ok(R"({"type":"result","id":1,"verdict":"retry","detail":")" + long_detail + "\"}");
