@@ -65,6 +65,8 @@ class Consumer final : LinkEvents, settle::Outbox {
   // True if stop() had to abandon running handlers at the deadline.
   bool aborted() const { return aborted_; }
   size_t in_flight() const { return in_flight_; }
+  // stop() has begun (or it gave up): nothing new may be switched in.
+  bool stopping() const { return state_ == State::Draining || state_ == State::Stopped; }
   // Connected and consuming every queue; else `reason` says why not.
   bool ready(std::string& reason) const;
   // Masked URL of the broker node of the current connection.

@@ -103,6 +103,15 @@ void Reloader::begin() {
 
 void Reloader::finish(std::shared_ptr<Built> b) {
   busy_ = false;
+  if (consumer_.stopping()) {
+    // Shutdown began while it was built: switching in now would start worker
+    // processes that nothing ends (the stop has passed), so io.run() would
+    // never return. Keep it for ~Reloader, which releases it off the loop.
+    log::info("reload abandoned: shutting down");
+    done_ = nullptr;
+    again_ = false;
+    return;
+  }
   building_.reset();
   bool ok = b->error.empty();
   // Before the switch, so that a replaced generation with no event in flight
