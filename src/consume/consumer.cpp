@@ -395,8 +395,10 @@ void Consumer::on_finished(Delivery* d, dispatch::Outcome outcome) {
   }
   // With emits, the success counts once they are confirmed (succeeded()).
   if (ok && outcome.emits.empty()) remember_success(d);
-  // An ordered retry may wait in place: its copies keep waiting for it (see settle_or_hold).
-  if (outcome.verdict != dispatch::Verdict::Retry || !d->in_line())
+  // An ordered retry may wait in place: its copies keep waiting for it (see
+  // settle_or_hold). A success with emits is one only once they are
+  // confirmed: its copies wait for succeeded() (or go back with it).
+  if ((outcome.verdict != dispatch::Verdict::Retry || !d->in_line()) && !(ok && !outcome.emits.empty()))
     finish_twins(d, ok ? RunEnd::Succeeded : RunEnd::Failed);
   if (!is_live(d)) {
     // Its channel is gone; the broker redelivers the event. A success is still
@@ -513,7 +515,11 @@ void Consumer::publish_emit(settle::Settling& s, size_t index) {
                    });
 }
 
-void Consumer::succeeded(settle::Settling& s) { remember_success(static_cast<Delivery*>(&s)); }
+void Consumer::succeeded(settle::Settling& s) {
+  auto* d = static_cast<Delivery*>(&s);
+  remember_success(d);
+  finish_twins(d, RunEnd::Succeeded);
+}
 
 void Consumer::queue_channel_lost(QueueChannel& qc) {
   wake_held([&](const Delivery* d) { return d->qc.get() == &qc; });
@@ -540,6 +546,9 @@ void Consumer::link_failed(const std::string& why) {
   log::error(why);
   exit_code_ = 1;
   state_ = State::Draining;
+  // Held retries' timers would keep io.run() going for up to ordering_hold_max.
+  wake_held([](const Delivery*) { return true; });
+  drop_waiting_in_lines(nullptr);
   finish_stop();
 }
 
