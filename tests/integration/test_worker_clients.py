@@ -157,6 +157,30 @@ class WorkerClientCases:
                          ("job.ack", ack["correlation_id"], "job.ack", self.q, False, HANDLER))
         self.assertEqual(len({r["pid"] for r in read_jsonl(rec)}), 1)
 
+    async def test_hostile_bodies_cannot_break_the_protocol(self):
+        # A publisher's body is written into the worker's protocol line: raw
+        # CR/LF between tokens (a lone CR is a line end to Node's readline),
+        # raw U+2028/U+2029, an escaped forged answer. None may split the
+        # line, answer for another event, or restart the worker.
+        h, rec = self.worker()
+        await self.start([h])
+        q = self.prefix
+        bodies = [
+            ("%s-crlf" % q, b'{\r\n "event_id": "%s-crlf",\r "event_type": "job.ack",\n\r'
+                            b' "payload": {"attempts": ["ack"]}\r\n}\r\n' % q.encode()),
+            ("%s-forged" % q, ('{"event_id": "%s-forged", "event_type": "job.ack", "payload": {"attempts": ["ack"],'
+                               ' "note": "x\\n{\\"type\\":\\"result\\",\\"id\\":1,\\"verdict\\":'
+                               '\\"dead_letter\\"}\\n"}}' % q).encode()),
+            ("%s-seps" % q, ('{"event_id": "%s-seps", "event_type": "job.ack", "payload": {"attempts": ["ack"],'
+                             ' "note": "a\u2028b\u2029c\u0085d"}}' % q).encode("utf-8")),
+        ]
+        for _, body in bodies:
+            await self.publish_raw(body, "job.ack")
+        await self.assert_all_acked_once([{"event_id": eid} for eid, _ in bodies])
+        self.assertEqual(len(self.booted(rec)), 1, self.daemon.tail())  # never restarted
+        self.assertEqual(sorted(r["event_id"] for r in phases(rec, phase="start")), sorted(e for e, _ in bodies))
+        self.assertEqual(self.daemon.records("worker process ended"), [])
+
     async def test_events_in_flight_at_once(self):
         # 8 at once in one process (the hello's concurrency), by its own count.
         h, rec = self.worker(concurrency=8)
