@@ -541,14 +541,18 @@ void Consumer::link_down() {
   }
 }
 
+void Consumer::hand_back_lines() {
+  wake_held([](const Delivery*) { return true; });
+  drop_waiting_in_lines(nullptr);
+}
+
 void Consumer::link_failed(const std::string& why) {
   // A topology the broker refuses will not fix itself by retrying.
   log::error(why);
   exit_code_ = 1;
   state_ = State::Draining;
   // Held retries' timers would keep io.run() going for up to ordering_hold_max.
-  wake_held([](const Delivery*) { return true; });
-  drop_waiting_in_lines(nullptr);
+  hand_back_lines();
   finish_stop();
 }
 
@@ -639,8 +643,7 @@ void Consumer::stop() {
   }
   // Held retries and events waiting behind their aggregate go back with the
   // rest, to their positions in the queue: the aggregate stays in order.
-  wake_held([](const Delivery*) { return true; });
-  drop_waiting_in_lines(nullptr);
+  hand_back_lines();
   // Events waiting for a handler slot have not started: hand them back.
   for_each_generation([&](Generation& g) {
     for (auto& qc : g.channels) drop_waiting(*qc);

@@ -117,6 +117,7 @@ class Consumer final : LinkEvents, settle::Outbox {
   void wake_held(Pred&& pred);
   void leave_line(Delivery* d);
   void drop_waiting_in_lines(const QueueChannel* qc);
+  void hand_back_lines();  // every held and line-waiting event, on stop
   bool event_line(const config::LogConfig& lc, bool ok);
   enum class RunEnd { Succeeded, Failed, NotRun };
   void finish_twins(Delivery* d, RunEnd end);
