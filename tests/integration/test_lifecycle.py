@@ -531,7 +531,7 @@ class LifecycleTest(NotifyTestBase):
         ids = ["st-%03d-%s" % (i, secrets.token_hex(3)) for i in range(30)]
         for i, eid in enumerate(ids):
             await self.publish(self.make_event("p.x", {"i": i}, event_id=eid))
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 60
         while True:  # the prefetch is full: 20 unacked, the rest ready
             info = await self.queue_info(q)
             if info and info.get("messages_unacknowledged") == 20 and info.get("messages_ready", 0) >= 1:

@@ -181,7 +181,11 @@ class NotifyTest(NotifyTestBase):
         self.assertGreaterEqual(len(pings), 2, "WATCHDOG=1 pings in 2.5 s:\n" + ln.dump())
         all_pings = [n.at for n in ln.all() if n.has("WATCHDOG", "1")]
         gaps = [b - a for a, b in zip(all_pings, all_pings[1:])]
-        self.assertGreaterEqual(min(gaps), 0.35, "watchdog pings closer than WATCHDOG_USEC/2: %r" % gaps)
+        # Arrival times are taken when the listener reads, so one late read
+        # shortens the next gap; a daemon pinging too often makes every
+        # gap short, so pairs of gaps are what must keep the period.
+        pairs = [(a + b) / 2 for a, b in zip(gaps, gaps[1:])] or gaps
+        self.assertGreaterEqual(min(pairs), 0.35, "watchdog pings closer than WATCHDOG_USEC/2: %r" % gaps)
 
         # STATUS= on its own, every 5 s (the first one 5 s after start); once the
         # event is counted it says so.
