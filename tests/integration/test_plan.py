@@ -8,10 +8,14 @@ a stale binding (-), with a foreign queue on the same exchange left out; an
 argument difference and a classic queue the config wants as quorum (~, old
 → new); an unreachable API, one that never answers, bad credentials, a user
 without the management tag and a vhost that does not exist (exit 1, a clear
-message, no password).
+message, no password); and docs/scaling.md's "Migrating a queue to quorum"
+(new name, reload, drain, delete if empty) under a running daemon, with
+every event handled.
 """
 import asyncio
+import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -19,7 +23,7 @@ import unittest
 
 import aio_pika
 
-from broker_node import BrokerNode, free_port
+from broker_node import BrokerNode, free_port, publish_events
 from harness import BINARY, RouterTestCase, sanitizer_report
 
 PLAN_USER, PLAN_PASSWORD = "er-plan", "plan-pw-5b1e"
@@ -206,6 +210,70 @@ class PlanTest(RouterTestCase):
         p = self.plan(self.write_config(cfg, "vhost.yaml"), "--management", self.node.management_url())
         self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
         self.assertIn("vhost 'no-such-vhost'", p.stderr)
+
+    async def test_migrating_a_queue_to_quorum_by_new_name(self):
+        """docs/scaling.md, steps 2 to 8, with the daemon running."""
+        def body_id(r):
+            b = r["body"]
+            return (json.loads(b) if isinstance(b, str) else b)["event_id"]
+
+        old_rec, new_rec = self.record_file("old"), self.record_file("new")
+        old = {"name": self.queue_name("orders"), "bindings": ["m.*"], "retry": {"max_attempts": 2, "delay": "1s"},
+               "handlers": [self.recorder("h-old", record=old_rec)]}
+        v1 = self.write_config(self.node_config([old]), "v1.yaml")
+        d = await self.start_daemon(v1, ready_timeout=60)
+        before = [self.make_event("m.created", {"n": i}) for i in range(20)]
+        await publish_events(self.node.url, self.exchange, before)
+        await self.wait_records(old_rec, 20)
+
+        # Steps 2-3: the new quorum queue beside the old one, which loses its bindings.
+        new = {"name": self.queue_name("orders-q"), "bindings": ["m.*"], "retry": {"max_attempts": 2, "delay": "1s"},
+               "arguments": {"x-queue-type": "quorum"}, "dead_letter_arguments": {"x-queue-type": "quorum"},
+               "handlers": [self.recorder("h-new", record=new_rec)]}
+        v2_old = dict(old, bindings=[])
+        v2 = self.write_config(self.node_config([v2_old, new]), "v2.yaml")
+        p = self.plan(v2, "--management", self.mgmt())
+        self.assertEqual(p.returncode, 2, p.stdout + p.stderr)
+        self.assertLines(p.stdout, "+ queue '%s' (quorum)" % new["name"],
+                         "+ dead-letter queue '%s.dlq' (quorum)" % new["name"],
+                         "+ binding '%s' → '%s' key 'm.*'" % (self.exchange, new["name"]),
+                         "- binding '%s' → '%s' key 'm.*'" % (self.exchange, old["name"]))
+        self.assertNotIn("\n~", p.stdout)
+
+        # Step 4: reload; from then on events go to the new queue only.
+        start = len(d.log())
+        os.replace(v2, v1)
+        d.send_signal(signal.SIGHUP)
+        await d.wait_for_log(r"(?m)^\S+ \S+ reloaded", start=start, timeout=60)
+        after = [self.make_event("m.created", {"n": 100 + i}) for i in range(20)]
+        await publish_events(self.node.url, self.exchange, after)
+        await self.wait_records(new_rec, 20)
+        p = self.plan(v1, "--management", self.mgmt())
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+
+        # Every event handled; those published after the switch on the new queue.
+        handled_old = [body_id(r) for r in self.read_records(old_rec)]
+        handled_new = [body_id(r) for r in self.read_records(new_rec)]
+        self.assertEqual(set(handled_old) | set(handled_new), {e["event_id"] for e in before + after})
+        self.assertEqual(set(handled_new) & {e["event_id"] for e in before}, set())
+        self.assertEqual(set(handled_new), {e["event_id"] for e in after})
+
+        # Steps 5, 7, 8: the old queue is drained; out of the config; deleted if empty.
+        v3 = self.write_config(self.node_config([new]), "v3.yaml")
+        start = len(d.log())
+        os.replace(v3, v1)
+        d.send_signal(signal.SIGHUP)
+        await d.wait_for_log(r"(?m)^\S+ \S+ reloaded", start=start, timeout=60)
+        conn = await aio_pika.connect(self.node.url)
+        try:
+            ch = await conn.channel()
+            for q in (old["name"], old["name"] + ".dlq", old["name"] + ".retry.1000"):
+                await ch.queue_delete(q, if_empty=True)
+        finally:
+            await conn.close()
+        p = self.plan(v1, "--management", self.mgmt())
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertEqual(await d.stop(), 0, d.tail())
 
 
 if __name__ == "__main__":
