@@ -6,6 +6,7 @@
 
 #include "daemon/daemon.hpp"
 #include "dlq/dlq.hpp"
+#include "plan/plan.hpp"
 #include "publish/publish.hpp"
 
 namespace {
@@ -14,6 +15,7 @@ const char* kUsage =
     "       event-router dlq list|replay --queue Q [options]   (see: event-router dlq --help)\n"
     "       event-router health [--ready] [--config FILE]      ask the daemon's HTTP endpoint\n"
     "       event-router publish [--routing-key K] [--file F]  publish events (see: event-router publish --help)\n"
+    "       event-router plan [--config FILE] [--management URL]  compare the config with the broker\n"
     "\n"
     "Consumes events from RabbitMQ and dispatches them to plugin and exec handlers.\n"
     "\n"
@@ -28,6 +30,7 @@ const char* kUsage =
 int main(int argc, char** argv) {
   if (argc > 1 && std::strcmp(argv[1], "dlq") == 0) return er::dlq::main(argc - 1, argv + 1);
   if (argc > 1 && std::strcmp(argv[1], "publish") == 0) return er::publish::main(argc - 1, argv + 1);
+  if (argc > 1 && std::strcmp(argv[1], "plan") == 0) return er::plan::main(argc - 1, argv + 1);
   er::daemon::Options opts;
   const char* env = std::getenv("EVENT_ROUTER_CONFIG");
   opts.config_path = env && *env ? env : "/etc/event-router/router.yaml";

@@ -33,6 +33,48 @@ std::string retry_queue_name(const std::string& queue, config::Duration step) {
   return queue + ".retry." + std::to_string(step.count());
 }
 
+const char* role_name(QueueRole role) {
+  switch (role) {
+    case QueueRole::Work: return "queue";
+    case QueueRole::DeadLetter: return "dead-letter queue";
+    case QueueRole::RetryDelay: return "retry delay queue";
+  }
+  return "queue";
+}
+
+namespace {
+config::QueueArgument string_argument(std::string key, std::string value) {
+  config::QueueArgument a;
+  a.kind = config::QueueArgument::Kind::String;
+  a.key = std::move(key);
+  a.s = std::move(value);
+  return a;
+}
+}  // namespace
+
+QueueTopology desired_queue(const config::Config&, const config::QueueConfig& q) {
+  QueueTopology t;
+  t.queues.push_back({q.name, QueueRole::Work, q.name, q.arguments});
+  t.queues.push_back({q.dead_letter_queue, QueueRole::DeadLetter, q.name, q.dead_letter_arguments});
+  // One queue per delay step keeps FIFO expiry honest: per-message TTLs only
+  // expire at the head of a queue, so a short delay must never sit behind a
+  // long one. Within one step the delays differ only by the jitter.
+  for (auto step : q.retry_steps()) {
+    t.queues.push_back({retry_queue_name(q.name, step), QueueRole::RetryDelay, q.name,
+                        {string_argument("x-dead-letter-exchange", ""),
+                         string_argument("x-dead-letter-routing-key", q.name)}});
+  }
+  for (const auto& key : q.bindings) t.bindings.push_back({q.name, key});
+  return t;
+}
+
+Topology desired_topology(const config::Config& cfg) {
+  Topology t;
+  t.exchange = {cfg.exchange.name, cfg.exchange.type};
+  for (const auto& q : cfg.queues) t.queues.push_back(desired_queue(cfg, q));
+  return t;
+}
+
 void declare_exchange(Connection& conn, amqp_channel_t ch, const config::Config& cfg) {
   amqp_connection_state_t c = conn.get();
   const auto& ex = cfg.exchange;
@@ -50,30 +92,15 @@ void declare_queue(Connection& conn, amqp_channel_t ch, const config::Config& cf
   amqp_connection_state_t c = conn.get();
   const auto& ex = cfg.exchange;
   std::vector<amqp_table_entry_t> storage;
-  amqp_queue_declare(c, ch, bytes(q.name), 0, /*durable*/ 1, 0, 0, to_table(q.arguments, storage));
-  check_reply(amqp_get_rpc_reply(c), "declaring queue '" + q.name + "'");
-  amqp_queue_declare(c, ch, bytes(q.dead_letter_queue), 0, 1, 0, 0, to_table(q.dead_letter_arguments, storage));
-  check_reply(amqp_get_rpc_reply(c), "declaring dead-letter queue '" + q.dead_letter_queue + "'");
-  // One queue per delay step keeps FIFO expiry honest: per-message TTLs only
-  // expire at the head of a queue, so a short delay must never sit behind a
-  // long one. Within one step the delays differ only by the jitter.
-  for (auto step : q.retry_steps()) {
-    std::string name = retry_queue_name(q.name, step);
-    amqp_table_entry_t args[2];
-    args[0].key = amqp_cstring_bytes("x-dead-letter-exchange");
-    args[0].value.kind = AMQP_FIELD_KIND_UTF8;
-    args[0].value.value.bytes = amqp_empty_bytes;
-    args[1].key = amqp_cstring_bytes("x-dead-letter-routing-key");
-    args[1].value.kind = AMQP_FIELD_KIND_UTF8;
-    args[1].value.value.bytes = bytes(q.name);
-    amqp_table_t table{2, args};
-    amqp_queue_declare(c, ch, bytes(name), 0, 1, 0, 0, table);
-    check_reply(amqp_get_rpc_reply(c), "declaring retry delay queue '" + name + "'");
+  const QueueTopology t = desired_queue(cfg, q);
+  for (const auto& spec : t.queues) {
+    amqp_queue_declare(c, ch, bytes(spec.name), 0, /*durable*/ 1, 0, 0, to_table(spec.arguments, storage));
+    check_reply(amqp_get_rpc_reply(c), std::string("declaring ") + role_name(spec.role) + " '" + spec.name + "'");
   }
-  for (const auto& key : q.bindings) {
-    amqp_queue_bind(c, ch, bytes(q.name), bytes(ex.name), bytes(key), amqp_empty_table);
+  for (const auto& b : t.bindings) {
+    amqp_queue_bind(c, ch, bytes(b.queue), bytes(ex.name), bytes(b.routing_key), amqp_empty_table);
     check_reply(amqp_get_rpc_reply(c),
-                "binding queue '" + q.name + "' to exchange '" + ex.name + "' with key '" + key + "'");
+                "binding queue '" + b.queue + "' to exchange '" + ex.name + "' with key '" + b.routing_key + "'");
   }
 }
 

@@ -46,14 +46,16 @@ class Option {
 // The shape of every operator command: parse (usage errors exit 2, --help
 // prints the usage), then run (any error is one line on stderr, exit 1).
 // `parse` returns std::optional<Args> (nullopt = --help); `run` takes the Args.
+// `usage_status`: the exit status of a usage error (plan keeps 2 for "differs").
 template <class Parse, class Run>
-int run_command(const char* prog, const char* usage, int argc, char** argv, Parse parse, Run run) {
+int run_command(const char* prog, const char* usage, int argc, char** argv, Parse parse, Run run,
+                int usage_status = 2) {
   decltype(parse(argc, argv)) args;
   try {
     args = parse(argc, argv);
   } catch (const UsageError& e) {
     std::cerr << prog << ": " << e.what() << "\n" << usage;
-    return 2;
+    return usage_status;
   }
   if (!args) {
     std::cout << usage;

@@ -155,35 +155,123 @@ def compose_check(src):
     errs += compose_hardening(d, c)
     if errs: sys.exit("compose check failed: " + "; ".join(errs))
     print("compose ok: services", ", ".join(svc))
+    cluster_check(src)
 
-def compose_hardening(d, c):
+def compose_hardening(d, c, file="docker-compose.yml", brokers=("rabbitmq",), routers=("event-router",),
+                      url_vars=("RABBITMQ_URL",)):
     """SECURITY.md's promises for docker/: host ports on loopback, credentials
-    from .env (none in the file), a locked-down router container."""
+    from .env (none in the file), locked-down router containers."""
     errs = []
-    text = open(os.path.join(d, "docker-compose.yml")).read()
+    text = open(os.path.join(d, file)).read()
     if re.search(r"guest", text): errs.append("compose file mentions guest credentials")
     for name, s in c.get("services", {}).items():
         for p in s.get("ports", []):
             if not str(p).startswith("127.0.0.1:"): errs.append("%s: port %r not bound to 127.0.0.1" % (name, p))
-    mq, rt = c["services"].get("rabbitmq", {}), c["services"].get("event-router", {})
     needed = set(re.findall(r"\$\{(\w+):\?", text))
-    for k in ("RABBITMQ_DEFAULT_USER", "RABBITMQ_DEFAULT_PASS"):
-        if not re.fullmatch(r"\$\{\w+:\?[^}]*\}", str(mq.get("environment", {}).get(k, ""))):
-            errs.append("rabbitmq: %s must be a required ${VAR:?...} from .env" % k)
-    if not re.fullmatch(r"amqps?://\$\{\w+:\?[^}]*\}:\$\{\w+:\?[^}]*\}@.+", str(rt.get("environment", {}).get("RABBITMQ_URL", ""))):
-        errs.append("router: RABBITMQ_URL credentials must come from .env")
+    for b in brokers:
+        mq = c["services"].get(b, {})
+        for k in ("RABBITMQ_DEFAULT_USER", "RABBITMQ_DEFAULT_PASS"):
+            if not re.fullmatch(r"\$\{\w+:\?[^}]*\}", str(mq.get("environment", {}).get(k, ""))):
+                errs.append("%s: %s must be a required ${VAR:?...} from .env" % (b, k))
     example = os.path.join(d, ".env.example")
     if not os.path.isfile(example): errs.append(".env.example missing")
     else:
         defined = set(re.findall(r"(?m)^(\w+)=", open(example).read()))
         if needed - defined: errs.append(".env.example lacks " + ", ".join(sorted(needed - defined)))
-    if rt.get("read_only") is not True: errs.append("router: read_only: true")
-    if "ALL" not in (rt.get("cap_drop") or []): errs.append("router: cap_drop: [ALL]")
-    if "no-new-privileges:true" not in (rt.get("security_opt") or []): errs.append("router: no-new-privileges")
-    if "/tmp" not in [str(t).split(":")[0] for t in (rt.get("tmpfs") or [])]: errs.append("router: tmpfs /tmp")
-    state = [v for v in rt.get("volumes", []) if v.split(":")[1:2] == ["/var/lib/event-router"]]
-    if not state or state[0].startswith((".", "/")): errs.append("router: state on a named volume")
+    for r in routers:
+        rt = c["services"].get(r, {})
+        for u in url_vars:
+            if not re.fullmatch(r"amqps?://\$\{\w+:\?[^}]*\}:\$\{\w+:\?[^}]*\}@.+", str(rt.get("environment", {}).get(u, ""))):
+                errs.append("%s: %s credentials must come from .env" % (r, u))
+        if rt.get("read_only") is not True: errs.append("%s: read_only: true" % r)
+        if "ALL" not in (rt.get("cap_drop") or []): errs.append("%s: cap_drop: [ALL]" % r)
+        if "no-new-privileges:true" not in (rt.get("security_opt") or []): errs.append("%s: no-new-privileges" % r)
+        if "/tmp" not in [str(t).split(":")[0] for t in (rt.get("tmpfs") or [])]: errs.append("%s: tmpfs /tmp" % r)
+        state = [v for v in rt.get("volumes", []) if v.split(":")[1:2] == ["/var/lib/event-router"]]
+        if not state or state[0].startswith((".", "/")): errs.append("%s: state on a named volume" % r)
     return errs
+
+def cluster_check(src):
+    """docker/docker-compose.cluster.yml (docs/scaling.md): three clustered
+    RabbitMQ nodes, two router replicas, PostgreSQL, and what it mounts."""
+    d = os.path.join(src, "docker")
+    c = yaml.safe_load(open(os.path.join(d, "docker-compose.cluster.yml")))
+    svc = c.get("services", {})
+    nodes, routers = ["rabbit-%d" % i for i in (1, 2, 3)], ["router-1", "router-2"]
+    errs = []
+    for n in nodes + routers + ["postgres"]:
+        if n not in svc: errs.append("service %s missing" % n)
+    if errs: sys.exit("cluster compose check failed: " + "; ".join(errs))
+    cookies = set()
+    for n in nodes:
+        s = svc[n]
+        if not str(s.get("image", "")).startswith("rabbitmq:3-management"): errs.append(n + ": image")
+        if s.get("hostname") != n: errs.append(n + ": hostname must be " + n + " (node rabbit@" + n + ")")
+        if "rabbitmq-diagnostics" not in json.dumps(s.get("healthcheck", {})): errs.append(n + ": healthcheck")
+        cookie = str(s.get("environment", {}).get("RABBITMQ_ERLANG_COOKIE", ""))
+        if not re.fullmatch(r"\$\{\w+:\?[^}]*\}", cookie): errs.append(n + ": RABBITMQ_ERLANG_COOKIE from .env")
+        cookies.add(cookie)
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in s.get("volumes", [])}
+        conf = mounts.get("/etc/rabbitmq/conf.d/20-cluster.conf")
+        if not conf or not os.path.isfile(os.path.join(d, conf)): errs.append(n + ": cluster conf mount")
+        else:
+            text = open(os.path.join(d, conf)).read()
+            if not re.search(r"(?m)^cluster_formation\.peer_discovery_backend\s*=\s*classic_config\s*$", text):
+                errs.append(conf + ": classic_config peer discovery")
+            listed = set(re.findall(r"(?m)^cluster_formation\.classic_config\.nodes\.\d+\s*=\s*(\S+)\s*$", text))
+            if listed != {"rabbit@" + m for m in nodes}: errs.append(conf + ": lists %s" % sorted(listed))
+        data = mounts.get("/var/lib/rabbitmq")
+        if not data or data.startswith((".", "/")): errs.append(n + ": data on a named volume")
+        if n != nodes[0] and (s.get("depends_on") or {}).get(nodes[0], {}).get("condition") != "service_healthy":
+            errs.append(n + ": must wait for %s (depends_on service_healthy)" % nodes[0])
+    if len(cookies) != 1: errs.append("the nodes must share one Erlang cookie")
+    datas = [v.split(":")[0] for n in nodes for v in svc[n].get("volumes", []) if v.split(":")[1] == "/var/lib/rabbitmq"]
+    if len(set(datas)) != len(nodes): errs.append("each node needs its own data volume")
+    pg = svc["postgres"]
+    if not str(pg.get("image", "")).startswith("postgres:"): errs.append("postgres: image")
+    if not re.fullmatch(r"\$\{\w+:\?[^}]*\}", str(pg.get("environment", {}).get("POSTGRES_PASSWORD", ""))):
+        errs.append("postgres: POSTGRES_PASSWORD from .env")
+    if "pg_isready" not in json.dumps(pg.get("healthcheck", {})): errs.append("postgres: healthcheck")
+    keys, states = set(), []
+    for r in routers:
+        s = svc[r]
+        b = s.get("build", {})
+        ctx = os.path.normpath(os.path.join(d, b.get("context", ".")))
+        if not os.path.isfile(os.path.join(ctx, b.get("dockerfile", "Dockerfile"))): errs.append(r + ": build")
+        deps = s.get("depends_on") or {}
+        for n in nodes + ["postgres"]:
+            if deps.get(n, {}).get("condition") != "service_healthy": errs.append("%s: depends_on %s" % (r, n))
+        if "health" not in json.dumps(s.get("healthcheck", {})): errs.append(r + ": healthcheck")
+        env = s.get("environment", {})
+        for i, n in enumerate(nodes, 1):
+            if "@%s:5672/" % n not in str(env.get("RABBITMQ_URL_%d" % i, "")): errs.append("%s: RABBITMQ_URL_%d -> %s" % (r, i, n))
+        keys.add(str(env.get("EVENT_ROUTER_COPY_KEY", "")))
+        mounts = {v.split(":")[1]: os.path.normpath(os.path.join(d, v.split(":")[0])) for v in s.get("volumes", [])
+                  if v.startswith((".", "/"))}
+        states += [v.split(":")[0] for v in s.get("volumes", []) if v.split(":")[1] == "/var/lib/event-router"]
+        cfgfile, hdir = mounts.get("/etc/event-router/router.yaml"), mounts.get("/etc/event-router/handlers")
+        if not cfgfile or not os.path.isfile(cfgfile) or not hdir: errs.append(r + ": config and handlers mounts"); continue
+        cfg = yaml.safe_load(open(cfgfile))
+        urls = (cfg.get("broker") or {}).get("urls") or []
+        if urls != ["${RABBITMQ_URL_%d}" % i for i in (1, 2, 3)]: errs.append("%s: broker.urls must list the three nodes" % cfgfile)
+        if (cfg.get("security") or {}).get("copy_key_env") != "EVENT_ROUTER_COPY_KEY":
+            errs.append("%s: security.copy_key_env EVENT_ROUTER_COPY_KEY (one key for both replicas)" % cfgfile)
+        if "listen" not in (cfg.get("http") or {}): errs.append(cfgfile + ": http.listen")
+        for q in cfg.get("queues", []):
+            if (q.get("arguments") or {}).get("x-queue-type") != "quorum": errs.append("%s: queue %s not quorum" % (cfgfile, q.get("name")))
+            for h in q.get("handlers", []):
+                exe = (h.get("exec") or h.get("worker") or [None])[0]
+                if exe and exe.startswith("handlers/") and not os.access(os.path.join(hdir, exe[len("handlers/"):]), os.X_OK):
+                    errs.append("%s: handler %s missing in docker/handlers" % (r, h["name"]))
+    if len(keys) != 1 or not re.fullmatch(r"\$\{\w+:\?[^}]*\}", next(iter(keys))):
+        errs.append("routers: one EVENT_ROUTER_COPY_KEY, from .env")
+    if len(set(states)) != len(routers): errs.append("routers: each needs its own state volume (the dedupe store locks it)")
+    for v in datas + states + ["postgres-data"]:
+        if v not in (c.get("volumes") or {}): errs.append("named volume not declared: " + v)
+    errs += compose_hardening(d, c, "docker-compose.cluster.yml", nodes, routers,
+                              ["RABBITMQ_URL_%d" % i for i in (1, 2, 3)])
+    if errs: sys.exit("cluster compose check failed: " + "; ".join(errs))
+    print("cluster compose ok: services", ", ".join(svc))
 
 def image_check(inspect_json):
     c = json.loads(inspect_json)["Docker"]["config"]

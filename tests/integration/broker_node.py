@@ -34,6 +34,10 @@ own session, so it can always be killed), with a clean environment:
   RABBITMQ_ADVANCED_CONFIG_FILE  <base>/advanced.config (empty list)
   RABBITMQ_ENABLED_PLUGINS_FILE  <base>/enabled_plugins ("[]."): no
                            management plugin, no port clashes, fast boot
+                           (`management=True`: "[rabbitmq_management]." with
+                           `management.tcp.port` a free port on 127.0.0.1;
+                           `node.management_url()`, `node.add_user(name,
+                           password, tags)` for a user tagged for it)
   HOME=/var/lib/rabbitmq   so the node and its CLI calls share the rabbitmq
                            user's Erlang cookie (/var/lib/rabbitmq/.erlang.cookie),
                            exactly like /usr/sbin/rabbitmqctl, which `su`s to
@@ -139,7 +143,7 @@ class BrokerNode:
 
     def __init__(self, name: Optional[str] = None, tls: Optional[TlsOptions] = None,
                  base_dir: Optional[str] = None, extra_conf: str = "", user: str = "guest",
-                 password: str = "guest"):
+                 password: str = "guest", management: bool = False):
         why = unavailable_reason()
         if why:
             raise unittest.SkipTest("second RabbitMQ node unavailable: " + why)
@@ -149,6 +153,8 @@ class BrokerNode:
         self.dist_port = free_port()
         self.tls = tls
         self.tls_port = free_port() if tls else None
+        # The management plugin (HTTP API) on a port of its own, 127.0.0.1 only.
+        self.management_port = free_port() if management else None
         self.user = user
         self.password = password
         self._own_base = base_dir is None
@@ -208,6 +214,8 @@ class BrokerNode:
                 "ssl_options.verify = %s" % ("verify_peer" if t.verify_peer else "verify_none"),
                 "ssl_options.fail_if_no_peer_cert = %s" % ("true" if t.fail_if_no_peer_cert else "false"),
             ]
+        if self.management_port:
+            lines += ["management.tcp.port = %d" % self.management_port, "management.tcp.ip = 127.0.0.1"]
         if self.extra_conf:
             lines.append(self.extra_conf.strip())
         with open(self.config_file, "w") as f:
@@ -215,7 +223,7 @@ class BrokerNode:
         with open(self.advanced_config, "w") as f:
             f.write("[].\n")
         with open(self.plugins_file, "w") as f:
-            f.write("[].\n")
+            f.write("[rabbitmq_management].\n" if self.management_port else "[].\n")
 
     def _env(self) -> Dict[str, str]:
         return {
@@ -240,6 +248,20 @@ class BrokerNode:
     @property
     def url(self) -> str:
         return "amqp://%s:%s@127.0.0.1:%d/" % (self.user, self.password, self.port)
+
+    def management_url(self, user: Optional[str] = None, password: Optional[str] = None) -> str:
+        """http://[user:password@]127.0.0.1:<management_port>/ (a node made with management=True)."""
+        if not self.management_port:
+            raise ValueError("this node has no management listener")
+        auth = "%s:%s@" % (user, password) if user is not None else ""
+        return "http://%s127.0.0.1:%d/" % (auth, self.management_port)
+
+    def add_user(self, name: str, password: str, tags=(), vhost: str = "/") -> None:
+        """A user with full permissions on `vhost` and these tags (e.g.
+        "management", "administrator"; none: AMQP only, no HTTP API)."""
+        self.ctl("add_user", name, password)
+        self.ctl("set_user_tags", name, *tags)
+        self.ctl("set_permissions", "-p", vhost, name, ".*", ".*", ".*")
 
     def amqps_url(self, host: str = "localhost") -> str:
         if not self.tls_port:
@@ -290,13 +312,14 @@ class BrokerNode:
             if left <= 0:
                 raise RuntimeError("node %s not ready within %.0fs (last: %s):\n%s"
                                    % (self.nodename, timeout, last, self.tail()))
-            try:  # the CLI's own VM can take long to boot on a busy machine
+            try:
                 p = self._ctl_proc(["await_startup", "--timeout", str(max(1, int(min(left, 15))))],
                                    timeout=min(left, 15) + 15)
-            except subprocess.TimeoutExpired:
-                last = "rabbitmqctl await_startup did not answer"
+            except subprocess.TimeoutExpired:  # the CLI itself is slow on a loaded machine: ask again
+                last = "rabbitmqctl await_startup did not return"
                 continue
-            if p.returncode == 0 and port_open(self.port) and (not self.tls_port or port_open(self.tls_port)):
+            if (p.returncode == 0 and port_open(self.port) and (not self.tls_port or port_open(self.tls_port))
+                    and (not self.management_port or port_open(self.management_port))):
                 return
             last = (p.stdout + p.stderr).strip()[-300:]
             time.sleep(0.5)
@@ -339,7 +362,7 @@ class BrokerNode:
     def _wait_ports_closed(self, timeout: float = 15.0) -> None:
         # The VM (a grandchild) may outlive its parent process by a moment.
         deadline = time.monotonic() + timeout
-        ports = [p for p in (self.port, self.tls_port) if p]
+        ports = [p for p in (self.port, self.tls_port, self.management_port) if p]
         while any(port_open(p) for p in ports) and time.monotonic() < deadline:
             time.sleep(0.1)
 
