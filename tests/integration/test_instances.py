@@ -27,7 +27,7 @@ import unittest
 from collections import defaultdict
 from typing import Any, Dict, List
 
-from harness import AMQP_URL, RECORD_HANDLER, RouterTestCase, rabbitmqctl_json
+from harness import AMQP_URL, RECORD_HANDLER, RouterTestCase, rabbitmqctl_json, run_check
 
 
 class InstancesTest(RouterTestCase):
@@ -304,7 +304,15 @@ class InstancesTest(RouterTestCase):
         record = self.record_file("runs")
         queue = {"name": q, "prefetch": 2, "single_active_consumer": True}
         path = self.instances_config(queue, record, sleep=0.4)
+        p = await asyncio.to_thread(run_check, path, self.daemon_env({"STATE_DIR": os.path.join(self.tmp, "chk")}))
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertIn("queue %s (durable) prefetch 2" % q, p.stdout)
+        self.assertIn("single-active-consumer", p.stdout)
         a, b = await self.start_pair(path, q)
+        # The key is declared as the broker's argument.
+        args = (await self.queue_info(q))["arguments"]
+        args = {x[0]: x[-1] for x in args} if isinstance(args, list) else dict(args or {})
+        self.assertEqual(args.get("x-single-active-consumer"), True)
         active = [r["consumer_tag"] for r in await self.consumers(q) if r["active"]]
         events = [self.make_event("inst.created", {"n": i}) for i in range(40)]
         for e in events:
