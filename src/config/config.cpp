@@ -628,7 +628,7 @@ void Loader::load_queue(const Val& v, QueueConfig& q) {
   expect_map(v);
   check_keys(v, {"name", "bindings", "prefetch", "unhandled", "dead_letter_queue", "arguments",
                  "dead_letter_arguments", "dedupe", "retry",
-                 "max_message_bytes", "handlers", "ordering", "ordering_hold_max"});
+                 "max_message_bytes", "handlers", "ordering", "ordering_hold_max", "single_active_consumer"});
   q.mark = to_mark(v.mark);
   q.name = nonempty_str(required(v, "name"));
   if (Val b = child(v, "bindings"); b.present) {
@@ -649,6 +649,23 @@ void Loader::load_queue(const Val& v, QueueConfig& q) {
       fail(d, "the dead-letter queue must differ from the queue itself");
   }
   if (Val a = child(v, "arguments"); a.present) q.arguments = queue_arguments(a);
+  for (const auto& a : q.arguments)
+    if (a.key == "x-single-active-consumer") q.single_active_consumer = a.kind == QueueArgument::Kind::Bool && a.b;
+  if (Val s = child(v, "single_active_consumer"); s.present) {
+    const bool on = boolean(s);
+    for (const auto& a : q.arguments)
+      if (a.key == "x-single-active-consumer")
+        fail(s, "set either single_active_consumer or arguments.x-single-active-consumer, not both");
+    // It is a queue argument: the broker then refuses a declare without it.
+    if (on) {
+      QueueArgument a;
+      a.key = "x-single-active-consumer";
+      a.kind = QueueArgument::Kind::Bool;
+      a.b = true;
+      q.arguments.push_back(std::move(a));
+    }
+    q.single_active_consumer = on;
+  }
   if (Val dd = child(v, "dedupe"); dd.present) {
     expect_map(dd);
     check_keys(dd, {"ttl"});

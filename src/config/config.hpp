@@ -131,6 +131,9 @@ struct QueueConfig {
   std::string dead_letter_queue;         // default "<name>.dlq"
   std::vector<QueueArgument> arguments;              // `arguments:` of the work queue
   std::vector<QueueArgument> dead_letter_arguments;  // `dead_letter_arguments:` of its DLQ
+  // `single_active_consumer: true` (or the argument itself): one consumer of
+  // all instances gets deliveries; stop() lets go of it only once settled.
+  bool single_active_consumer = false;
   std::vector<HandlerConfig> handlers;   // tried in order
   RetryConfig retry;                     // `retry:` of the queue (defaults above)
   size_t max_message_bytes = 1024 * 1024;  // resolved: the queue's, else the top-level value

@@ -17,6 +17,14 @@ using std::chrono::steady_clock;
 
 namespace {
 constexpr auto kHandBackPause = std::chrono::seconds(5);
+
+// Quorum and stream queues refuse a channel-wide (global) prefetch.
+bool channel_wide_prefetch(const config::QueueConfig& q) {
+  if (!q.single_active_consumer) return false;
+  for (const auto& a : q.arguments)
+    if (a.key == "x-queue-type") return a.kind != config::QueueArgument::Kind::String || a.s == "classic";
+  return true;
+}
 }  // namespace
 
 // One in-flight event. Owns the envelope the link assembled (body and
@@ -90,7 +98,9 @@ Consumer::Consumer(asio::io_context& io, std::unique_ptr<dispatch::Runtime> runt
 Consumer::~Consumer() { *alive_ = false; }
 
 // Binds a runtime to queue channels: a queue kept as it was keeps its
-// channel; a new queue, or one whose prefetch changed, gets a new one.
+// channel; a new queue, or one whose prefetch changed, gets a new one, except
+// a single-active-consumer queue: its prefetch changes on the kept consumer
+// (switch_to), since a new one would queue behind other instances' standbys.
 std::shared_ptr<Generation> Consumer::make_generation(std::unique_ptr<dispatch::Runtime> rt, Extras extras) {
   auto g = std::make_shared<Generation>();
   g->cfg = rt->config.get();
@@ -105,9 +115,10 @@ std::shared_ptr<Generation> Consumer::make_generation(std::unique_ptr<dispatch::
     std::shared_ptr<QueueChannel> qc;
     if (current_) {
       for (auto& c : current_->channels)
-        if (c->name == q.name && c->prefetch == q.prefetch && !c->retired) qc = c;
+        if (c->name == q.name && (c->prefetch == q.prefetch || c->single_active) && !c->retired) qc = c;
     }
-    if (!qc) qc = std::make_shared<QueueChannel>(io_, q.name, q.prefetch);
+    if (!qc)
+      qc = std::make_shared<QueueChannel>(io_, q.name, q.prefetch, q.single_active_consumer, channel_wide_prefetch(q));
     g->channels.push_back(std::move(qc));
   }
   g->rt = std::move(rt);
@@ -220,8 +231,8 @@ void Consumer::link_up() {
 void Consumer::delivery(QueueChannel& qc, amqp_envelope_t& env, uint64_t body_size) {
   if (state_ != State::Running || qc.retired || !qc.consuming) {
     // Draining, or a consumer we cancelled: hand it back at once rather than
-    // leave it unacked until the channel closes.
-    link_.nack(env.channel, env.delivery_tag, /*requeue*/ true);
+    // leave it unacked until the channel closes (unless parking, see give_back).
+    if (!parking(qc)) link_.nack(env.channel, env.delivery_tag, /*requeue*/ true);
     amqp_destroy_envelope(&env);
     return;
   }
@@ -358,8 +369,7 @@ void Consumer::start_waiting(dispatch::HandlerSlot& slot) {
     auto* d = static_cast<Delivery*>(slot.waiting.front());
     slot.waiting.pop_front();
     if (!is_live(d) || state_ != State::Running) {
-      if (is_live(d)) link_.nack(d->channel, d->env.delivery_tag, true);
-      release(d);
+      give_back(d);
       continue;
     }
     start_job(d);
@@ -440,10 +450,7 @@ void Consumer::finish_twins(Delivery* d, RunEnd end) {
   }
   Delivery* next = twins.front();
   if (end == RunEnd::NotRun || state_ != State::Running || !is_live(next)) {
-    for (auto* t : twins) {
-      if (is_live(t)) link_.nack(t->channel, t->env.delivery_tag, true);
-      release(t);
-    }
+    for (auto* t : twins) give_back(t);
     return;
   }
   next->twins.assign(twins.begin() + 1, twins.end());
@@ -479,9 +486,7 @@ void Consumer::hand_back_later(settle::Settling& s, const char* why) {
   auto timer = std::make_shared<asio::steady_timer>(io_, kHandBackPause);
   std::weak_ptr<bool> alive = alive_;
   timer->async_wait([this, d, timer, alive](boost::system::error_code) {
-    if (alive.expired()) return;
-    if (is_live(d)) link_.nack(d->channel, d->env.delivery_tag, /*requeue*/ true);
-    release(d);
+    if (!alive.expired()) give_back(d);
   });
 }
 
@@ -574,12 +579,41 @@ void Consumer::drop_waiting(const QueueChannel& qc) {
           (d->qc.get() == &qc ? drop.push_back(d) : keep.push_back(j));
         }
         slot.waiting = std::move(keep);
-        for (auto* d : drop) {
-          if (is_live(d)) link_.nack(d->channel, d->env.delivery_tag, true);
-          release(d);
-        }
+        for (auto* d : drop) give_back(d);
       }
     }
+  });
+}
+
+// Whether a delivery that is not run goes back by staying unacked: a single
+// active consumer being let go of would get a nacked one straight back.
+bool Consumer::parking(const QueueChannel& qc) const {
+  return state_ != State::Running && qc.single_active && qc.consuming;
+}
+
+// An event that did not start, or failed while stopping, goes back to the
+// broker: a nack, or (parking) at the close of its channel, which requeues
+// every unacked delivery in its place just before the next instance takes over.
+void Consumer::give_back(Delivery* d) {
+  if (is_live(d) && !parking(*d->qc)) link_.nack(d->channel, d->env.delivery_tag, /*requeue*/ true);
+  release(d);
+}
+
+// Stopping: a single-active-consumer queue is let go of (its channel closed)
+// once its last running event is settled, acks and copies confirmed.
+void Consumer::let_go_if_settled(QueueChannel& qc) {
+  if (state_ != State::Draining || !qc.single_active || qc.in_flight != 0 || qc.channel == 0 || qc.letting_go)
+    return;
+  std::shared_ptr<QueueChannel> keep;
+  for (auto& c : current_->channels)
+    if (c.get() == &qc) keep = c;
+  if (!keep) return;
+  keep->letting_go = true;
+  // The close below, or the connection's when this was the last event in flight.
+  log::info("letting go of a single-active-consumer queue, its events settled", {{"queue", keep->name}});
+  std::weak_ptr<bool> alive = alive_;
+  asio::post(io_, [this, keep, alive] {
+    if (!alive.expired() && keep->channel != 0) link_.close_queue(*keep);
   });
 }
 
@@ -629,6 +663,17 @@ void Consumer::switch_to(std::unique_ptr<dispatch::Runtime> runtime, Extras extr
   }
   auto retired = retired_;
   for (auto& qc : retired) close_if_drained(*qc);
+  // Last: a failure here drops the connection.
+  for (size_t i = 0; i < current_->channels.size(); ++i) {
+    auto& qc = *current_->channels[i];
+    const uint16_t want = current_->cfg->queues[i].prefetch;
+    if (qc.prefetch == want) continue;
+    if (!qc.channel_wide)
+      log::warn("single-active-consumer queue: the new prefetch applies when its consumer next starts "
+                "(a quorum queue's consumer prefetch cannot change in place)",
+                {{"queue", qc.name}, {"prefetch", std::to_string(want)}});
+    link_.set_prefetch(qc, want);
+  }
   log::info("reloaded", {{"queues", std::to_string(current_->cfg->queues.size())}});
 }
 
@@ -639,7 +684,10 @@ void Consumer::stop() {
   state_ = State::Draining;
   for (auto& qc : current_->channels) {
     qc->recover_timer.cancel();
-    link_.cancel_consumer(*qc);
+    // A single active consumer stays until its events are settled: cancelled
+    // now, the next instance would get the later events of an aggregate
+    // whose earlier ones still run here (let_go_if_settled).
+    if (!qc->single_active) link_.cancel_consumer(*qc);
   }
   // Held retries and events waiting behind their aggregate go back with the
   // rest, to their positions in the queue: the aggregate stays in order.
@@ -654,6 +702,7 @@ void Consumer::stop() {
     drop_waiting(*qc);
   }
   link_.stop_recovering();  // a channel lost during the drain is not consumed again
+  for (auto& qc : current_->channels) let_go_if_settled(*qc);
   deadline_timer_.expires_after(config().shutdown_timeout);
   deadline_timer_.async_wait([this](boost::system::error_code ec) {
     if (ec || state_ == State::Stopped) return;
@@ -710,8 +759,7 @@ void Consumer::settle_or_hold(Delivery* d, const dispatch::Outcome& outcome, std
     // its aggregate (handed back too), rather than into a delay queue.
     log::info("handing back a failed ordered event: shutting down",
               {{"queue", d->view_.queue}, {"event_id", d->envelope.event_id}, {"attempt", std::to_string(d->attempt)}});
-    link_.nack(d->channel, d->env.delivery_tag, /*requeue*/ true);
-    release(d);
+    give_back(d);
     return;
   }
   const auto age = std::chrono::duration_cast<milliseconds>(steady_clock::now() - d->joined);
@@ -738,8 +786,7 @@ void Consumer::hold(Delivery* d, config::Duration wait) {
     if (alive.expired()) return;
     end_hold(d);
     if (!is_live(d) || state_ != State::Running) {
-      if (is_live(d)) link_.nack(d->channel, d->env.delivery_tag, /*requeue*/ true);
-      release(d);
+      give_back(d);
       return;
     }
     // The number a retry copy's x-attempt would have carried.
@@ -779,8 +826,7 @@ void Consumer::leave_line(Delivery* d) {
     }
     // Its channel is gone, or we are stopping: the broker gets it back, and
     // its line moves on (release() posts the next).
-    if (is_live(next)) link_.nack(next->channel, next->env.delivery_tag, /*requeue*/ true);
-    release(next);
+    give_back(next);
   });
 }
 
@@ -790,11 +836,7 @@ void Consumer::drop_waiting_in_lines(const QueueChannel* qc) {
   for (auto& [queue, lines] : lines_) {
     auto out = lines.take_waiting(
         [qc](const InLine& e) { return !qc || static_cast<const Delivery&>(e).qc.get() == qc; });
-    for (auto* e : out) {
-      auto* d = static_cast<Delivery*>(e);
-      if (is_live(d)) link_.nack(d->channel, d->env.delivery_tag, /*requeue*/ true);
-      release(d);
-    }
+    for (auto* e : out) give_back(static_cast<Delivery*>(e));
   }
 }
 
@@ -826,6 +868,7 @@ void Consumer::release(Delivery* d) {
   --qc->in_flight;
   pool_.emplace_back(d);
   close_if_drained(*qc);
+  let_go_if_settled(*qc);
   maybe_finish_stop();
 }
 

@@ -41,14 +41,18 @@ class Consumer final : LinkEvents, settle::Outbox {
   void start(std::function<void()> on_ready, std::function<void()> on_stopped);
 
   // Stop consuming, let in-flight handlers finish (up to shutdown_timeout),
-  // settle them, close the connection, then call `on_stopped`.
+  // settle them, close the connection, then call `on_stopped`. A
+  // single-active-consumer queue keeps its consumer until its own events are
+  // settled (what arrives meanwhile stays unacked), then its channel closes:
+  // the broker hands the queue over only after that.
   void stop();
 
   // Switches to a runtime that is already built (and whose topology is
   // declared): one step that cannot fail. New events go to the new handlers;
   // in-flight ones finish on their own generation and settle on their
   // channel. Queues that are new, or whose prefetch changed, get a new
-  // consumer; removed ones and replaced consumers drain, then close.
+  // consumer (a single-active-consumer queue keeps its own and gets the new
+  // prefetch in place); removed ones and replaced consumers drain, then close.
   void switch_to(std::unique_ptr<dispatch::Runtime> runtime, Extras extras);
 
   const config::Config& config() const { return *current_->cfg; }
@@ -125,6 +129,9 @@ class Consumer final : LinkEvents, settle::Outbox {
   void remember_success(const Delivery* d);
   void drop_waiting(const QueueChannel& qc);
   void close_if_drained(QueueChannel& qc);
+  bool parking(const QueueChannel& qc) const;
+  void give_back(Delivery* d);
+  void let_go_if_settled(QueueChannel& qc);
   void arm_dedupe_flush();
   void maybe_finish_stop();
   void finish_stop();

@@ -47,7 +47,12 @@ amqp_channel_t BrokerLink::next_channel() {
 struct BrokerLink::Opening {
   std::shared_ptr<const config::Config> cfg;
   size_t url_index = 0;
-  std::vector<std::pair<std::string, uint16_t>> queues;  // name, prefetch
+  struct Wanted {
+    std::string name;
+    uint16_t prefetch;
+    bool channel_wide;
+  };
+  std::vector<Wanted> queues;
   std::optional<amqp::Connection> conn;
   std::string error;
   bool permanent = false;
@@ -69,12 +74,13 @@ void open_confirm_channel(amqp::Connection& conn, amqp_channel_t ch) {
   amqp::check_reply(amqp_get_rpc_reply(conn.get()), "enabling publisher confirms");
 }
 
-// Opens `ch`, sets its prefetch (basic.qos applies only to consumers started
-// after it) and consumes `queue`. Returns the consumer tag.
-std::string start_consumer(amqp::Connection& conn, amqp_channel_t ch, const std::string& queue, uint16_t prefetch) {
+// Opens `ch`, sets its prefetch (a per-consumer basic.qos applies only to
+// consumers started after it) and consumes `queue`. Returns the consumer tag.
+std::string start_consumer(amqp::Connection& conn, amqp_channel_t ch, const std::string& queue, uint16_t prefetch,
+                           bool channel_wide) {
   amqp_connection_state_t c = conn.get();
   conn.open_channel(ch);
-  amqp_basic_qos(c, ch, 0, prefetch, 0);
+  amqp_basic_qos(c, ch, 0, prefetch, channel_wide ? 1 : 0);
   amqp::check_reply(amqp_get_rpc_reply(c), "setting prefetch on queue '" + queue + "'");
   auto* ok = amqp_basic_consume(c, ch, amqp::bytes(queue), amqp_empty_bytes, 0, /*no_ack*/ 0, 0, amqp_empty_table);
   amqp::check_reply(amqp_get_rpc_reply(c), "consuming queue '" + queue + "'");
@@ -119,11 +125,11 @@ void open_connection(O& o) {
         open_publish();
       }
     }
-    for (const auto& [name, prefetch] : o.queues) {
+    for (const auto& w : o.queues) {
       typename O::Started s;
       amqp_channel_t ch = next();
       try {
-        s.tag = start_consumer(conn, ch, name, prefetch);
+        s.tag = start_consumer(conn, ch, w.name, w.prefetch, w.channel_wide);
         s.channel = ch;
       } catch (const amqp::AmqpError& e) {
         if (e.permanent() || !e.channel_closed()) throw;
@@ -149,7 +155,7 @@ void BrokerLink::connect() {
   o->cfg = cfg_;
   o->url_index = url_index_;
   opening_ = events_.wanted_queues();
-  for (const auto& qc : opening_) o->queues.emplace_back(qc->name, qc->prefetch);
+  for (const auto& qc : opening_) o->queues.push_back({qc->name, qc->prefetch, qc->channel_wide});
   std::weak_ptr<bool> alive = alive_;
   connector_ = std::thread([this, o, alive] {
     open_connection(*o);
@@ -258,7 +264,7 @@ void BrokerLink::open_queue(const std::shared_ptr<QueueChannel>& qc) {
     return;
   }
   try {
-    qc->consumer_tag = start_consumer(*conn_, ch, qc->name, qc->prefetch);
+    qc->consumer_tag = start_consumer(*conn_, ch, qc->name, qc->prefetch, qc->channel_wide);
   } catch (const amqp::AmqpError& e) {
     if (id != connection_id_ || !conn_) return;
     if (!e.channel_closed()) {
@@ -287,6 +293,19 @@ void BrokerLink::cancel_consumer(QueueChannel& qc) {
   // on the wire still come and are handed back by the caller.
   int rc = amqp_send_method(conn_->get(), qc.channel, AMQP_BASIC_CANCEL_METHOD, &req);
   if (rc != AMQP_STATUS_OK) lost(std::string("cancelling a consumer: ") + amqp_error_string2(rc));
+}
+
+void BrokerLink::set_prefetch(QueueChannel& qc, uint16_t prefetch) {
+  qc.prefetch = prefetch;
+  if (!conn_ || qc.channel == 0 || !qc.channel_wide) return;
+  amqp_basic_qos(conn_->get(), qc.channel, 0, prefetch, /*global*/ 1);
+  amqp_rpc_reply_t r = amqp_get_rpc_reply(conn_->get());
+  if (r.reply_type != AMQP_RESPONSE_NORMAL) {
+    lost(amqp::describe_reply(r, "setting prefetch on queue '" + qc.name + "'"));
+    return;
+  }
+  log::info("prefetch changed in place", {{"queue", qc.name}, {"prefetch", std::to_string(prefetch)}});
+  kick();
 }
 
 void BrokerLink::close_queue(QueueChannel& qc) {

@@ -81,6 +81,9 @@ class BrokerLink {
   void open_queue(const std::shared_ptr<QueueChannel>& qc);
   // Stops the consumer (the channel stays open so its deliveries can settle).
   void cancel_consumer(QueueChannel& qc);
+  // The prefetch from now on: basic.qos on the running consumer's channel
+  // when it is channel-wide, else at its next start.
+  void set_prefetch(QueueChannel& qc, uint16_t prefetch);
   // Closes the channel: what it still had unacked goes back to the queue.
   void close_queue(QueueChannel& qc);
 

@@ -2,7 +2,8 @@
 // One consumer of one queue: the AMQP channel it runs on and the deliveries
 // it has out. A reload that keeps a queue as it is keeps its QueueChannel; one
 // that removes the queue or changes its prefetch retires it (it drains, then
-// closes) and, for a change, starts a new one beside it.
+// closes) and, for a change, starts a new one beside it; a single-active-
+// consumer queue keeps its consumer instead (see Consumer::switch_to).
 #include <amqp.h>
 
 #include <boost/asio/io_context.hpp>
@@ -18,13 +19,27 @@
 namespace er::consume {
 
 struct QueueChannel {
-  QueueChannel(boost::asio::io_context& io, std::string queue, uint16_t prefetch_)
-      : name(std::move(queue)), prefetch(prefetch_), recover_timer(io) {}
+  QueueChannel(boost::asio::io_context& io, std::string queue, uint16_t prefetch_, bool single_active_,
+               bool channel_wide_)
+      : name(std::move(queue)),
+        prefetch(prefetch_),
+        single_active(single_active_),
+        channel_wide(channel_wide_),
+        recover_timer(io) {}
   QueueChannel(const QueueChannel&) = delete;
   QueueChannel& operator=(const QueueChannel&) = delete;
 
   const std::string name;
-  const uint16_t prefetch;     // basic.qos only applies to consumers started after it
+  uint16_t prefetch;           // changed in place only when channel_wide (else at the next start)
+  // x-single-active-consumer: a replaced consumer would queue behind other
+  // instances' standbys, so it is kept; and stop() lets go of it only when settled.
+  const bool single_active;
+  // Prefetch as basic.qos global: the channel has one consumer, so it means
+  // the same, and a new value applies to the running consumer (a per-consumer
+  // one only applies to consumers started after it). Classic queues only:
+  // quorum queues refuse global qos.
+  const bool channel_wide;
+  bool letting_go = false;     // stopping: its channel closes once its events are settled
   size_t index = 0;            // in the current generation's queues (while not retired)
   bool retired = false;        // removed or replaced by a reload: drains, then closes
   amqp_channel_t channel = 0;  // 0 = no channel

@@ -102,7 +102,8 @@ void print_plan(const Runtime& rt, std::ostream& out) {
   out << "exchange " << cfg.exchange.name << " (" << cfg.exchange.type << ", durable)\n";
   for (const auto& q : cfg.queues) {
     out << "queue " << q.name << " (durable) prefetch " << q.prefetch << " dead-letter " << q.dead_letter_queue
-        << " unhandled " << (q.unhandled == config::Unhandled::Ack ? "ack" : "dead-letter") << "\n";
+        << " unhandled " << (q.unhandled == config::Unhandled::Ack ? "ack" : "dead-letter")
+        << (q.single_active_consumer ? " single-active-consumer" : "") << "\n";
     for (const auto& b : q.bindings) out << "  binding " << cfg.exchange.name << " -> " << q.name << " key " << b << "\n";
     for (const auto& h : q.handlers) {
       out << "  handler " << h.name << " events [";

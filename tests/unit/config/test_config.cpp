@@ -1030,6 +1030,31 @@ queues:
                  d.path) == "t.yaml:5:31: queues[0].arguments.x-max-length: expected a number, boolean or string, got a list");
 }
 
+TEST_CASE("single_active_consumer: declared as the queue argument; or read from arguments; not both", "[config]") {
+  TempDir d;
+  auto q = [](const std::string& extra) {
+    return "broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues:\n  - name: q\n    " + extra + "\n";
+  };
+  auto c = load_config_string(q("single_active_consumer: true\n    arguments: {x-max-length: 5}"), "t.yaml", d.path);
+  const auto& a = c.queues.at(0).arguments;
+  CHECK(c.queues[0].single_active_consumer);
+  REQUIRE(a.size() == 2);
+  CHECK(a[1].key == "x-single-active-consumer");
+  CHECK(a[1].kind == QueueArgument::Kind::Bool);
+  CHECK(a[1].b);
+  auto off = load_config_string(q("single_active_consumer: false"), "t.yaml", d.path);
+  CHECK_FALSE(off.queues[0].single_active_consumer);
+  CHECK(off.queues[0].arguments.empty());
+  CHECK_FALSE(load_config_string(q("prefetch: 3"), "t.yaml", d.path).queues[0].single_active_consumer);
+  auto by_arg = load_config_string(q("arguments: {x-single-active-consumer: true}"), "t.yaml", d.path);
+  CHECK(by_arg.queues[0].single_active_consumer);
+  CHECK(by_arg.queues[0].arguments.size() == 1);
+  CHECK(error_of(q("single_active_consumer: true\n    arguments: {x-single-active-consumer: true}"), d.path)
+            .find("set either single_active_consumer or arguments.x-single-active-consumer, not both") !=
+        std::string::npos);
+  CHECK(error_of(q("single_active_consumer: sure"), d.path).rfind("t.yaml:5:29: ", 0) == 0);
+}
+
 TEST_CASE("a broker URL that can never connect is refused at load", "[config]") {
   TempDir d;
   auto cfg = [](const char* url) {
