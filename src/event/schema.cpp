@@ -2,12 +2,14 @@
 // body into the envelope and type validators at once (no DOM), their state on
 // a per-thread buffer; only a failure parses a DOM, to explain itself.
 // decode_validate() does the same on the envelope decoder's own parse.
-// Measured on a 377-byte speaker.onboarded envelope (thread CPU time, -O2):
-// SAX single pass 5.0us, DOM + two Accept() 5.4us, SAX two passes 6.5us;
-// parsing alone is 1.0us, the envelope's allOf/anyOf about 2.7us.
+// Each validator sees only what its schema's plan leaves to it
+// (schema_plan.hpp): RapidJSON ran the envelope's allOf/anyOf as six more
+// validators over the whole body, half of the cost. build/er_schema_bench
+// measures it (bench/schema_bench.cpp).
 #include "event/schema.hpp"
 
 #include "event/envelope_sax.hpp"
+#include "event/schema_plan.hpp"
 
 #include <rapidjson/document.h>
 #include <rapidjson/error/en.h>
@@ -37,6 +39,7 @@ struct detail::CompiledSchema {
   std::string file;            // base name, for details
   rapidjson::Document source;  // kept to explain failures
   std::optional<rapidjson::SchemaDocument> compiled;
+  std::unique_ptr<plan::Plan> plan;  // null: the validator sees every parser event
 };
 
 namespace {
@@ -232,27 +235,121 @@ class Checker {
   const Value& root_;
 };
 
+// One schema's check of one body: RapidJSON's validator on what the schema's
+// plan leaves to it (schema_plan.hpp), the plan's root formula natively.
+// Fed the parser's events up to its first failure, and no further.
+class Check {
+ public:
+  Check(const detail::CompiledSchema& s, Pool& pool)
+      : s_(s), plan_(s.plan.get()), v_(plan_ && plan_->stripped ? *plan_->stripped : *s.compiled, &pool) {}
+
+  bool Null() { return scalar([](Validator& v) { return v.Null(); }); }
+  bool Bool(bool x) { return scalar([x](Validator& v) { return v.Bool(x); }); }
+  bool Int(int x) { return scalar([x](Validator& v) { return v.Int(x); }); }
+  bool Uint(unsigned x) { return scalar([x](Validator& v) { return v.Uint(x); }); }
+  bool Int64(int64_t x) { return scalar([x](Validator& v) { return v.Int64(x); }); }
+  bool Uint64(uint64_t x) { return scalar([x](Validator& v) { return v.Uint64(x); }); }
+  bool Double(double x) { return scalar([x](Validator& v) { return v.Double(x); }); }
+  bool RawNumber(const char* s, SizeType n, bool c) { return scalar([&](Validator& v) { return v.RawNumber(s, n, c); }); }
+  bool String(const char* s, SizeType n, bool c) { return scalar([&](Validator& v) { return v.String(s, n, c); }); }
+  bool Key(const char* s, SizeType n, bool c) {
+    if (!plan_) return v_.Key(s, n, c);
+    if (skip_) return true;
+    if (depth_ == 1 && object_) {
+      const plan::RootKey* k = plan_->find(s, n);
+      if (k && k->bit >= 0) present_ |= uint64_t{1} << k->bit;
+      next_ = !plan_->prune ? plan::Member::Feed : k ? k->action : plan_->other;
+      if (next_ == plan::Member::Skip) return true;
+    }
+    return v_.Key(s, n, c);
+  }
+  bool StartObject() { return start(true); }
+  bool EndObject(SizeType n) { return end(true, n); }
+  bool StartArray() { return start(false); }
+  bool EndArray(SizeType n) { return end(false, n); }
+
+  bool valid() const { return v_.IsValid() && failed_ == plan::kKeywords; }
+  std::string explain(const char* body, size_t len) const;
+
+ private:
+  template <typename F>
+  bool scalar(F f) {
+    if (!plan_) return f(v_);
+    if (skip_) return true;
+    if (depth_ == 1 && object_) {
+      plan::Member a = next_;
+      next_ = plan::Member::Feed;
+      return a == plan::Member::Skip || f(v_);
+    }
+    return f(v_) && (depth_ > 0 || root_end());
+  }
+  bool start(bool object) {
+    if (!plan_) return object ? v_.StartObject() : v_.StartArray();
+    if (skip_) return ++depth_, true;
+    if (depth_ == 0) object_ = object;
+    plan::Member a = plan::Member::Feed;
+    if (depth_ == 1 && object_) std::swap(a, next_);
+    ++depth_;
+    if (a != plan::Member::Feed) {
+      // Only the kind of this value matters, or nothing: the validator gets
+      // an empty one, or nothing, in its place.
+      skip_ = depth_;
+      stand_in_ = a == plan::Member::Kind;
+      if (!stand_in_) return true;
+    }
+    return object ? v_.StartObject() : v_.StartArray();
+  }
+  bool end(bool object, SizeType n) {
+    if (!plan_) return object ? v_.EndObject(n) : v_.EndArray(n);
+    if (skip_) {
+      if (depth_-- != skip_) return true;
+      skip_ = 0;
+      return !stand_in_ || (object ? v_.EndObject(0) : v_.EndArray(0));
+    }
+    --depth_;
+    return (object ? v_.EndObject(n) : v_.EndArray(n)) && (depth_ > 0 || root_end());
+  }
+  // The root value is complete and the validator accepts it: RapidJSON
+  // would now check the root's allOf/anyOf/oneOf/not.
+  bool root_end() {
+    if (!plan_->has_formula) return true;
+    failed_ = plan_->first_failure(present_, object_);
+    return failed_ == plan::kKeywords;
+  }
+
+  const detail::CompiledSchema& s_;
+  const plan::Plan* plan_;
+  Validator v_;
+  unsigned depth_ = 0;
+  unsigned skip_ = 0;  // the depth of the value left out, 0: none
+  bool stand_in_ = false;
+  bool object_ = false;  // the root is an object
+  plan::Member next_ = plan::Member::Feed;  // for the root member's value to come
+  uint64_t present_ = 0;  // the formula's names seen as root members
+  plan::Keyword failed_ = plan::kKeywords;
+};
+
 // Fans the parser's events out to the envelope and type validators, and
 // stops a too deeply nested body before the recursive parser follows it.
 class Fanout {
  public:
-  Fanout(Validator* a, Validator* b) : a_(a), b_(b) {}
+  Fanout(Check* a, Check* b) : a_(a), b_(b) {}
   bool too_deep = false;
 
-  bool Null() { return each([](Validator& v) { return v.Null(); }); }
-  bool Bool(bool x) { return each([x](Validator& v) { return v.Bool(x); }); }
-  bool Int(int x) { return each([x](Validator& v) { return v.Int(x); }); }
-  bool Uint(unsigned x) { return each([x](Validator& v) { return v.Uint(x); }); }
-  bool Int64(int64_t x) { return each([x](Validator& v) { return v.Int64(x); }); }
-  bool Uint64(uint64_t x) { return each([x](Validator& v) { return v.Uint64(x); }); }
-  bool Double(double x) { return each([x](Validator& v) { return v.Double(x); }); }
-  bool RawNumber(const char* s, SizeType n, bool c) { return each([&](Validator& v) { return v.RawNumber(s, n, c); }); }
-  bool String(const char* s, SizeType n, bool c) { return each([&](Validator& v) { return v.String(s, n, c); }); }
-  bool Key(const char* s, SizeType n, bool c) { return each([&](Validator& v) { return v.Key(s, n, c); }); }
-  bool StartObject() { return open() && each([](Validator& v) { return v.StartObject(); }); }
-  bool EndObject(SizeType n) { --depth_; return each([n](Validator& v) { return v.EndObject(n); }); }
-  bool StartArray() { return open() && each([](Validator& v) { return v.StartArray(); }); }
-  bool EndArray(SizeType n) { --depth_; return each([n](Validator& v) { return v.EndArray(n); }); }
+  bool Null() { return each([](Check& v) { return v.Null(); }); }
+  bool Bool(bool x) { return each([x](Check& v) { return v.Bool(x); }); }
+  bool Int(int x) { return each([x](Check& v) { return v.Int(x); }); }
+  bool Uint(unsigned x) { return each([x](Check& v) { return v.Uint(x); }); }
+  bool Int64(int64_t x) { return each([x](Check& v) { return v.Int64(x); }); }
+  bool Uint64(uint64_t x) { return each([x](Check& v) { return v.Uint64(x); }); }
+  bool Double(double x) { return each([x](Check& v) { return v.Double(x); }); }
+  bool RawNumber(const char* s, SizeType n, bool c) { return each([&](Check& v) { return v.RawNumber(s, n, c); }); }
+  bool String(const char* s, SizeType n, bool c) { return each([&](Check& v) { return v.String(s, n, c); }); }
+  bool Key(const char* s, SizeType n, bool c) { return each([&](Check& v) { return v.Key(s, n, c); }); }
+  bool StartObject() { return open() && each([](Check& v) { return v.StartObject(); }); }
+  bool EndObject(SizeType n) { --depth_; return each([n](Check& v) { return v.EndObject(n); }); }
+  bool StartArray() { return open() && each([](Check& v) { return v.StartArray(); }); }
+  bool EndArray(SizeType n) { --depth_; return each([n](Check& v) { return v.EndArray(n); }); }
 
  private:
   template <typename F>
@@ -262,8 +359,8 @@ class Fanout {
     too_deep = true;
     return false;
   }
-  Validator* a_;
-  Validator* b_;
+  Check* a_;
+  Check* b_;
   unsigned depth_ = 0;
 };
 
@@ -307,7 +404,7 @@ using Types = std::map<std::string, std::unique_ptr<detail::CompiledSchema>, std
 
 class ValidatingTee {
  public:
-  ValidatingTee(Validator* env, const Types& types, Pool& pool, const Envelope& out, Scratch& sc)
+  ValidatingTee(Check* env, const Types& types, Pool& pool, const Envelope& out, Scratch& sc)
       : ev_(env), types_(types), pool_(pool), out_(out), sc_(sc), decided_(types.empty()) {
     sc_.tokens.clear();
     sc_.text.clear();
@@ -320,7 +417,7 @@ class ValidatingTee {
     if (t == types_.end()) return;
     schema_ = t->second.get();
     if (overflow_) return;  // the caller parses again for this one
-    tv_.emplace(*schema_->compiled, &pool_);
+    tv_.emplace(*schema_, pool_);
     for (size_t i = 0; i < sc_.tokens.size(); ++i) {
       if (!feed(*tv_, sc_.tokens[i])) {
         tv_failed_at_ = i;  // buffered from the first event on: i is its place
@@ -334,7 +431,7 @@ class ValidatingTee {
   bool decided() const { return decided_; }
   const detail::CompiledSchema* type_schema() const { return schema_; }
   // Null when there is no type schema, or it needs a parse of its own.
-  Validator* type_validator() { return tv_ ? &*tv_ : nullptr; }
+  Check* type_validator() { return tv_ ? &*tv_ : nullptr; }
 
   void Null() { on({Token::Null}); }
   void Bool(bool b) { Token t{Token::Bool}; t.i = b; on(t); }
@@ -372,7 +469,7 @@ class ValidatingTee {
     }
   }
 
-  bool feed(Validator& v, const Token& t, const char* s = nullptr) {
+  bool feed(Check& v, const Token& t, const char* s = nullptr) {
     if (!s && (t.kind == Token::String || t.kind == Token::Key)) s = sc_.text.data() + t.off;
     switch (t.kind) {
       case Token::Null: return v.Null();
@@ -392,12 +489,12 @@ class ValidatingTee {
     return false;
   }
 
-  Validator* ev_;
+  Check* ev_;
   const Types& types_;
   Pool& pool_;
   const Envelope& out_;
   Scratch& sc_;
-  std::optional<Validator> tv_;
+  std::optional<Check> tv_;
   const detail::CompiledSchema* schema_ = nullptr;
   static constexpr size_t kNever = ~size_t{0};
   size_t pos_ = 0;  // parser events so far
@@ -461,15 +558,16 @@ const char* kind(const Value& v) {
   }
 }
 
-// "<file>: <keyword>: <what> at <instance path>", from the validator's
-// state; the body is parsed again only here, to name what is wrong.
-std::string explain(const detail::CompiledSchema& s, const Validator& v, const char* body, size_t len) {
-  std::string keyword = v.GetInvalidSchemaKeyword() ? v.GetInvalidSchemaKeyword() : "?";
-  std::string where = uri(v.GetInvalidDocumentPointer());
-  const Value* schema = deref(v.GetInvalidSchemaPointer().Get(s.source), s.source);
+// "<file>: <keyword>: <what> at <instance path>", from where the validator
+// failed; the body is parsed again only here, to name what is wrong.
+std::string explain(const detail::CompiledSchema& s, const char* failed_keyword, const rapidjson::Pointer& schema_at,
+                    const rapidjson::Pointer& instance_at, const char* body, size_t len) {
+  std::string keyword = failed_keyword ? failed_keyword : "?";
+  std::string where = uri(instance_at);
+  const Value* schema = deref(schema_at.Get(s.source), s.source);
   rapidjson::Document doc;
   doc.Parse(body, len);  // may fail: the validator can stop before a syntax error
-  const Value* inst = doc.HasParseError() ? nullptr : v.GetInvalidDocumentPointer().Get(doc);
+  const Value* inst = doc.HasParseError() ? nullptr : instance_at.Get(doc);
 
   std::string what;
   if (inst && (keyword == "required" || keyword == "allOf" || keyword == "anyOf")) {
@@ -496,7 +594,17 @@ std::string explain(const detail::CompiledSchema& s, const Validator& v, const c
   return out;
 }
 
-std::unique_ptr<detail::CompiledSchema> compile(const fs::path& file) {
+// A root allOf/anyOf/oneOf/not that failed in the plan's formula is reported
+// as RapidJSON reports it: the root schema, at the root. The stripped
+// schema's pointers are the source's (only root keys were taken out).
+std::string Check::explain(const char* body, size_t len) const {
+  if (failed_ != plan::kKeywords)
+    return event::explain(s_, plan::keyword_name(failed_), rapidjson::Pointer(), rapidjson::Pointer(), body, len);
+  return event::explain(s_, v_.GetInvalidSchemaKeyword(), v_.GetInvalidSchemaPointer(), v_.GetInvalidDocumentPointer(),
+                        body, len);
+}
+
+std::unique_ptr<detail::CompiledSchema> compile(const fs::path& file, Validation mode) {
   const std::string path = file.string();
   std::string text = read_file(path);
   auto s = std::make_unique<detail::CompiledSchema>();
@@ -525,6 +633,7 @@ std::unique_ptr<detail::CompiledSchema> compile(const fs::path& file) {
                              meta.GetInvalidSchemaKeyword() + "' at " + uri(meta.GetInvalidSchemaPointer()) + ")");
   Checker(path, doc).schema(doc, "");
   s->compiled.emplace(doc);
+  if (mode == Validation::Planned) s->plan = plan::make(doc);
   return s;
 }
 
@@ -533,7 +642,7 @@ std::unique_ptr<detail::CompiledSchema> compile(const fs::path& file) {
 SchemaSet::SchemaSet() = default;
 SchemaSet::~SchemaSet() = default;
 
-std::shared_ptr<const SchemaSet> SchemaSet::load(const std::string& dir) {
+std::shared_ptr<const SchemaSet> SchemaSet::load(const std::string& dir, Validation mode) {
   std::error_code ec;
   fs::directory_iterator it(dir, ec), end;
   if (ec) throw std::runtime_error(dir + ": " + ec.message());
@@ -552,9 +661,9 @@ std::shared_ptr<const SchemaSet> SchemaSet::load(const std::string& dir) {
   for (const auto& f : files) {
     std::string type = f.stem().string();
     if (type == "envelope")
-      set->envelope_ = compile(f);
+      set->envelope_ = compile(f, mode);
     else
-      set->types_.emplace(type, compile(f));
+      set->types_.emplace(type, compile(f, mode));
   }
   return set;
 }
@@ -566,17 +675,17 @@ bool run_validators(const detail::CompiledSchema* env, const detail::CompiledSch
   if (!body) body = "", len = 0;
   Scratch& sc = scratch();
   Pool pool(sc.buf.get(), kScratchBytes);
-  std::optional<Validator> ev, tv;
-  if (env) ev.emplace(*env->compiled, &pool);
-  if (type) tv.emplace(*type->compiled, &pool);
+  std::optional<Check> ev, tv;
+  if (env) ev.emplace(*env, pool);
+  if (type) tv.emplace(*type, pool);
   Fanout fan(ev ? &*ev : nullptr, tv ? &*tv : nullptr);
   rapidjson::MemoryStream stream(body, len);
   rapidjson::ParseResult r = sc.reader.Parse<rapidjson::kParseValidateEncodingFlag>(stream, fan);
 
-  if (ev && !ev->IsValid()) {
-    detail = explain(*env, *ev, body, len);
-  } else if (tv && !tv->IsValid()) {
-    detail = explain(*type, *tv, body, len);
+  if (ev && !ev->valid()) {
+    detail = ev->explain(body, len);
+  } else if (tv && !tv->valid()) {
+    detail = tv->explain(body, len);
   } else if (fan.too_deep) {
     detail = "nesting deeper than 64 levels";
   } else if (r.IsError()) {
@@ -612,20 +721,20 @@ DecodeStatus SchemaSet::decode_validate(const char* body, size_t len, std::strin
   type = nullptr;
   {
     Pool pool(sc.buf.get(), kScratchBytes);
-    std::optional<Validator> ev;
-    if (env) ev.emplace(*env->compiled, &pool);
+    std::optional<Check> ev;
+    if (env) ev.emplace(*env, pool);
     ValidatingTee tee(ev ? &*ev : nullptr, types_, pool, out, sc);
     DecodeStatus status = sax::decode_with(body, len, routing_key, out, detail, tee);
     if (status != DecodeStatus::Ok) return status;
     if (!tee.decided()) tee.decide(out.event_type);  // the routing key's
     type = tee.type_schema();
-    Validator* tv = tee.type_validator();
+    Check* tv = tee.type_validator();
     if (!type || tv) {
-      if (ev && !ev->IsValid() && (!tv || tv->IsValid() || tee.envelope_failed_first())) {
-        detail = explain(*env, *ev, body, len);
+      if (ev && !ev->valid() && (!tv || tv->valid() || tee.envelope_failed_first())) {
+        detail = ev->explain(body, len);
         valid = false;
-      } else if (tv && !tv->IsValid()) {
-        detail = explain(*type, *tv, body, len);
+      } else if (tv && !tv->valid()) {
+        detail = tv->explain(body, len);
         valid = false;
       }
       return status;

@@ -19,6 +19,12 @@ namespace detail {
 struct CompiledSchema;
 }
 
+// How bodies meet the schemas. Planned leaves out of RapidJSON's validator
+// what cannot change its answer (schema_plan.hpp), with the same answers and
+// details; Generic feeds it every parser event, for tests and benchmarks to
+// compare with.
+enum class Validation { Planned, Generic };
+
 class SchemaSet {
  public:
   // Compiles <dir>/envelope.json (applies to every event, optional file) and every <dir>/<event_type>.json.
@@ -26,7 +32,7 @@ class SchemaSet {
   // Besides the draft-04 meta-schema, rejects what RapidJSON 1.1 would silently
   // ignore or crash on: a non-draft-04 $schema, 'format', patterns its regex
   // cannot compile, and remote, dangling or circular $refs.
-  static std::shared_ptr<const SchemaSet> load(const std::string& dir);
+  static std::shared_ptr<const SchemaSet> load(const std::string& dir, Validation mode = Validation::Planned);
 
   // Validates the JSON body. Returns true if valid; else false and `detail` names the schema file,
   // the failing keyword and the instance path, e.g. "speaker.onboarded.json: required: missing property 'bucket' at #/payload".

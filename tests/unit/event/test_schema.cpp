@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "event/schema.hpp"
+#include "temp_dir.hpp"
 
 namespace fs = std::filesystem;
 using er::event::SchemaSet;
@@ -54,22 +55,6 @@ std::string check(const SchemaSet& set, const std::string& body, std::string_vie
 std::string with_timestamp(const std::string& ts) {
   return R"({"event_id":"1","event_type":"order.placed","timestamp":")" + ts + R"("})";
 }
-
-struct TempDir {
-  std::string path;
-  TempDir() {
-    char tmpl[] = "/tmp/er-schema-test-XXXXXX";
-    REQUIRE(mkdtemp(tmpl) != nullptr);
-    path = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  void file(const std::string& name, const std::string& content) const {
-    std::ofstream(path + "/" + name) << content;
-  }
-};
 
 std::string load_error(const std::string& dir) {
   try {
