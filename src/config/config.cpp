@@ -424,7 +424,7 @@ Config Loader::load(const std::string& text) {
   if (!root.node.IsMap())
     fail(root, std::string("expected a mapping at the top level, got ") + describe(root.node));
   check_keys(root, {"broker", "exchange", "queues", "shutdown_timeout", "plugin_threads", "workers", "max_message_bytes",
-                    "schemas", "log", "state_dir", "http", "security"});
+                    "schemas", "log", "state_dir", "http", "security", "crash_loop"});
 
   Config c;
   c.path = file_;
@@ -445,6 +445,16 @@ Config Loader::load(const std::string& text) {
   if (Val v = child(root, "max_message_bytes"); v.present) c.max_message_bytes = size_bytes(v);
   if (Val v = child(root, "schemas"); v.present) c.schemas_dir = resolve_dir(v);
   if (Val v = child(root, "state_dir"); v.present) c.state_dir = absolute_in(dir_, nonempty_str(v));
+  if (Val v = child(root, "crash_loop"); v.present) {
+    expect_map(v);
+    check_keys(v, {"max_crashes", "ttl"});
+    if (Val m = child(v, "max_crashes"); m.present) c.crash_max = static_cast<unsigned>(integer(m, 0, 1000));
+    if (Val t = child(v, "ttl"); t.present) {
+      c.crash_ttl = duration(t, false);
+      if (c.crash_ttl < std::chrono::minutes(1) || c.crash_ttl > std::chrono::hours(24 * 30))
+        fail(t, "must be between 1m and 30d");
+    }
+  }
   if (Val v = child(root, "http"); v.present) {
     expect_map(v);
     check_keys(v, {"listen"});
@@ -486,6 +496,7 @@ Config Loader::load(const std::string& text) {
   for (auto& item : items) {
     QueueConfig q;
     q.max_message_bytes = c.max_message_bytes;  // unless the queue sets its own
+    q.crash_max = c.crash_max;
     load_queue(item, q);
     auto [it, fresh] = queue_names.emplace(q.name, child(item, "name").mark);
     if (!fresh)
@@ -628,7 +639,8 @@ void Loader::load_queue(const Val& v, QueueConfig& q) {
   expect_map(v);
   check_keys(v, {"name", "bindings", "prefetch", "unhandled", "dead_letter_queue", "arguments",
                  "dead_letter_arguments", "dedupe", "retry",
-                 "max_message_bytes", "handlers", "ordering", "ordering_hold_max", "single_active_consumer"});
+                 "max_message_bytes", "handlers", "ordering", "ordering_hold_max", "single_active_consumer",
+                 "crash_loop"});
   q.mark = to_mark(v.mark);
   q.name = nonempty_str(required(v, "name"));
   if (Val b = child(v, "bindings"); b.present) {
@@ -681,6 +693,11 @@ void Loader::load_queue(const Val& v, QueueConfig& q) {
   }
   if (Val r = child(v, "retry"); r.present) load_retry(r, q.retry);
   if (Val m = child(v, "max_message_bytes"); m.present) q.max_message_bytes = size_bytes(m);
+  if (Val cl = child(v, "crash_loop"); cl.present) {
+    expect_map(cl);
+    check_keys(cl, {"max_crashes"});  // the ttl is the daemon's, top level
+    q.crash_max = static_cast<unsigned>(integer(required(cl, "max_crashes"), 0, 1000));
+  }
   if (Val h = child(v, "handlers"); h.present) {
     for (auto& item : list(h, "handlers")) {
       HandlerConfig hc;

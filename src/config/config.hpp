@@ -142,6 +142,10 @@ struct QueueConfig {
   // How old an ordered delivery may get (unacked) and still wait in place
   // for a retry; past it the event is dead-lettered (ordering_hold_exceeded).
   Duration ordering_hold_max{std::chrono::minutes(5)};
+  // `crash_loop: {max_crashes}`: a redelivered event the daemon died on this
+  // many times is dead-lettered (crash_loop); resolved: the queue's, else the
+  // top-level value; 0 = off.
+  unsigned crash_max = 3;
 
   // Every distinct delay any handler of this queue can wait, ascending: one
   // delay queue per step.
@@ -185,6 +189,9 @@ struct Config {
   size_t max_message_bytes = 1024 * 1024;  // top-level default for queues; sizes like 1MiB, 512KiB or bytes
   std::string schemas_dir;               // `schemas:` (absolute; empty = no validation)
   std::string state_dir = "/var/lib/event-router";  // `state_dir:` (dedupe store)
+  // `crash_loop: {max_crashes: 3, ttl: 24h}` (docs/reliability.md#crash-loop-protection).
+  unsigned crash_max = 3;                // default of the queues; 0 = off
+  Duration crash_ttl{std::chrono::hours(24)};  // a count expires this long after its last crash
   std::string http_listen;               // `http: {listen: 127.0.0.1:9090}`; empty = no HTTP server
   LogConfig log;
   SecurityConfig security;

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <charconv>
+#include <csignal>
 #include <optional>
 
 #include "consume/intake.hpp"
@@ -295,8 +296,21 @@ void Consumer::delivery(QueueChannel& qc, amqp_envelope_t& env, uint64_t body_si
       }
     };
   }
-  IntakeInput in{d->env.message.body, body_size, rk};
-  Decision dec = decide(in, qcfg, g.rt->queues[qi], g.rt->schemas.get(), seen, d->envelope, detail_);
+  v.crash_slot = -1;
+  Decision dec;
+  if (guard_ && qcfg.crash_max > 0 && crash_looped(d, qcfg)) {
+    d->envelope.clear();
+    dec.kind = Decision::Kind::DeadLetter;
+    dec.reason = "crash_loop";
+  } else {
+    IntakeInput in{d->env.message.body, body_size, rk};
+    CrashMark mark(v.crash_slot);  // a crash while parsing counts against this event
+    dec = decide(in, qcfg, g.rt->queues[qi], g.rt->schemas.get(), seen, d->envelope, detail_);
+  }
+  if (v.crash_slot >= 0) {
+    guard_->set_id(v.crash_slot, d->envelope.event_id);
+    guard_->set_active(v.crash_slot, false);  // until an in-process handler runs it
+  }
   d->event_id = d->envelope.event_id;
   d->event_type = d->envelope.event_type;
   d->correlation_id = d->envelope.correlation_id;
@@ -339,6 +353,27 @@ void Consumer::delivery(QueueChannel& qc, amqp_envelope_t& env, uint64_t body_si
   schedule(d);
 }
 
+// Journals the delivery; true when it is a redelivery of an event the daemon
+// died on crash_max times (detail_ says so). Checked before the body is
+// parsed: the parser may be what dies.
+bool Consumer::crash_looped(Delivery* d, const config::QueueConfig& q) {
+  const uint64_t key = guard_->key(q.name, amqp::view(d->env.message.body));
+  d->view_.crash_slot = guard_->enter(key);
+  if (!d->env.redelivered || guard_->empty()) return false;
+  const CrashGuard::Entry* e = guard_->find(key);
+  if (!e || e->crashes < q.crash_max) return false;
+  const char* sig = e->signal == SIGSEGV ? "SIGSEGV" : e->signal == SIGABRT ? "SIGABRT" : e->signal == SIGBUS ? "SIGBUS"
+                    : e->signal == SIGFPE ? "SIGFPE" : e->signal == SIGILL ? "SIGILL" : nullptr;
+  detail_ = "the daemon ended uncleanly " + (e->crashes == 1 ? std::string("once") : std::to_string(e->crashes) + " times") +
+            " while handling this event (" +
+            (sig ? std::string("last: ") + sig + " in its handler" : std::string("last: killed, no signal of its own")) +
+            "); crash_loop max_crashes is " + std::to_string(q.crash_max);
+  log::warn("dead-lettering an event the daemon keeps dying on (crash_loop)",
+            {{"queue", q.name}, {"event_id", e->event_id}, {"crashes", std::to_string(e->crashes)},
+             {"max_crashes", std::to_string(q.crash_max)}});
+  return true;
+}
+
 // ordering: aggregate: an event runs only when it is first in its aggregate's
 // line; without an aggregate id it runs unordered.
 void Consumer::schedule(Delivery* d) {
@@ -361,6 +396,9 @@ void Consumer::start_or_wait(Delivery* d) {
 void Consumer::start_job(Delivery* d) {
   ++d->slot->active;
   d->started = steady_clock::now();
+  // Exec and worker handlers run in processes of their own: they cannot take the daemon down.
+  if (d->view_.crash_slot >= 0 && d->slot->cfg->kind == config::HandlerKind::Plugin)
+    guard_->set_active(d->view_.crash_slot, true);
   d->slot->handler->start(*d);
 }
 
@@ -382,6 +420,7 @@ void Consumer::on_finished(Delivery* d, dispatch::Outcome outcome) {
   std::shared_ptr<Generation> g = d->g;
   dispatch::HandlerSlot& slot = *d->slot;
   --slot.active;
+  if (d->view_.crash_slot >= 0) guard_->set_active(d->view_.crash_slot, false);
   const std::string& handler = slot.handler->name();
   auto& sm = g->m->queue(d->queue).slots[static_cast<size_t>(&slot - g->rt->queues[d->queue].slots().data())];
   const auto elapsed = steady_clock::now() - d->started;
@@ -855,6 +894,8 @@ void Consumer::release(Delivery* d) {
   // Copies waiting for this one must not be stranded with it.
   if (!d->twins.empty() || !d->running_key.empty()) finish_twins(d, RunEnd::NotRun);
   if (d->in_line()) leave_line(d);
+  if (d->view_.crash_slot >= 0) guard_->leave(d->view_.crash_slot);
+  d->view_.crash_slot = -1;
   if (d->has_env) amqp_destroy_envelope(&d->env);
   d->has_env = false;
   d->slot = nullptr;

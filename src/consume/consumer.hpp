@@ -13,6 +13,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "consume/crash_guard.hpp"
 #include "consume/generation.hpp"
 #include "consume/link.hpp"
 #include "consume/ordering.hpp"
@@ -54,6 +55,10 @@ class Consumer final : LinkEvents, settle::Outbox {
   // consumer (a single-active-consumer queue keeps its own and gets the new
   // prefetch in place); removed ones and replaced consumers drain, then close.
   void switch_to(std::unique_ptr<dispatch::Runtime> runtime, Extras extras);
+
+  // Crash-loop protection: journal the events in flight, dead-letter the
+  // redelivered ones that took the daemon down too often. Before start().
+  void set_crash_guard(std::shared_ptr<CrashGuard> guard) { guard_ = std::move(guard); }
 
   const config::Config& config() const { return *current_->cfg; }
   std::shared_ptr<const config::Config> config_ptr() const { return current_->rt->config; }
@@ -108,6 +113,7 @@ class Consumer final : LinkEvents, settle::Outbox {
   std::shared_ptr<Generation> make_generation(std::unique_ptr<dispatch::Runtime> rt, Extras extras);
   template <class F>
   void for_each_generation(F&& f);
+  bool crash_looped(Delivery* d, const config::QueueConfig& q);
   void schedule(Delivery* d);
   void start_or_wait(Delivery* d);
   void start_job(Delivery* d);
@@ -160,6 +166,7 @@ class Consumer final : LinkEvents, settle::Outbox {
   std::vector<Delivery*> held_;  // waiting in place for a retry
   std::vector<std::unique_ptr<Delivery>> pool_;  // recycled Delivery objects
   std::string detail_;                           // scratch for decode errors
+  std::shared_ptr<CrashGuard> guard_;            // null: crash-loop protection off
   boost::asio::steady_timer deadline_timer_;
   boost::asio::steady_timer dedupe_timer_;
   unsigned dedupe_ticks_ = 0;

@@ -15,6 +15,7 @@
 
 #include "config/config.hpp"
 #include "consume/consumer.hpp"
+#include "consume/crash_guard.hpp"
 #include "daemon/reload.hpp"
 #include "daemon/notify.hpp"
 #include "dedupe/store.hpp"
@@ -28,6 +29,48 @@
 namespace er::daemon {
 
 namespace asio = boost::asio;
+
+namespace {
+
+// Crash-loop protection (consume/crash_guard.hpp). A state_dir it cannot use
+// stops the start, as for the dedupe store; a journal another instance holds
+// leaves this one unprotected, loudly, rather than down.
+bool open_crash_guard(const config::Config& cfg, std::shared_ptr<consume::CrashGuard>& out) {
+  size_t slots = 256;
+  bool on = false;
+  for (const auto& q : cfg.queues) {
+    if (q.crash_max == 0) continue;
+    on = true;
+    slots += 2 * size_t{q.prefetch};  // prefetch, and as many again for a reload's new consumers
+  }
+  if (!on) return true;
+  try {
+    out = std::make_shared<consume::CrashGuard>(cfg.state_dir, slots,
+                                                std::chrono::duration_cast<std::chrono::seconds>(cfg.crash_ttl));
+  } catch (const consume::CrashGuard::InUse& e) {
+    log::warn("crash-loop protection is off for this instance", {{"error", e.what()}});
+    return true;
+  } catch (const std::exception& e) {
+    log::error("cannot open the crash journal (state_dir); make it writable, or set crash_loop: {max_crashes: 0}",
+               {{"error", e.what()}});
+    return false;
+  }
+  out->install_signal_handlers();
+  const auto& prev = out->previous();
+  if (prev.unclean) {
+    log::warn("the previous run ended uncleanly",
+              {{"blamed", prev.attributed ? "the event its signal named" : "every event a plugin or intake was running"},
+               {"signal", std::to_string(prev.signal)}, {"events", std::to_string(prev.counted.size())}});
+    for (uint64_t k : prev.counted) {
+      const auto* e = out->find(k);
+      if (e) log::warn("an event was being handled when the daemon died",
+                       {{"event_id", e->event_id}, {"crashes", std::to_string(e->crashes)}});
+    }
+  }
+  return true;
+}
+
+}  // namespace
 
 int run(const Options& opts) {
   std::shared_ptr<const config::Config> cfg;
@@ -91,7 +134,15 @@ int run(const Options& opts) {
     log::error("cannot load the copy key", {{"error", e.what()}});
     return 1;
   }
+  std::shared_ptr<consume::CrashGuard> guard;
+  if (!open_crash_guard(*cfg, guard)) return 1;
+  // Every way out of here but a crash is a clean exit, _Exit included (below).
+  struct MarkClean {
+    consume::CrashGuard* g;
+    ~MarkClean() { if (g) g->mark_clean(); }
+  } mark_clean{guard.get()};
   consume::Consumer session(io, std::move(rt), registry, {std::move(dedupe), std::move(signer)});
+  session.set_crash_guard(guard);
   Reloader reloader(io, pool, session, opts.config_path);
   std::unique_ptr<http::Server> http_server;
   if (!cfg->http_listen.empty()) {
@@ -200,6 +251,7 @@ int run(const Options& opts) {
   io.run();
 
   int code = session.exit_code();
+  if (guard) guard->mark_clean();
   if (session.aborted()) {
     // Handlers on worker threads may still be running and cannot be joined;
     // their events stay unacked and are redelivered.

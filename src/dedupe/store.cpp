@@ -12,6 +12,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "util/hash.hpp"
+
 namespace er::dedupe {
 
 namespace {
@@ -52,12 +54,7 @@ constexpr const char* kSchema =
 uint64_t key_hash(std::string_view key) {
   uint64_t h = 0xcbf29ce484222325ULL;
   for (unsigned char c : key) h = (h ^ c) * 0x100000001b3ULL;
-  h ^= h >> 33;
-  h *= 0xff51afd7ed558ccdULL;
-  h ^= h >> 33;
-  h *= 0xc4ceb9fe1a85ec53ULL;
-  h ^= h >> 33;
-  return h;
+  return util::mix64(h);
 }
 
 }  // namespace

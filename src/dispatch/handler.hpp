@@ -49,6 +49,7 @@ struct EventView {
   const event::Envelope* envelope = nullptr;
   uint32_t attempt = 1;
   bool redelivered = false;
+  int32_t crash_slot = -1;  // its crash-guard journal slot (consume/crash_guard.hpp), -1: none
 };
 
 // One in-flight event, owned by the consumer.

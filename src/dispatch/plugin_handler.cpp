@@ -21,6 +21,7 @@
 #include <unordered_map>
 #include <unordered_set>
 
+#include "consume/crash_guard.hpp"
 #include "event_router/plugin.h"
 #include "util/log.hpp"
 
@@ -146,6 +147,7 @@ Outcome call_plugin(const Instance& inst, const EventView& v) noexcept {
     er_event ev = event_of(v);
     ev.timestamp = {};  // version 1 saw reserved fields there: keep them zero
     er_result res = fresh_result();
+    consume::CrashMark mark(v.crash_slot);  // a crash in the plugin names this event
     int rc = inst.handle(inst.user_data, &ev, &res);
     return to_outcome(rc, res);
   } catch (...) {
@@ -351,6 +353,7 @@ std::optional<Outcome> call_plugin_v2(const Instance& inst, const EventView& v, 
     er_event ev = event_of(v);
     ev.handle = handle_of(id);
     er_result res = fresh_result();
+    consume::CrashMark mark(v.crash_slot);
     int rc = inst.handle(inst.user_data, &ev, &res);
     if (rc == ER_PENDING) return std::nullopt;
     Outcome out = to_outcome(rc, res);

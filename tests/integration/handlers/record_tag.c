@@ -31,6 +31,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "../../plugins/test_util.h"
+
 struct instance {
   int fd;
   long sleep_us;
@@ -41,39 +43,6 @@ ER_PLUGIN_EXPORT int er_plugin_version(int n, const int *versions) {
   for (int i = 0; i < n; ++i)
     if (versions[i] == ER_PLUGIN_API_VERSION) return versions[i];
   return -1;
-}
-
-/* The string value of "key" in a flat JSON object (no escapes in values). */
-static int json_string(const char *json, size_t len, const char *key, char *out, size_t out_size) {
-  char pat[64];
-  snprintf(pat, sizeof pat, "\"%s\"", key);
-  char *copy = strndup(json, len);
-  if (!copy) return 0;
-  int ok = 0;
-  const char *k = strstr(copy, pat);
-  const char *colon = k ? strchr(k + strlen(pat), ':') : NULL;
-  const char *q = colon ? strchr(colon, '"') : NULL;
-  const char *end = q ? strchr(q + 1, '"') : NULL;
-  if (end && (size_t)(end - q - 1) < out_size) {
-    memcpy(out, q + 1, (size_t)(end - q - 1));
-    out[end - q - 1] = 0;
-    ok = 1;
-  }
-  free(copy);
-  return ok;
-}
-
-static long json_number(const char *json, size_t len, const char *key, long dflt) {
-  char pat[64];
-  snprintf(pat, sizeof pat, "\"%s\"", key);
-  char *copy = strndup(json, len);
-  if (!copy) return dflt;
-  long v = dflt;
-  const char *k = strstr(copy, pat);
-  const char *colon = k ? strchr(k + strlen(pat), ':') : NULL;
-  if (colon) v = strtol(colon + 1, NULL, 10);
-  free(copy);
-  return v;
 }
 
 ER_PLUGIN_EXPORT int er_plugin_init(void **user_data, const struct er_host *host, const char *config,

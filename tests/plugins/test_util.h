@@ -1,0 +1,52 @@
+/* Helpers for the test plugins in tests/plugins and for
+ * tests/integration/handlers/record_tag.c: the ABI version answer, and
+ * flat-JSON lookups, just enough to read a handler's `config:` or a test
+ * event's payload (never a real JSON parser). */
+#ifndef ER_TEST_UTIL_H
+#define ER_TEST_UTIL_H
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* er_plugin_version()'s answer for a plugin of ABI version `want`. */
+static int accept_version(int n, const int *versions, int want) {
+  for (int i = 0; i < n; ++i)
+    if (versions[i] == want) return want;
+  return -1;
+}
+
+/* The string value of "key" in a flat JSON object (no escapes in values). */
+static int json_string(const char *json, size_t len, const char *key, char *out, size_t out_size) {
+  char pat[64];
+  snprintf(pat, sizeof pat, "\"%s\"", key);
+  char *copy = strndup(json, len);
+  if (!copy) return 0;
+  int ok = 0;
+  const char *k = strstr(copy, pat);
+  const char *colon = k ? strchr(k + strlen(pat), ':') : NULL;
+  const char *q = colon ? strchr(colon, '"') : NULL;
+  const char *end = q ? strchr(q + 1, '"') : NULL;
+  if (end && (size_t)(end - q - 1) < out_size) {
+    memcpy(out, q + 1, (size_t)(end - q - 1));
+    out[end - q - 1] = 0;
+    ok = 1;
+  }
+  free(copy);
+  return ok;
+}
+
+static long json_number(const char *json, size_t len, const char *key, long dflt) {
+  char pat[64];
+  snprintf(pat, sizeof pat, "\"%s\"", key);
+  char *copy = strndup(json, len);
+  if (!copy) return dflt;
+  long v = dflt;
+  const char *k = strstr(copy, pat);
+  const char *colon = k ? strchr(k + strlen(pat), ':') : NULL;
+  if (colon) v = strtol(colon + 1, NULL, 10);
+  free(copy);
+  return v;
+}
+
+#endif
