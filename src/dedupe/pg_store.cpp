@@ -36,10 +36,15 @@ std::string setup_sql(const config::DedupeStoreConfig& c) {
   const auto ms = std::to_string(std::chrono::duration_cast<milliseconds>(c.timeout).count());
   return "SET statement_timeout = " + ms + "; SET lock_timeout = " + ms +
          "; SET application_name = 'event-router dedupe';"
+         // DDL only when the table is missing: CREATE INDEX IF NOT EXISTS locks
+         // the table even when the index exists, and the setup is one
+         // transaction: two instances starting together would deadlock.
+         " DO $$ BEGIN IF to_regclass('" + t + "') IS NULL THEN"
          " CREATE TABLE IF NOT EXISTS " + t +
          " (queue text NOT NULL, event_id text NOT NULL, done boolean NOT NULL, owner text NOT NULL,"
          " expires_at timestamptz NOT NULL, PRIMARY KEY (queue, event_id));"
          " CREATE INDEX IF NOT EXISTS " + t + "_expires ON " + t + " (expires_at);"
+         " END IF; END $$;"
          // Claim: taken when new, expired, or an unfinished claim of ours.
          " PREPARE er_claim(text, text, text, float8) AS WITH c AS ("
          " INSERT INTO " + t + " AS t (queue, event_id, done, owner, expires_at)"
