@@ -10,7 +10,9 @@ pg_ctl as the postgres user, a free port, a temp dir; one server per class).
 - the ttl expires (the id runs again) and pruning deletes the expired row;
 - PostgreSQL stopped mid-flow: /readyz says so, events are handed back, not
   lost, and each runs once when it is back; unreachable at start: the same;
-- a query held up by a lock hits the time bound: handed back, then handled.
+- a query held up by a lock hits the time bound: handed back, then handled;
+- a SIGKILLed instance's claim keeps the redelivery off other instances
+  until its lease passes, then it runs.
 """
 import asyncio
 import os
@@ -105,6 +107,25 @@ class SharedDedupeTest(RouterTestCase):
         # Handed back after 5 s, it is then a duplicate of the finished run.
         await self.wait_queue_counts(q, ready=0, unacked=0, timeout=20)
         self.assertEqual(self.runs(record, ev["event_id"]), 1)
+
+    async def test_killed_instance_claim_holds_until_the_lease(self):
+        # A SIGKILLed instance leaves its claim: the redelivery waits on the
+        # other instance (handed back) until the lease passes, then runs; not lost.
+        q = self.queue_name("lease")
+        record = self.record_file()
+        a = await self.start(self.pg_config(q, record, sleep=10, lease="4s"))
+        ev = self.make_event("order.created")
+        await self.publish(ev)
+        await self.wait_records(record, 1)
+        a.kill()
+        t_kill = time.monotonic()
+        b = await self.start(self.pg_config(q, record, lease="4s"))
+        await b.wait_for_log(r"event in flight on another instance", timeout=10)
+        recs = await self.wait_records(record, 2, timeout=30)
+        self.assertGreater(time.monotonic() - t_kill, 3.0, "ran before the killed instance's lease passed")
+        await self.wait_queue_counts(q, ready=0, unacked=0, timeout=20)
+        self.assertEqual(self.runs(record, ev["event_id"]), 2)  # the killed run and the one after the lease
+        self.assertEqual(len(recs), 2)
 
     async def test_ttl_expires_and_pruning_deletes_the_row(self):
         q = self.queue_name("ttl")
