@@ -9,7 +9,7 @@ ARG JOBS=2
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       build-essential cmake pkg-config \
-      librabbitmq-dev libssl-dev libboost-dev rapidjson-dev libyaml-cpp-dev libsqlite3-dev \
+      librabbitmq-dev libssl-dev libboost-dev rapidjson-dev libyaml-cpp-dev libsqlite3-dev libpq-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # Only what the build and `cmake --install` read (keeps the layer cache warm
@@ -38,7 +38,7 @@ FROM debian:bookworm-slim
 # runs on the event_router package, installed in /usr/lib/python3/dist-packages).
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      librabbitmq4 libyaml-cpp0.7 libsqlite3-0 libstdc++6 ca-certificates python3 \
+      librabbitmq4 libyaml-cpp0.7 libsqlite3-0 libpq5 libstdc++6 ca-certificates python3 \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt /var/log/dpkg.log
 RUN groupadd --gid 10001 event-router \
  && useradd --uid 10001 --gid 10001 --home-dir /var/lib/event-router --no-create-home --no-log-init \

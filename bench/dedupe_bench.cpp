@@ -1,7 +1,8 @@
 // Micro-benchmark of er::dedupe::Store on the hot path: seen() + record() per
 // event, commits driven by flush() as the daemon's 100 ms timer would.
 // Build (standalone, not part of CMake):
-//   g++ -std=c++17 -O2 -DNDEBUG -Isrc bench/dedupe_bench.cpp src/dedupe/store.cpp -lsqlite3 -o dedupe_bench
+//   g++ -std=c++17 -O2 -DNDEBUG -Isrc bench/dedupe_bench.cpp src/dedupe/store.cpp src/util/log.cpp src/util/time.cpp \
+//       -lsqlite3 -o dedupe_bench
 // Run: ./dedupe_bench [N=200000] [dir=fresh mkdtemp under /tmp]
 #include <chrono>
 #include <cstdio>

@@ -9,8 +9,9 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 packages=(
   build-essential cmake pkg-config
-  librabbitmq-dev libssl-dev libboost-dev rapidjson-dev libyaml-cpp-dev catch2 libsqlite3-dev
+  librabbitmq-dev libssl-dev libboost-dev rapidjson-dev libyaml-cpp-dev catch2 libsqlite3-dev libpq-dev
   rabbitmq-server amqp-tools
+  postgresql-15   # tests/integration/test_dedupe_pg.py (initdb, pg_ctl)
   python3 python3-aio-pika python3-prometheus-client
   python3-fastapi python3-uvicorn      # tests/integration/test_http_push.py
   clang libclang-rt-14-dev

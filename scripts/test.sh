@@ -31,7 +31,7 @@ fi
 # Two tiers, both always run, both decide the exit status. Extra arguments
 # (e.g. -R test_flow) select tests in both; without any, the sanitizer tier
 # runs the unit tests and the integration tests of the lifecycle paths.
-asan_select=(-R '^unit:|^integration: test_(reload|faults|shutdown|retry|bad_input|failures|verdicts|soak|lifecycle|hostile|ordering|plugin_async|workers|emit|hot_path|plan|instances|http_push|crash_loop)$')
+asan_select=(-R '^unit:|^integration: test_(reload|faults|shutdown|retry|bad_input|failures|verdicts|soak|lifecycle|hostile|ordering|plugin_async|workers|emit|hot_path|plan|instances|http_push|crash_loop|dedupe_pg|quorum)$')
 if [ "$#" -gt 0 ]; then asan_select=("$@"); fi
 
 status=0

@@ -424,7 +424,7 @@ Config Loader::load(const std::string& text) {
   if (!root.node.IsMap())
     fail(root, std::string("expected a mapping at the top level, got ") + describe(root.node));
   check_keys(root, {"broker", "exchange", "queues", "shutdown_timeout", "plugin_threads", "workers", "max_message_bytes",
-                    "schemas", "log", "state_dir", "http", "security", "crash_loop"});
+                    "schemas", "log", "state_dir", "dedupe_store", "http", "security", "crash_loop"});
 
   Config c;
   c.path = file_;
@@ -454,6 +454,31 @@ Config Loader::load(const std::string& text) {
       if (c.crash_ttl < std::chrono::minutes(1) || c.crash_ttl > std::chrono::hours(24 * 30))
         fail(t, "must be between 1m and 30d");
     }
+  }
+  if (Val v = child(root, "dedupe_store"); v.present) {
+    expect_map(v);
+    check_keys(v, {"postgres", "table", "timeout", "lease", "on_unavailable"});
+    auto& d = c.dedupe_store;
+    d.postgres = nonempty_str(required(v, "postgres"));
+    if (Val t = child(v, "table"); t.present) {
+      d.table = nonempty_str(t);
+      // Spliced into SQL: a plain identifier only.
+      bool ok = d.table.size() <= 63 && !(d.table[0] >= '0' && d.table[0] <= '9') &&
+                d.table.find_first_not_of("abcdefghijklmnopqrstuvwxyz0123456789_") == std::string::npos;
+      if (!ok) fail(t, "table must be a lower-case SQL identifier ([a-z_][a-z0-9_]*, at most 63 characters)");
+    }
+    if (Val t = child(v, "timeout"); t.present) {
+      d.timeout = duration(t, false);
+      if (d.timeout < std::chrono::milliseconds(10) || d.timeout > std::chrono::minutes(1))
+        fail(t, "timeout must be between 10ms and 1m");
+    }
+    if (Val t = child(v, "lease"); t.present) {
+      d.lease = duration(t, false);
+      if (d.lease < std::chrono::seconds(1)) fail(t, "lease must be at least 1s");
+    }
+    if (Val o = child(v, "on_unavailable"); o.present)
+      d.on_unavailable = choice<DedupeUnavailable>(o, {{"retry", DedupeUnavailable::Retry}, {"run", DedupeUnavailable::Run}},
+                                                   {"retry", "run"});
   }
   if (Val v = child(root, "http"); v.present) {
     expect_map(v);

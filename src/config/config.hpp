@@ -178,6 +178,22 @@ struct SecurityConfig {
   std::string copy_key_env;              // the variable's name, when set
 };
 
+// `dedupe_store:` where `dedupe:` records successes. Absent: the SQLite file
+// in state_dir (per instance). `postgres:` a libpq connection string shared by
+// instances (docs/reliability.md#shared-dedupe-store-postgresql).
+enum class DedupeUnavailable { Retry, Run };
+struct DedupeStoreConfig {
+  std::string postgres;                  // empty: SQLite in state_dir
+  std::string table = "event_router_dedupe";
+  Duration timeout{std::chrono::seconds(2)};  // bound on connecting and on every query
+  Duration lease{std::chrono::minutes(5)};    // how long a claim keeps other instances off
+  DedupeUnavailable on_unavailable = DedupeUnavailable::Retry;
+  bool operator==(const DedupeStoreConfig& o) const {
+    return postgres == o.postgres && table == o.table && timeout == o.timeout && lease == o.lease &&
+           on_unavailable == o.on_unavailable;
+  }
+};
+
 struct Config {
   std::string path;                      // the file it was loaded from
   std::string dir;                       // its folder (relative paths resolve here)
@@ -192,6 +208,7 @@ struct Config {
   // `crash_loop: {max_crashes: 3, ttl: 24h}` (docs/reliability.md#crash-loop-protection).
   unsigned crash_max = 3;                // default of the queues; 0 = off
   Duration crash_ttl{std::chrono::hours(24)};  // a count expires this long after its last crash
+  DedupeStoreConfig dedupe_store;
   std::string http_listen;               // `http: {listen: 127.0.0.1:9090}`; empty = no HTTP server
   LogConfig log;
   SecurityConfig security;

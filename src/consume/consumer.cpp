@@ -52,6 +52,7 @@ struct Delivery final : dispatch::Job, settle::Settling, InLine {
   steady_clock::time_point published;     // its copy, for the confirm latency
   std::optional<asio::steady_timer> hold_timer;  // ordered retries wait in place on it
   bool held = false;
+  bool claimed = false;  // holds a claim in a shared dedupe store: release() frees it unless recorded
 
   const dispatch::EventView& view() const override { return view_; }
   void finish(dispatch::Outcome outcome) override { consumer->on_finished(this, std::move(outcome)); }
@@ -177,11 +178,12 @@ bool Consumer::ready(std::string& reason) const {
   for (auto& q : current_->rt->queues)
     for (const auto& slot : q.slots())
       if (!slot.handler->ready(reason)) return false;
+  if (current_->dedupe && !current_->dedupe->ready(reason)) return false;
   return true;
 }
 
-// Commits the dedupe store's batch every 100 ms and prunes expired ids every
-// ~10 s, from the loop: no thread, no per-event fsync.
+// The dedupe store's tick every 100 ms (SQLite: commit the batch, prune
+// every ~10 s; PostgreSQL: time bounds, reconnect, prune), from the loop.
 void Consumer::arm_dedupe_flush() {
   dedupe_timer_.expires_after(milliseconds(100));
   dedupe_timer_.async_wait([this](boost::system::error_code ec) {
@@ -189,8 +191,7 @@ void Consumer::arm_dedupe_flush() {
     auto store = current_->dedupe;
     if (!store) return;  // armed again by the reload that brings one
     try {
-      store->flush();
-      if (++dedupe_ticks_ % 100 == 0) store->prune();
+      store->tick();
     } catch (const std::exception& e) {
       log::error("dedupe store", {{"error", e.what()}});
     }
@@ -199,10 +200,11 @@ void Consumer::arm_dedupe_flush() {
 }
 
 // Recorded before the ack: if the ack is lost, the redelivery is skipped.
-void Consumer::remember_success(const Delivery* d) {
+void Consumer::remember_success(Delivery* d) {
   const auto& q = d->g->cfg->queues[d->queue];
   const auto& store = d->g->dedupe;
   if (!store || q.dedupe_ttl.count() == 0 || d->envelope.event_id.empty()) return;
+  d->claimed = false;  // the record replaces the claim
   try {
     store->record(q.name, d->envelope.event_id, std::chrono::duration_cast<std::chrono::seconds>(q.dedupe_ttl));
   } catch (const std::exception& e) {
@@ -285,15 +287,13 @@ void Consumer::delivery(QueueChannel& qc, amqp_envelope_t& env, uint64_t body_si
 
   const auto& store = g.dedupe;
   std::function<bool(std::string_view)> seen;
-  if (store && qcfg.dedupe_ttl.count() > 0) {
+  if (store && qcfg.dedupe_ttl.count() > 0 && !store->asynchronous()) {
+    // Answered at once. A failed lookup (logged by the store) runs the event
+    // again: at-least-once, never lost.
     seen = [&](std::string_view id) {
-      try {
-        return store->seen(qcfg.name, id);
-      } catch (const std::exception& e) {
-        // Without the store the event runs again: at-least-once, never lost.
-        log::error("dedupe store lookup failed; handling the event", {{"error", e.what()}});
-        return false;
-      }
+      bool dup = false;
+      store->check(qcfg.name, id, [&](dedupe::Check c) { dup = c == dedupe::Check::Seen; });
+      return dup;
     };
   }
   v.crash_slot = -1;
@@ -349,6 +349,10 @@ void Consumer::delivery(QueueChannel& qc, amqp_envelope_t& env, uint64_t body_si
       return;
     }
     d->running_key = it->first;
+    if (store->asynchronous()) {
+      claim(d);
+      return;
+    }
   }
   schedule(d);
 }
@@ -372,6 +376,50 @@ bool Consumer::crash_looped(Delivery* d, const config::QueueConfig& q) {
             {{"queue", q.name}, {"event_id", e->event_id}, {"crashes", std::to_string(e->crashes)},
              {"max_crashes", std::to_string(q.crash_max)}});
   return true;
+}
+
+void Consumer::claim(Delivery* d) {
+  std::weak_ptr<bool> alive = alive_;
+  d->g->dedupe->check(d->view_.queue, d->envelope.event_id, [this, d, alive](dedupe::Check c) {
+    if (!alive.expired()) claimed(d, c);
+  });
+}
+
+// The shared store's answer (docs/reliability.md#shared-dedupe-store-postgresql).
+void Consumer::claimed(Delivery* d, dedupe::Check c) {
+  if (c == dedupe::Check::New) d->claimed = true;
+  if (c == dedupe::Check::Unavailable &&
+      d->g->cfg->dedupe_store.on_unavailable == config::DedupeUnavailable::Run) {
+    log::warn("dedupe store unavailable; handling the event without dedupe (on_unavailable: run)",
+              {{"queue", d->view_.queue}, {"event_id", d->envelope.event_id}});
+    c = dedupe::Check::New;
+  }
+  if (!is_live(d) || state_ != State::Running) {
+    finish_twins(d, RunEnd::NotRun);
+    if (is_live(d)) link_.nack(d->channel, d->env.delivery_tag, /*requeue*/ true);
+    release(d);
+    return;
+  }
+  switch (c) {
+    case dedupe::Check::New:
+      schedule(d);
+      return;
+    case dedupe::Check::Seen:
+      log::debug("duplicate skipped: this event_id already succeeded",
+                 {{"queue", d->view_.queue}, {"event_type", d->envelope.event_type}, {"event_id", d->envelope.event_id}});
+      d->g->m->queue(d->queue).duplicates->inc();
+      finish_twins(d, RunEnd::Succeeded);
+      ack(*d);
+      return;
+    case dedupe::Check::Busy:
+      finish_twins(d, RunEnd::NotRun);
+      hand_back_later(*d, "event in flight on another instance (dedupe claim); handing it back");
+      return;
+    case dedupe::Check::Unavailable:
+      finish_twins(d, RunEnd::NotRun);
+      hand_back_later(*d, "dedupe store unavailable; handing the event back");
+      return;
+  }
 }
 
 // ordering: aggregate: an event runs only when it is first in its aggregate's
@@ -768,7 +816,7 @@ void Consumer::finish_stop() {
   dedupe_timer_.cancel();
   if (auto store = current_->dedupe) {
     try {
-      store->flush(true);
+      store->close();
     } catch (const std::exception& e) {
       log::error("dedupe store", {{"error", e.what()}});
     }
@@ -893,6 +941,11 @@ Delivery* Consumer::acquire() {
 void Consumer::release(Delivery* d) {
   // Copies waiting for this one must not be stranded with it.
   if (!d->twins.empty() || !d->running_key.empty()) finish_twins(d, RunEnd::NotRun);
+  if (d->claimed) {
+    // Failed, retried, handed back: another instance may take it at once.
+    d->claimed = false;
+    d->g->dedupe->release(d->view_.queue, d->envelope.event_id);
+  }
   if (d->in_line()) leave_line(d);
   if (d->view_.crash_slot >= 0) guard_->leave(d->view_.crash_slot);
   d->view_.crash_slot = -1;

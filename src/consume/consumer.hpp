@@ -27,7 +27,7 @@ class Consumer final : LinkEvents, settle::Outbox {
  public:
   // What a config builds besides its runtime.
   struct Extras {
-    std::shared_ptr<dedupe::Store> dedupe;             // null: no queue dedupes
+    std::shared_ptr<dedupe::Backend> dedupe;             // null: no queue dedupes
     std::shared_ptr<const settle::CopySigner> signer;  // required
   };
   Consumer(boost::asio::io_context& io, std::unique_ptr<dispatch::Runtime> runtime, metrics::Registry& registry,
@@ -62,7 +62,7 @@ class Consumer final : LinkEvents, settle::Outbox {
 
   const config::Config& config() const { return *current_->cfg; }
   std::shared_ptr<const config::Config> config_ptr() const { return current_->rt->config; }
-  std::shared_ptr<dedupe::Store> dedupe_store() const { return current_->dedupe; }
+  std::shared_ptr<dedupe::Backend> dedupe_store() const { return current_->dedupe; }
   // The running runtime; holds its whole generation, so release it on the loop.
   std::shared_ptr<const dispatch::Runtime> runtime_ptr() const {
     return std::shared_ptr<const dispatch::Runtime>(current_, current_->rt.get());
@@ -132,7 +132,9 @@ class Consumer final : LinkEvents, settle::Outbox {
   enum class RunEnd { Succeeded, Failed, NotRun };
   void finish_twins(Delivery* d, RunEnd end);
   bool is_live(const Delivery* d) const;
-  void remember_success(const Delivery* d);
+  void remember_success(Delivery* d);
+  void claim(Delivery* d);  // asynchronous stores: check, then run or settle
+  void claimed(Delivery* d, dedupe::Check c);
   void drop_waiting(const QueueChannel& qc);
   void close_if_drained(QueueChannel& qc);
   bool parking(const QueueChannel& qc) const;
@@ -169,7 +171,6 @@ class Consumer final : LinkEvents, settle::Outbox {
   std::shared_ptr<CrashGuard> guard_;            // null: crash-loop protection off
   boost::asio::steady_timer deadline_timer_;
   boost::asio::steady_timer dedupe_timer_;
-  unsigned dedupe_ticks_ = 0;
   std::function<void()> on_ready_;
   std::function<void()> on_stopped_;
   int exit_code_ = 0;

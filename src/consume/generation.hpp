@@ -9,7 +9,7 @@
 
 #include "consume/consumer_metrics.hpp"
 #include "consume/queue_channel.hpp"
-#include "dedupe/store.hpp"
+#include "dedupe/backend.hpp"
 #include "dispatch/router.hpp"
 #include "settle/settler.hpp"
 
@@ -21,7 +21,7 @@ struct Generation {
   std::unique_ptr<ConsumerMetrics> m;
   std::vector<std::vector<settle::RetryStep>> steps;   // per queue, ascending
   std::vector<std::shared_ptr<QueueChannel>> channels; // per queue
-  std::shared_ptr<dedupe::Store> dedupe;               // null: no queue dedupes
+  std::shared_ptr<dedupe::Backend> dedupe;               // null: no queue dedupes
   std::shared_ptr<const settle::CopySigner> signer;    // signs and verifies copies' bookkeeping
 };
 

@@ -18,7 +18,7 @@
 #include "consume/crash_guard.hpp"
 #include "daemon/reload.hpp"
 #include "daemon/notify.hpp"
-#include "dedupe/store.hpp"
+#include "dedupe/open.hpp"
 #include "settle/copy_key.hpp"
 #include "http/server.hpp"
 #include "metrics/metrics.hpp"
@@ -118,10 +118,10 @@ int run(const Options& opts) {
   dispatch::OrphanReaper reaper(io);
   Notifier notifier;
   metrics::Registry registry;
-  std::shared_ptr<dedupe::Store> dedupe;
-  if (std::any_of(cfg->queues.begin(), cfg->queues.end(), [](const auto& q) { return q.dedupe_ttl.count() > 0; })) {
+  std::shared_ptr<dedupe::Backend> dedupe;
+  {
     try {
-      dedupe = std::make_shared<dedupe::Store>(cfg->state_dir);
+      dedupe = dedupe::open_store(io, *cfg);
     } catch (const std::exception& e) {
       log::error("cannot open the dedupe store (state_dir)", {{"error", e.what()}});
       return 1;

@@ -6,6 +6,7 @@
 
 #include "amqp/topology.hpp"
 #include "config/config.hpp"
+#include "dedupe/open.hpp"
 #include "settle/copy_key.hpp"
 #include "util/log.hpp"
 
@@ -18,10 +19,10 @@ struct Reloader::Built {
   // Lends unchanged worker handlers to the build. Holds the running
   // generation: released on the loop, in finish().
   std::shared_ptr<const dispatch::Runtime> prev_rt;
-  std::shared_ptr<dedupe::Store> prev_store;
+  std::shared_ptr<dedupe::Backend> prev_store;
   std::shared_ptr<const config::Config> cfg;
   std::unique_ptr<dispatch::Runtime> rt;
-  std::shared_ptr<dedupe::Store> store;
+  std::shared_ptr<dedupe::Backend> store;
   std::shared_ptr<const settle::CopySigner> signer;
   std::string error;
 };
@@ -51,11 +52,6 @@ void Reloader::request(std::function<void(bool)> done) {
   begin();
 }
 
-namespace {
-bool wants_dedupe(const config::Config& c) {
-  return std::any_of(c.queues.begin(), c.queues.end(), [](const auto& q) { return q.dedupe_ttl.count() > 0; });
-}
-}  // namespace
 
 void Reloader::begin() {
   busy_ = true;
@@ -73,13 +69,8 @@ void Reloader::begin() {
       b->cfg = std::make_shared<const config::Config>(config::load_config(path_));
       b->rt = dispatch::build_runtime(b->cfg, io_, pool_, b->prev_rt.get());
       for (const auto& w : dispatch::plan_warnings(*b->cfg)) log::warn(w);
-      if (wants_dedupe(*b->cfg)) {
-        // One store per state_dir: the same directory keeps the open store.
-        if (b->prev_store && b->prev->state_dir == b->cfg->state_dir)
-          b->store = b->prev_store;
-        else
-          b->store = std::make_shared<dedupe::Store>(b->cfg->state_dir);
-      }
+      // The same state_dir (or the same shared store) keeps the open store.
+      b->store = dedupe::open_store(io_, *b->cfg, b->prev.get(), b->prev_store);
       b->signer = std::make_shared<const settle::CopySigner>(settle::load_or_create_copy_key(*b->cfg));
       std::string declared;
       try {

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "util/hash.hpp"
+#include "util/log.hpp"
 
 namespace er::dedupe {
 
@@ -413,5 +414,24 @@ void Store::fail(const std::string& what) {
   }
   throw std::runtime_error(path_ + ": " + msg);
 }
+
+void Store::check(std::string_view queue, std::string_view event_id, Done done) {
+  Check c;
+  try {
+    c = seen(queue, event_id) ? Check::Seen : Check::New;
+  } catch (const std::exception& e) {
+    log::error("dedupe store lookup failed", {{"error", e.what()}});
+    c = Check::Unavailable;
+  }
+  done(c);
+}
+
+// The caller's timer (~100 ms): commit the batch, prune every ~10 s.
+void Store::tick() {
+  flush();
+  if (++ticks_ % 100 == 0) prune();
+}
+
+void Store::close() { flush(true); }
 
 }  // namespace er::dedupe

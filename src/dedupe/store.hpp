@@ -63,12 +63,14 @@
 #include <string_view>
 #include <vector>
 
+#include "dedupe/backend.hpp"
+
 struct sqlite3;
 struct sqlite3_stmt;
 
 namespace er::dedupe {
 
-class Store {
+class Store final : public Backend {
  public:
   static constexpr size_t kDefaultMemoryEntries = 65536;
   // A transaction is committed once it holds this many records, whatever the
@@ -91,7 +93,12 @@ class Store {
   bool seen(std::string_view queue, std::string_view event_id);
   // Records success; expires after ttl (ttl <= 0: nothing is recorded).
   // Buffered until the next commit; seen() sees it at once.
-  void record(std::string_view queue, std::string_view event_id, std::chrono::seconds ttl);
+  void record(std::string_view queue, std::string_view event_id, std::chrono::seconds ttl) override;
+  // Backend: answers at once (New or Seen; Unavailable when SQLite fails).
+  bool asynchronous() const override { return false; }
+  void check(std::string_view queue, std::string_view event_id, Done done) override;
+  void tick() override;   // flush(), and prune() every 100th call
+  void close() override;  // flush(true)
   // Commits buffered records if commit_interval has passed since the first
   // of them (or force). Returns records committed. Cheap when nothing is due.
   size_t flush(bool force = false);
@@ -199,6 +206,7 @@ class Store {
 
   Clock clock_;
   Stats stats_;
+  unsigned ticks_ = 0;
 };
 
 }  // namespace er::dedupe

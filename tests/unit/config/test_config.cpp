@@ -1107,6 +1107,40 @@ queues:
                  d.path) == "t.yaml:3:16: http.listen: expected host:port (e.g. 127.0.0.1:9090), got '9090'");
 }
 
+TEST_CASE("dedupe_store: postgres, table, timeout, lease, on_unavailable", "[config]") {
+  TempDir d;
+  ::setenv("ER_TEST_DEDUPE_PG", "postgresql://u:secret@10.0.0.5/db", 1);
+  auto c = load_config_string(Y(R"(
+broker: {url: "amqp://h"}
+exchange: {name: ex}
+dedupe_store: {postgres: "${ER_TEST_DEDUPE_PG}", table: er_seen, timeout: 500ms, lease: 2m, on_unavailable: run}
+queues: [{name: q, dedupe: {ttl: 1h}}]
+)"),
+                              "t.yaml", d.path);
+  CHECK(c.dedupe_store.postgres == "postgresql://u:secret@10.0.0.5/db");
+  CHECK(c.dedupe_store.table == "er_seen");
+  CHECK(c.dedupe_store.timeout == 500ms);
+  CHECK(c.dedupe_store.lease == std::chrono::minutes(2));
+  CHECK(c.dedupe_store.on_unavailable == DedupeUnavailable::Run);
+
+  auto dflt = load_config_string(Y("broker: {url: 'amqp://h'}\nexchange: {name: ex}\nqueues: [{name: q}]\n"), "t.yaml",
+                                 d.path);
+  CHECK(dflt.dedupe_store.postgres.empty());  // SQLite in state_dir
+  CHECK(dflt.dedupe_store.on_unavailable == DedupeUnavailable::Retry);
+
+  auto with = [](const std::string& store) {
+    return "broker: {url: 'amqp://h'}\nexchange: {name: ex}\ndedupe_store: " + store + "\nqueues: [{name: q}]\n";
+  };
+  CHECK(error_of(with("{table: x}"), d.path).find("'postgres'") != std::string::npos);
+  CHECK(error_of(with("{postgres: 'postgresql://h', table: 'x; DROP TABLE y'}"), d.path)
+            .find("table must be a lower-case SQL identifier") != std::string::npos);
+  CHECK(error_of(with("{postgres: 'postgresql://h', timeout: 1ms}"), d.path).find("between 10ms and 1m") !=
+        std::string::npos);
+  CHECK(error_of(with("{postgres: 'postgresql://h', on_unavailable: drop}"), d.path).find("retry") !=
+        std::string::npos);
+  CHECK(error_of(with("{postgres: 'postgresql://h', pool: 4}"), d.path).find("pool") != std::string::npos);
+}
+
 TEST_CASE("broker.tls files are resolved and checked", "[config]") {
   TempDir d;
   d.file("tls/ca.pem", 0644, "x");
