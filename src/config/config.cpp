@@ -643,7 +643,8 @@ void Loader::load_queue_type(const Val& v, QueueConfig& q) {
                         "its dead-letter and delay queues quorum too, with at-least-once dead-lettering");
   }
   if (Val d = child(v, "delivery_limit"); d.present) {
-    if (q.type != QueueType::Quorum) fail(d, "delivery_limit needs 'type: quorum' (classic queues have no delivery limit)");
+    if (q.type != QueueType::Quorum)
+      fail(d, "delivery_limit needs 'type: quorum' (classic queues have no delivery limit)");
     q.delivery_limit = static_cast<int64_t>(integer(d, 1, 1000000));
   }
 }

@@ -681,14 +681,15 @@ int run_replay(const Args& args, const config::Config& cfg) {
       // deliver it where this config never routes.
       auto rk = original_routing_key(p);
       if (!rk) {
-        refuse(std::string("no ") + settle::kOriginalRoutingKey + " or x-death header, so its routing key is unknown");
+        refuse(std::string("no ") + settle::kOriginalRoutingKey +
+               " header (nor x-death), so its routing key is unknown");
         continue;
       }
       std::string exchange = t.exchange, key = *rk;
       if (args.to_queue) {
         auto q = original_queue(p);
         if (!q) {
-          refuse(std::string("no ") + settle::kOriginalQueue + " or x-death header, so its queue is unknown");
+          refuse(std::string("no ") + settle::kOriginalQueue + " header (nor x-death), so its queue is unknown");
           continue;
         }
         if (std::find(t.queues.begin(), t.queues.end(), *q) == t.queues.end()) {

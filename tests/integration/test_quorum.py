@@ -12,6 +12,7 @@ single-node broker (quorum queues work on one node):
   the migration procedure.
 """
 import asyncio
+import datetime
 import os
 import subprocess
 import time
@@ -136,6 +137,47 @@ class QuorumTest(RouterTestCase):
         self.assertEqual(got[0].json()["event_id"], ev["event_id"])
         self.assertNotIn("x-death", got[0].headers)
         self.assertEqual(await self.message_count(dlq), 0)
+
+    async def test_dlq_reads_forged_or_malformed_x_death_headers_safely(self):
+        # x-death is a header any publisher can set: list shows what it can,
+        # replay uses it only as it would x-original-*, nothing crashes.
+        name = self.queue_name("fx")
+        path = self.write_config(self.config([{"name": name, "bindings": ["fx.*"],
+                                                "handlers": [self.recorder("rec")]}]))
+        ch = await self.conn.channel(publisher_confirms=True)
+        await ch.declare_queue(name, durable=True)
+        await ch.declare_queue(name + ".dlq", durable=True)
+        good = self.make_event("fx.created")
+        when = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
+        bodies = [
+            (good, [{"reason": "delivery_limit", "queue": name, "count": 3, "time": when,
+                     "exchange": self.exchange, "routing-keys": ["fx.created"]}]),
+            (self.make_event("fx.created"), ["not a table", 5]),
+            (self.make_event("fx.created"), []),
+            (self.make_event("fx.created"), "a string"),
+            (self.make_event("fx.created"), [{"reason": 7, "routing-keys": "x", "count": "many"}]),
+        ]
+        for ev, death in bodies:
+            await ch.default_exchange.publish(
+                aio_pika.Message(body=__import__("json").dumps(ev).encode(), message_id=ev["event_id"],
+                                 headers={"x-death": death}), routing_key=name + ".dlq")
+        await ch.close()
+        rc, out, err = await self.dlq_cmd(path, "list", "--queue", name)
+        self.assertEqual(rc, 0, out + err)
+        rows = {ev["event_id"]: line for ev, _ in bodies for line in out.splitlines() if ev["event_id"] in line}
+        self.assertEqual(len(rows), 5, out)
+        self.assertIn("delivery_limit", rows[good["event_id"]])
+        self.assertIn("2026-01-02T03:04:05.000Z", rows[good["event_id"]])
+        for ev, _ in bodies[1:]:
+            self.assertNotIn("by the broker", rows[ev["event_id"]])
+        rc, out, err = await self.dlq_cmd(path, "replay", "--queue", name, "--to-queue")
+        self.assertEqual(rc, 1, out + err)
+        self.assertIn("replayed event %s (fx.created) into queue '%s'" % (good["event_id"], name), out)
+        self.assertIn("4 event(s) not replayed", err)
+        self.assertEqual(err.count("header (nor x-death)"), 4, err)
+        got = await self.get_all(name, expect=1)
+        self.assertEqual([m.json()["event_id"] for m in got], [good["event_id"]])
+        self.assertNotIn("x-death", got[0].headers)
 
     async def test_classic_queue_redeclared_as_quorum_points_to_the_migration(self):
         name = self.queue_name("qc")
