@@ -40,6 +40,12 @@ std::string explain_precondition(const std::string& text) {
   std::smatch m;
   if (!std::regex_search(text, m, re)) return text;
   std::string what = m[2].str() + " '" + m[3].str() + "'";
+  if (m[1].str() == "x-queue-type")
+    // A queue's type never changes in place: its messages must move to a new queue.
+    return what + " already exists on the broker (vhost '" + m[4].str() + "') as another queue type: the config " +
+           "declares " + m[5].str() + " but the broker has " + m[6].str() +
+           ". RabbitMQ cannot change a queue's type in place: follow \"Migrating a queue to quorum\" in " +
+           "docs/scaling.md, or set the queue's 'type' back to what the broker has";
   return what + " already exists on the broker (vhost '" + m[4].str() + "') with a different '" + m[1].str() +
          "' argument: the config declares " + m[5].str() + " but the broker has " + m[6].str() +
          ". Delete the " + m[2].str() + " or make the config match it";

@@ -48,6 +48,11 @@ struct Topology {
   std::vector<QueueTopology> queues;  // in config order
 };
 
+// With `type: quorum` all of a queue's queues are quorum queues; the work
+// queue gets x-delivery-limit and a broker-side dead-letter route into its
+// DLQ, the work and delay queues at-least-once dead-lettering (with the
+// reject-publish overflow it needs). The config's `arguments` /
+// `dead_letter_arguments` override a derived key (docs/scaling.md).
 QueueTopology desired_queue(const config::Config& cfg, const config::QueueConfig& q);
 Topology desired_topology(const config::Config& cfg);
 

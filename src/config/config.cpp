@@ -369,6 +369,7 @@ class Loader {
   std::string resolve_program(const Val& v) const;
   void write_json(const Val& v, rapidjson::Writer<rapidjson::StringBuffer>& w) const;
   std::vector<QueueArgument> queue_arguments(const Val& v) const;
+  void load_queue_type(const Val& v, QueueConfig& q);
   void check_url(const Val& v, const std::string& url) const;
 
   static Mark to_mark(const YAML::Mark& m) { return Mark{m.line + 1, m.column + 1}; }
@@ -660,12 +661,36 @@ void Loader::load_exchange(const Val& v, ExchangeConfig& e) const {
                                  {"topic", "direct", "fanout", "headers"});
 }
 
+// `type:` and `delivery_limit:`, checked against an x-queue-type in `arguments:`.
+void Loader::load_queue_type(const Val& v, QueueConfig& q) {
+  const QueueArgument* arg_type = nullptr;
+  for (const auto& a : q.arguments)
+    if (a.key == "x-queue-type") arg_type = &a;
+  Val t = child(v, "type");
+  if (t.present) {
+    q.type = choice<QueueType>(t, {{"classic", QueueType::Classic}, {"quorum", QueueType::Quorum}},
+                               {"classic", "quorum"});
+    const char* want = q.type == QueueType::Quorum ? "quorum" : "classic";
+    if (arg_type && (arg_type->kind != QueueArgument::Kind::String || arg_type->s != want))
+      fail(t, std::string("'type: ") + want + "' contradicts 'arguments: {x-queue-type: ...}': remove the argument");
+  } else if (arg_type && arg_type->kind == QueueArgument::Kind::String && arg_type->s == "quorum") {
+    warnings_.push_back(where(v.mark) + "queue '" + q.name +
+                        "': 'arguments: {x-queue-type: quorum}' makes only this queue quorum; 'type: quorum' makes "
+                        "its dead-letter and delay queues quorum too, with at-least-once dead-lettering");
+  }
+  if (Val d = child(v, "delivery_limit"); d.present) {
+    if (q.type != QueueType::Quorum)
+      fail(d, "delivery_limit needs 'type: quorum' (classic queues have no delivery limit)");
+    q.delivery_limit = static_cast<int64_t>(integer(d, 1, 1000000));
+  }
+}
+
 void Loader::load_queue(const Val& v, QueueConfig& q) {
   expect_map(v);
   check_keys(v, {"name", "bindings", "prefetch", "unhandled", "dead_letter_queue", "arguments",
                  "dead_letter_arguments", "dedupe", "retry",
                  "max_message_bytes", "handlers", "ordering", "ordering_hold_max", "single_active_consumer",
-                 "crash_loop"});
+                 "crash_loop", "type", "delivery_limit"});
   q.mark = to_mark(v.mark);
   q.name = nonempty_str(required(v, "name"));
   if (Val b = child(v, "bindings"); b.present) {
@@ -710,6 +735,7 @@ void Loader::load_queue(const Val& v, QueueConfig& q) {
     if (q.dedupe_ttl < std::chrono::seconds(1)) fail(child(dd, "ttl"), "ttl must be at least 1s");
   }
   if (Val a = child(v, "dead_letter_arguments"); a.present) q.dead_letter_arguments = queue_arguments(a);
+  load_queue_type(v, q);
   if (Val o = child(v, "ordering"); o.present) q.ordering = ordering(o);
   if (Val m = child(v, "ordering_hold_max"); m.present) {
     q.ordering_hold_max = duration(m, false);

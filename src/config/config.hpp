@@ -122,6 +122,10 @@ struct QueueArgument {
 
 enum class Unhandled { DeadLetter, Ack };
 
+// `type:` of a queue. Quorum makes the queue, its DLQ and its delay queues
+// quorum queues, with at-least-once dead-lettering (amqp/topology.hpp).
+enum class QueueType { Classic, Quorum };
+
 struct QueueConfig {
   std::string name;
   Mark mark;
@@ -134,6 +138,10 @@ struct QueueConfig {
   // `single_active_consumer: true` (or the argument itself): one consumer of
   // all instances gets deliveries; stop() lets go of it only once settled.
   bool single_active_consumer = false;
+  QueueType type = QueueType::Classic;   // `type:` classic | quorum
+  // `delivery_limit:` (quorum only) the broker dead-letters a message handed
+  // back this often (x-delivery-limit): a backstop, see docs/scaling.md.
+  int64_t delivery_limit = 20;
   std::vector<HandlerConfig> handlers;   // tried in order
   RetryConfig retry;                     // `retry:` of the queue (defaults above)
   size_t max_message_bytes = 1024 * 1024;  // resolved: the queue's, else the top-level value

@@ -22,6 +22,8 @@ constexpr auto kHandBackPause = std::chrono::seconds(5);
 // Quorum and stream queues refuse a channel-wide (global) prefetch.
 bool channel_wide_prefetch(const config::QueueConfig& q) {
   if (!q.single_active_consumer) return false;
+  // Quorum queues refuse a channel-wide prefetch (a connection error).
+  if (q.type == config::QueueType::Quorum) return false;
   for (const auto& a : q.arguments)
     if (a.key == "x-queue-type") return a.kind != config::QueueArgument::Kind::String || a.s == "classic";
   return true;
@@ -87,6 +89,13 @@ Consumer::Consumer(asio::io_context& io, std::unique_ptr<dispatch::Runtime> runt
   auto& held = registry.gauge("event_router_ordering_held_events",
                               "Ordered events holding their delivery unacked while they wait in place for a retry.",
                               {"queue"});
+  auto& consumed = registry.gauge("event_router_queue_consumed",
+                                  "1 while the queue is consumed, 0 while its consumer is being recovered "
+                                  "(e.g. its home node is down).",
+                                  {"queue"});
+  registry.add_collector([this, &consumed] {
+    for (const auto& qc : current_->channels) consumed.with({qc->name}).set(qc->channel != 0 ? 1 : 0);
+  });
   registry.add_collector([this, &waiting, &longest, &held] {
     const auto now = steady_clock::now();
     for (const auto& [queue, lines] : lines_) {
@@ -169,16 +178,28 @@ bool Consumer::ready(std::string& reason) const {
     reason = state_ == State::Draining ? "shutting down" : "not connected to the broker";
     return false;
   }
+  // A queue the broker cannot serve now (its home node down) does not make
+  // the daemon unready while it consumes others: restarting it would not
+  // help, and the body names the queue (docs/scaling.md).
+  std::string missing;
+  size_t consumed = 0;
   for (const auto& qc : current_->channels) {
-    if (qc->channel == 0) {
-      reason = "not consuming queue '" + qc->name + "'";
-      return false;
+    if (qc->channel != 0) {
+      ++consumed;
+      continue;
     }
+    missing += (missing.empty() ? "" : "; ") + std::string("not consuming queue '") + qc->name + "'";
+    if (!qc->unavailable.empty()) missing += " (" + qc->unavailable + ")";
+  }
+  if (consumed == 0 && !current_->channels.empty()) {
+    reason = missing;
+    return false;
   }
   for (auto& q : current_->rt->queues)
     for (const auto& slot : q.slots())
       if (!slot.handler->ready(reason)) return false;
   if (current_->dedupe && !current_->dedupe->ready(reason)) return false;
+  reason = missing.empty() ? std::string() : "degraded: " + missing;
   return true;
 }
 

@@ -211,6 +211,7 @@ void BrokerLink::connected(std::shared_ptr<Opening> o) {
     qc->consuming = true;
     qc->consumer_tag = s.tag;
     qc->backoff = milliseconds(0);
+    qc->unavailable.clear();
     by_channel_[s.channel] = qc;
     log::info("consuming", {{"queue", qc->name}, {"prefetch", std::to_string(qc->prefetch)},
                             {"channel", std::to_string(s.channel)}});
@@ -278,6 +279,7 @@ void BrokerLink::open_queue(const std::shared_ptr<QueueChannel>& qc) {
   qc->channel = ch;
   qc->acks.clear();
   qc->consuming = true;
+  qc->unavailable.clear();
   by_channel_[ch] = qc;
   log::info("consuming", {{"queue", qc->name}, {"prefetch", std::to_string(qc->prefetch)},
                           {"channel", std::to_string(ch)}});
@@ -344,6 +346,7 @@ void BrokerLink::recover_later(const std::shared_ptr<QueueChannel>& qc, const st
   if (qc->retired || closing_ || draining_) return;
   const auto& b = cfg_->broker;
   qc->backoff = next_backoff(qc->backoff, b.reconnect_initial, b.reconnect_max);
+  qc->unavailable = why;  // for /readyz; the other queues go on
   log::error("queue channel lost, recovering",
              {{"queue", qc->name}, {"reason", why}, {"retry_in_ms", std::to_string(qc->backoff.count())}});
   const uint64_t id = connection_id_;

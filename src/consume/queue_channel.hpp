@@ -52,6 +52,7 @@ struct QueueChannel {
   std::string consumer_tag;
   std::chrono::milliseconds backoff{0};
   bool recovering = false;     // a recovery is scheduled
+  std::string unavailable;     // why it is not consumed (the last refusal); empty once consumed
   boost::asio::steady_timer recover_timer;
 };
 

@@ -173,6 +173,7 @@ int run(const Options& opts) {
     std::string s = "STATUS=";
     if (session.ready(reason)) {
       s += "consuming " + std::to_string(cfg->queues.size()) + " queues on " + session.node();
+      if (!reason.empty()) s += " (" + reason + ")";
     } else {
       s += reason;
     }

@@ -140,7 +140,7 @@ bool declare_for_reload(const config::Config& prev, const config::Config& next, 
     }
   }
   if (!conn) return false;
-  const amqp_channel_t ch = 1;
+  amqp_channel_t ch = 1;
   conn->open_channel(ch);
   auto note = [&](const std::string& what) {
     if (!declared.empty()) declared += ", ";
@@ -148,8 +148,18 @@ bool declare_for_reload(const config::Config& prev, const config::Config& next, 
   };
   amqp::declare_exchange(*conn, ch, next);
   note("exchange '" + next.exchange.name + "'");
+  std::vector<std::string> unavailable;  // refused now (home node down): the consumer retries them
   for (const auto& q : next.queues) {
-    amqp::declare_queue(*conn, ch, next, q);
+    try {
+      amqp::declare_queue(*conn, ch, next, q);
+    } catch (const amqp::AmqpError& e) {
+      if (e.permanent() || !e.channel_closed()) throw;
+      log::warn("cannot declare a queue now; its consumer retries", {{"queue", q.name}, {"reason", e.what()}});
+      amqp::reply_channel_close_ok(conn->get(), ch);
+      conn->open_channel(++ch);
+      unavailable.push_back(q.name);
+      continue;
+    }
     note("queue '" + q.name + "'");
   }
   // Bindings the new config no longer has on a queue it keeps. A queue the
@@ -159,6 +169,7 @@ bool declare_for_reload(const config::Config& prev, const config::Config& next, 
     const config::QueueConfig* nq = nullptr;
     for (const auto& q : next.queues)
       if (q.name == oq.name) nq = &q;
+    if (std::find(unavailable.begin(), unavailable.end(), oq.name) != unavailable.end()) continue;
     if (!nq) {
       log::warn("a queue removed from the config keeps its bindings and goes on filling; "
                 "unbind or delete it on the broker once it is no longer needed",

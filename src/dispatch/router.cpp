@@ -101,7 +101,9 @@ void print_plan(const Runtime& rt, std::ostream& out) {
   out << "broker " << log::mask_url(cfg.broker.url) << " heartbeat " << cfg.broker.heartbeat.count() << "ms\n";
   out << "exchange " << cfg.exchange.name << " (" << cfg.exchange.type << ", durable)\n";
   for (const auto& q : cfg.queues) {
-    out << "queue " << q.name << " (durable) prefetch " << q.prefetch << " dead-letter " << q.dead_letter_queue
+    out << "queue " << q.name << " (durable";
+    if (q.type == config::QueueType::Quorum) out << ", quorum, delivery_limit " << q.delivery_limit;
+    out << ") prefetch " << q.prefetch << " dead-letter " << q.dead_letter_queue
         << " unhandled " << (q.unhandled == config::Unhandled::Ack ? "ack" : "dead-letter")
         << (q.single_active_consumer ? " single-active-consumer" : "") << "\n";
     for (const auto& b : q.bindings) out << "  binding " << cfg.exchange.name << " -> " << q.name << " key " << b << "\n";

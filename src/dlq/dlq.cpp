@@ -19,6 +19,7 @@
 #include "settle/settle.hpp"
 #include "util/log.hpp"
 #include "util/args.hpp"
+#include "util/time.hpp"
 
 namespace er::dlq {
 
@@ -35,7 +36,9 @@ const char* kUsage =
     "Inspect and replay the dead-letter queue of a work queue.\n"
     "\n"
     "  list     print the dead-lettered events, oldest first, without removing\n"
-    "           them: event id, type, reason, attempts, last failure, detail\n"
+    "           them: event id, type, reason, attempts, last failure, detail;\n"
+    "           a dead letter the broker made (a quorum queue's delivery_limit)\n"
+    "           shows the reason, queue and time of its x-death header\n"
     "  replay   republish dead-lettered events to the config's exchange with\n"
     "           their original routing key, without the failure headers (the\n"
     "           attempt count starts again at 1), and remove each from the\n"
@@ -53,7 +56,8 @@ const char* kUsage =
     "  -e, --event-id ID    replay: only events with this id (envelope event id,\n"
     "                       else the message_id property); others stay in place\n"
     "      --to-queue       replay: straight into the queue the event failed in\n"
-    "                       (its x-original-queue header, which must be a queue\n"
+    "                       (its x-original-queue header, else x-death's queue,\n"
+    "                       which must be a queue\n"
     "                       of the config), not to the exchange: other queues\n"
     "                       bound to its routing key do not get it again\n"
     "  -h, --help           print this help and exit\n"
@@ -342,6 +346,66 @@ std::optional<std::string> header_text(const amqp_basic_properties_t& p, std::st
   }
 }
 
+// A dead letter the broker made itself (delivery_limit, rejected, expired,
+// maxlen) carries no reason header of ours, only the broker's x-death: an
+// array of tables, the newest death first. Like every header it may be forged
+// by a publisher: it is only shown, and used where x-original-* would be.
+struct BrokerDeath {
+  std::string reason, queue, first_routing_key;
+  int64_t count = 0;
+  std::optional<uint64_t> time;  // seconds since the epoch
+};
+
+std::optional<BrokerDeath> broker_death(const amqp_basic_properties_t& p) {
+  const amqp_field_value_t* v = header(p, "x-death");
+  if (!v || v->kind != AMQP_FIELD_KIND_ARRAY || v->value.array.num_entries == 0) return std::nullopt;
+  const amqp_array_t& deaths = v->value.array;
+  auto field = [](const amqp_table_t& t, std::string_view key) -> const amqp_field_value_t* {
+    for (int i = 0; i < t.num_entries; ++i)
+      if (view(t.entries[i].key) == key) return &t.entries[i].value;
+    return nullptr;
+  };
+  auto text = [&](const amqp_table_t& t, std::string_view key) {
+    const amqp_field_value_t* f = field(t, key);
+    bool str = f && (f->kind == AMQP_FIELD_KIND_UTF8 || f->kind == AMQP_FIELD_KIND_BYTES);
+    return str ? std::string(view(f->value.bytes)) : std::string();
+  };
+  const amqp_field_value_t& newest = deaths.entries[0];
+  if (newest.kind != AMQP_FIELD_KIND_TABLE) return std::nullopt;
+  const amqp_table_t& t = newest.value.table;
+  BrokerDeath d;
+  d.reason = text(t, "reason");
+  d.queue = text(t, "queue");
+  if (const auto* c = field(t, "count"); c && c->kind == AMQP_FIELD_KIND_I64) d.count = c->value.i64;
+  if (const auto* w = field(t, "time"); w && w->kind == AMQP_FIELD_KIND_TIMESTAMP) d.time = w->value.u64;
+  // The oldest death holds the routing key the event was published with.
+  const amqp_field_value_t& oldest = deaths.entries[deaths.num_entries - 1];
+  if (oldest.kind == AMQP_FIELD_KIND_TABLE) {
+    const amqp_field_value_t* keys = field(oldest.value.table, "routing-keys");
+    if (keys && keys->kind == AMQP_FIELD_KIND_ARRAY && keys->value.array.num_entries > 0) {
+      const amqp_field_value_t& k = keys->value.array.entries[0];
+      if (k.kind == AMQP_FIELD_KIND_UTF8 || k.kind == AMQP_FIELD_KIND_BYTES)
+        d.first_routing_key = std::string(view(k.value.bytes));
+    }
+  }
+  if (d.reason.empty()) return std::nullopt;
+  return d;
+}
+
+// The routing key and queue the event came from: our x-original-* headers,
+// else (a dead letter the broker made) its x-death.
+std::optional<std::string> original_routing_key(const amqp_basic_properties_t& p) {
+  if (auto rk = header_text(p, settle::kOriginalRoutingKey)) return rk;
+  if (auto d = broker_death(p); d && !d->first_routing_key.empty()) return d->first_routing_key;
+  return std::nullopt;
+}
+
+std::optional<std::string> original_queue(const amqp_basic_properties_t& p) {
+  if (auto q = header_text(p, settle::kOriginalQueue)) return q;
+  if (auto d = broker_death(p); d && !d->queue.empty()) return d->queue;
+  return std::nullopt;
+}
+
 struct Identity {
   std::string id;
   std::string type;
@@ -350,7 +414,7 @@ struct Identity {
 // The envelope's id and type; else the message_id / type properties.
 Identity identify(const amqp_message_t& m) {
   Identity out;
-  std::string rk = header_text(m.properties, settle::kOriginalRoutingKey).value_or("");
+  std::string rk = original_routing_key(m.properties).value_or("");
   event::Envelope env;
   std::string detail;
   if (event::decode(static_cast<const char*>(m.body.bytes), m.body.len, rk, env, detail) == event::DecodeStatus::Ok) {
@@ -430,10 +494,22 @@ int run_list(const Args& args, const config::Config& cfg) {
     if (!get_one(conn, kWorkChannel, t.dlq, &tag, m)) break;
     const auto& p = m.msg.properties;
     Identity who = identify(m.msg);
-    rows.push_back({or_dash(who.id), or_dash(who.type), or_dash(header_text(p, settle::kReason).value_or("")),
-                    or_dash(header_text(p, settle::kAttempts).value_or("")),
-                    or_dash(header_text(p, settle::kLastFailedAt).value_or("")),
-                    one_line(header_text(p, settle::kDetail).value_or(""), kDetailWidth)});
+    Row row{or_dash(who.id), or_dash(who.type), or_dash(header_text(p, settle::kReason).value_or("")),
+            or_dash(header_text(p, settle::kAttempts).value_or("")),
+            or_dash(header_text(p, settle::kLastFailedAt).value_or("")),
+            one_line(header_text(p, settle::kDetail).value_or(""), kDetailWidth)};
+    if (!header(p, settle::kReason)) {
+      if (auto d = broker_death(p)) {
+        row.reason = or_dash(d->reason);
+        if (d->time)
+          row.when = util::iso8601_utc_ms(std::chrono::system_clock::time_point(std::chrono::seconds(*d->time)));
+        std::string detail = "by the broker (x-death) from queue '" + d->queue + "', count " +
+                             std::to_string(d->count);
+        if (auto last = header_text(p, settle::kLastError)) detail += "; last error: " + *last;
+        row.detail = one_line(detail, kDetailWidth);
+      }
+    }
+    rows.push_back(std::move(row));
     amqp_maybe_release_buffers(conn.get());
   }
   amqp::check_reply(amqp_channel_close(conn.get(), kWorkChannel, AMQP_REPLY_SUCCESS),
@@ -603,16 +679,17 @@ int run_replay(const Args& args, const config::Config& cfg) {
       // Never the x-original-exchange header as the destination: a header
       // naming another exchange, or "" (which reaches every queue), would
       // deliver it where this config never routes.
-      auto rk = header_text(p, settle::kOriginalRoutingKey);
+      auto rk = original_routing_key(p);
       if (!rk) {
-        refuse(std::string("no ") + settle::kOriginalRoutingKey + " header, so its routing key is unknown");
+        refuse(std::string("no ") + settle::kOriginalRoutingKey +
+               " header (nor x-death), so its routing key is unknown");
         continue;
       }
       std::string exchange = t.exchange, key = *rk;
       if (args.to_queue) {
-        auto q = header_text(p, settle::kOriginalQueue);
+        auto q = original_queue(p);
         if (!q) {
-          refuse(std::string("no ") + settle::kOriginalQueue + " header, so its queue is unknown");
+          refuse(std::string("no ") + settle::kOriginalQueue + " header (nor x-death), so its queue is unknown");
           continue;
         }
         if (std::find(t.queues.begin(), t.queues.end(), *q) == t.queues.end()) {

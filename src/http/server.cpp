@@ -152,7 +152,8 @@ class Session : public std::enable_shared_from_this<Session> {
       if (target == "/healthz") return finish(200, kTextType, "ok\n", head);
       if (target == "/readyz") {
         std::string reason;
-        if (!h.ready || h.ready(reason)) return finish(200, kTextType, "ready\n", head);
+        if (!h.ready || h.ready(reason))
+          return finish(200, kTextType, reason.empty() ? std::string("ready\n") : "ready; " + reason + "\n", head);
         return finish(503, kTextType, (reason.empty() ? std::string("not ready") : reason) + "\n", head);
       }
       if (target == "/metrics") return finish(200, kMetricsType, h.metrics ? h.metrics() : std::string(), head);

@@ -18,7 +18,8 @@ struct ServerState;
 }
 
 struct Handlers {
-  // false = not ready; `reason` becomes the 503 body. Empty = always ready.
+  // false = not ready; `reason` becomes the 503 body. True with a reason:
+  // ready but degraded, 200 "ready; <reason>". Empty = always ready.
   std::function<bool(std::string& reason)> ready;
   // The /metrics body (Prometheus text format). Empty = empty body.
   std::function<std::string()> metrics;
