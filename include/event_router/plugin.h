@@ -174,7 +174,11 @@ struct er_event {
    * plugin may keep it (unlike the rest of this view) until it completed the
    * event. NULL for a version 1 plugin. */
   struct er_event_handle *handle;
-  void *reserved[7];
+  /* Version 2: the envelope's `timestamp` as written (absent when the event
+   * has none). Took two reserved fields: a daemon that predates it leaves
+   * them zero, which reads as absent. */
+  struct er_str timestamp;
+  void *reserved[5];
 };
 
 /* The plugin's answer for one event. The daemon zeroes it (verdict ER_ACK)

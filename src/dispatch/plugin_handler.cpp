@@ -125,6 +125,7 @@ er_event event_of(const EventView& v) {
     ev.correlation_id = to_er(e->correlation_id);
     ev.aggregate_id = to_er(e->aggregate_id);
     ev.aggregate_type = to_er(e->aggregate_type);
+    ev.timestamp = to_er(e->timestamp);
   }
   ev.attempt = v.attempt;
   ev.redelivered = v.redelivered ? 1 : 0;
@@ -143,6 +144,7 @@ er_result fresh_result() {
 Outcome call_plugin(const Instance& inst, const EventView& v) noexcept {
   try {
     er_event ev = event_of(v);
+    ev.timestamp = {};  // version 1 saw reserved fields there: keep them zero
     er_result res = fresh_result();
     int rc = inst.handle(inst.user_data, &ev, &res);
     return to_outcome(rc, res);

@@ -47,7 +47,10 @@ constexpr size_t kMaxLogLine = 4096;  // longer stdout/stderr lines are split
 constexpr size_t kAnswerChunk = 64 * 1024;
 constexpr auto kDrainGrace = milliseconds(100);  // pipes held by grandchildren after the exit
 constexpr int kChildFdBase = 5;                  // pipe ends above the child's 0..4
-constexpr uint64_t kMaxDelayMs = 24ULL * 3600 * 1000;
+using answer::cut_utf8;
+using answer::json_type_name;
+using answer::kMaxDelayMs;
+using answer::valid_reason;
 
 // ---------------------------------------------------------------------------
 // JSON text
@@ -112,41 +115,12 @@ void append_opt_string(std::string& out, std::string_view s) {
     append_json_string(out, s);
 }
 
-// `s` cut to at most `max` bytes, not inside a UTF-8 sequence.
-std::string_view cut_utf8(std::string_view s, size_t max) {
-  if (s.size() <= max) return s;
-  size_t n = max;
-  while (n > 0 && (static_cast<unsigned char>(s[n]) & 0xc0) == 0x80) --n;
-  return s.substr(0, n);
-}
-
 // A short, printable quote of untrusted text for an error message.
 std::string quote(std::string_view s) {
   std::string out;
   append_json_string(out, cut_utf8(s, 40));
   if (s.size() > 40) out.insert(out.size() - 1, "...");
   return out;
-}
-
-bool valid_reason(std::string_view r) {
-  if (r.empty() || r.size() > kMaxReasonBytes) return false;
-  return std::all_of(r.begin(), r.end(), [](char c) {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '.' ||
-           c == '-';
-  });
-}
-
-const char* json_type_name(const rapidjson::Value& v) {
-  switch (v.GetType()) {
-    case rapidjson::kNullType: return "null";
-    case rapidjson::kFalseType:
-    case rapidjson::kTrueType: return "a boolean";
-    case rapidjson::kObjectType: return "an object";
-    case rapidjson::kArrayType: return "an array";
-    case rapidjson::kStringType: return "a string";
-    case rapidjson::kNumberType: return "a number";
-  }
-  return "?";
 }
 
 // Checks `emit` and keeps each element's compact JSON. Empty result = fine.

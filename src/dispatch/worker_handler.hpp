@@ -10,6 +10,7 @@
 #include <boost/asio/io_context.hpp>
 
 #include "config/config.hpp"
+#include "dispatch/answer_rules.hpp"
 #include "dispatch/handler.hpp"
 #include "settle/emit.hpp"  // settle::kMaxEmits: one cap for every handler kind
 
@@ -17,8 +18,8 @@ namespace er::dispatch {
 
 inline constexpr int kWorkerProtocol = 1;
 inline constexpr size_t kMaxAnswerBytes = 16 * 1024 * 1024;     // one line from a worker
-inline constexpr size_t kMaxReasonBytes = 64;
-inline constexpr size_t kMaxDetailBytes = 1024;
+using answer::kMaxDetailBytes;
+using answer::kMaxReasonBytes;
 
 // One line from a worker, parsed.
 struct WorkerAnswer {
