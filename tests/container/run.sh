@@ -172,10 +172,15 @@ def http_endpoints(d, c, cfg):
     env = {k: str(v) for k, v in (rt.get("environment") or {}).items()}
     found = 0
     for q in cfg.get("queues", []):
-        for h in q.get("handlers", []):
+        for i, h in enumerate(q.get("handlers", [])):
             if "http_plugin" not in str(h.get("plugin", "")):
                 continue
             found += 1
+            # The first handler that matches an event wins: none before it may take its types.
+            for t in h.get("events", []):
+                for e in q["handlers"][:i]:
+                    if any(topic_match(p, t) for p in e.get("events", [])):
+                        errs.append("handler %s never gets %s: %s before it matches it" % (h["name"], t, e["name"]))
             url = re.sub(r"\$\{(\w+)(?::-([^}]*))?\}", lambda m: env.get(m.group(1)) or m.group(2) or "",
                          str((h.get("config") or {}).get("url", "")))
             m = re.fullmatch(r"http://([\w.-]+)(?::(\d+))?(/[^?#]*)", url)
@@ -197,6 +202,14 @@ def http_endpoints(d, c, cfg):
             errs += locked_down(host, s)
     if not found: errs.append("router.yaml: no http plugin handler (the example service)")
     return errs
+
+def topic_match(pattern, key):
+    """AMQP topic matching: * is one word, # zero or more."""
+    def m(p, k):
+        if not p: return not k
+        if p[0] == "#": return m(p[1:], k) or (bool(k) and m(p, k[1:]))
+        return bool(k) and p[0] in ("*", k[0]) and m(p[1:], k[1:])
+    return m(pattern.split("."), key.split("."))
 
 def locked_down(name, s):
     """A service that handles untrusted input: no root, no writable image,
