@@ -6,9 +6,10 @@
 # Also the CPU per event of the daemon and of the endpoint (from /proc of
 # each), and what bounds the rate.
 #   bash bench/run.sh http [ROUNDS] [N]      (defaults 3, 50000)
-#   env: SERVERS   the endpoints, any of "beast node" (default both):
-#                  beast = bench/http-server/server.cpp (Boost.Beast, one thread),
-#                  node  = bench/http-server/server.js (Node's http module, as under Express)
+#   env: SERVERS   the endpoints, any of "beast node fastapi" (default all three):
+#                  beast   = bench/http-server/server.cpp (Boost.Beast, one thread),
+#                  node    = bench/http-server/server.js (Node's http module, as under Express),
+#                  fastapi = bench/http-server/server_fastapi.py (FastAPI under uvicorn)
 #        HTTP_CONFIG  the daemon's config for the http rows (default bench/http.yaml;
 #                  it reads BENCH_HTTP_URL, BENCH_QUEUE, BENCH_PREFETCH, ER_BENCH_EXCHANGE)
 #        ER_BINARY, ER_BENCH_KIT, AMQP_URL as for bench/run.sh
@@ -18,7 +19,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
 kit=${ER_BENCH_KIT:-$repo/../shared/bench}
 rounds=${1:-${ROUNDS:-3}} n=${2:-${N:-50000}}
-servers=${SERVERS:-beast node}
+servers=${SERVERS:-beast node fastapi}
 config=${HTTP_CONFIG:-$here/http.yaml}
 bin=${ER_BINARY:-$repo/build/event-router}
 prefetch=100
@@ -56,7 +57,8 @@ for s in $servers; do
   case $s in
     beast) cmd=("$cache/er-bench-http-server" 0) ;;
     node) cmd=(node "$here/http-server/server.js" 0) ;;
-    *) echo "unknown server '$s' (beast|node)" >&2; exit 2 ;;
+    fastapi) cmd=(/usr/bin/python3 "$here/http-server/server_fastapi.py" 0) ;;
+    *) echo "unknown server '$s' (beast|node|fastapi)" >&2; exit 2 ;;
   esac
   "${cmd[@]}" >"$tmp/$s.out" 2>&1 & spid[$s]=$!
   for _ in $(seq 50); do grep -q '^listening' "$tmp/$s.out" && break; sleep 0.1; done
@@ -132,7 +134,7 @@ rate = lambda r: med(x["rate"] for x in runs[r])
 us = lambda r, k: med(x[k] for x in runs[r]) / n * 1e6
 srv = lambda r: med(server[r]) / n * 1e6
 what = {"raw": "raw rabbitmq-c", "noop": "no-op plugin", "http-beast": "http plugin -> Beast endpoint",
-        "http-node": "http plugin -> Node endpoint"}
+        "http-node": "http plugin -> Node endpoint", "http-fastapi": "http plugin -> FastAPI endpoint"}
 print()
 print("| row | prefetch | msg/s | x raw | x no-op | broker CPU/msg | daemon CPU/msg | endpoint CPU/msg | peak RSS |")
 print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
