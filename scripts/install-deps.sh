@@ -12,6 +12,7 @@ packages=(
   librabbitmq-dev libssl-dev libboost-dev rapidjson-dev libyaml-cpp-dev catch2 libsqlite3-dev
   rabbitmq-server amqp-tools
   python3 python3-aio-pika python3-prometheus-client
+  python3-fastapi python3-uvicorn      # tests/integration/test_http_push.py
   clang libclang-rt-14-dev
   buildah debootstrap python3-yaml   # tests/container
 )

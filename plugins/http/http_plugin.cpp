@@ -512,6 +512,8 @@ void Conn::fail(const char* stage, const boost::system::error_code& ec) {
   // A keep-alive connection the server closed while it was idle: send the
   // request once more on a fresh one (nothing of an answer came back).
   if (reused_ && no_answer_yet && !timed_out && !job_->resent) {
+    inst_.log(ER_LOG_DEBUG, std::string("http: a reused connection failed before any answer (") + stage + ": " +
+                                ec.message() + "); sending again on a new one");
     job_->resent = true;
     reused_ = false;
     arm_deadline();

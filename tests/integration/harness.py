@@ -216,14 +216,14 @@ _NPM_READY = False
 
 def ensure_node_modules() -> None:
     """Runs `npm ci` (or `npm install` without a lock file) in this folder once
-    if amqplib is not installed. A file lock keeps parallel runs apart."""
+    if amqplib or express is not installed. A file lock keeps parallel runs apart."""
     global _NPM_READY
     if _NPM_READY:
         return
-    marker = os.path.join(HERE, "node_modules", "amqplib", "package.json")
+    markers = [os.path.join(HERE, "node_modules", m, "package.json") for m in ("amqplib", "express")]
     with open(os.path.join(tempfile.gettempdir(), "er-it-npm.lock"), "w") as lk:
         fcntl.flock(lk, fcntl.LOCK_EX)
-        if not os.path.exists(marker):
+        if not all(os.path.exists(m) for m in markers):
             has_lock = os.path.exists(os.path.join(HERE, "package-lock.json"))
             cmd = ["npm", "ci" if has_lock else "install", "--no-audit", "--no-fund", "--loglevel=error"]
             p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300)
