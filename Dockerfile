@@ -33,12 +33,14 @@ COPY docker/router.yaml /out/etc/event-router/router.yaml
 
 # --- runtime -----------------------------------------------------------------
 FROM debian:bookworm-slim
-# Runtime libraries (from `ldd event-router`; libssl3, also our libcrypto, comes with librabbitmq4),
-# CA certificates for amqps://, python3 for the example handlers (rag_worker.py
-# runs on the event_router package, installed in /usr/lib/python3/dist-packages).
+# Runtime libraries (from `ldd event-router` and `ldd libhttp_plugin.so`;
+# libssl3 is also our libcrypto and librabbitmq4's, named here for the http
+# plugin's https), CA certificates for amqps:// and https://, python3 for the
+# example handlers (rag_worker.py runs on the event_router package, installed
+# in /usr/lib/python3/dist-packages).
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      librabbitmq4 libyaml-cpp0.7 libsqlite3-0 libpq5 libstdc++6 ca-certificates python3 \
+      librabbitmq4 libssl3 libyaml-cpp0.7 libsqlite3-0 libpq5 libstdc++6 ca-certificates python3 \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt /var/log/dpkg.log
 RUN groupadd --gid 10001 event-router \
  && useradd --uid 10001 --gid 10001 --home-dir /var/lib/event-router --no-create-home --no-log-init \

@@ -8,6 +8,8 @@
 #   bash bench/run.sh [ROUNDS] [N]      (defaults: 3 rounds, 100000 events of ~380 B)
 #   bash bench/run.sh workers [ROUNDS] [N] [N_SUB]   worker and exec handlers against the
 #                                        service-style peers (bench/workers.sh)
+#   bash bench/run.sh http [ROUNDS] [N]  the http plugin against a trivial endpoint, with
+#                                        the endpoint's CPU per event (bench/http.sh)
 #   env: ROUNDS, N            as the arguments (quick look: N=20000 ROUNDS=1)
 #        ROWS=REGEX           only the rows whose name matches (and the rows they compare with, in turn)
 #        ER_BINARY            the daemon (default build/event-router)
@@ -22,6 +24,7 @@ set -euo pipefail
 export LC_NUMERIC=C
 here=$(cd "$(dirname "$0")" && pwd)
 if [[ ${1:-} == workers ]]; then shift; exec bash "$here/workers.sh" "$@"; fi
+if [[ ${1:-} == http ]]; then shift; exec bash "$here/http.sh" "$@"; fi
 repo=$(dirname "$here")
 kit=${ER_BENCH_KIT:-$repo/../shared/bench}
 rounds=${1:-${ROUNDS:-3}}
@@ -108,16 +111,8 @@ done
 } | tee -a "$out"
 for name in "${!skip[@]}"; do echo "skipped $name: ${skip[$name]}" | tee -a "$out"; done
 
-# The daemon declares its queues once (dead-letter and retry queues too);
-# the raw peer then consumes the same queue: one queue gets the preloads.
-"$bin" --config "$here/noop.yaml" >/dev/null 2>&1 & pid=$!
-for _ in $(seq 50); do
-  rabbitmqctl -q list_queues name 2>/dev/null | grep -qxF "$BENCH_QUEUE" && break
-  sleep 0.2
-done
-kill -TERM $pid; wait $pid || true
-
-dlq_count() { rabbitmqctl -q list_queues --no-table-headers name messages 2>/dev/null | awk -v q="$BENCH_QUEUE.dlq" '$1 == q {print $2}'; }
+# One queue gets the preloads: the raw peer consumes the daemon's.
+bench_declare "$bin" "$here/noop.yaml"
 
 for ((i = 1; i <= rounds; i++)); do
   for line in "${table[@]}"; do
@@ -134,7 +129,7 @@ for ((i = 1; i <= rounds; i++)); do
     env "${vars[@]}" bash "$kit/drain.sh" --queue "$BENCH_QUEUE" --count "$n" --name "$name" \
       --bind 'speaker.*' --bind 'draft.*' -- "${run[@]}" | tee -a "$out"
     # A dead-lettered event would time the dead-lettering: flag the row.
-    dl=$(dlq_count)
+    dl=$(bench_dlq_count)
     if [[ ${dl:-0} != 0 ]]; then
       echo "dead-lettered: $name $dl" | tee -a "$out"
       rabbitmqctl -q purge_queue "$BENCH_QUEUE.dlq" >/dev/null

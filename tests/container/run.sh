@@ -10,6 +10,7 @@ set -euo pipefail
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 CACHE=${ER_CONTAINER_CACHE:-/var/cache/event-router-test}
 IMAGE=${ER_CONTAINER_IMAGE:-localhost/event-router:test}
+EXAMPLE_IMAGE=${ER_CONTAINER_EXAMPLE_IMAGE:-localhost/event-router-example-service:test}
 JOBS=${ER_CONTAINER_JOBS:-2}
 MIRROR=${ER_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 AMQP_URL=${ER_AMQP_URL:-${RABBITMQ_URL:-amqp://guest:guest@127.0.0.1:5672/}}
@@ -47,6 +48,8 @@ WORK=$(mktemp -d /tmp/er-container-test.XXXXXX)
 PREFIX="ct-$(date +%s)-$$"
 CTR=""
 DAEMON_BPID=""
+SCTR=""
+SERVICE_BPID=""
 
 cat > "$WORK/helper.py" <<'PYEOF'
 import asyncio, json, os, re, socket, subprocess, sys, time, uuid
@@ -152,10 +155,73 @@ def compose_check(src):
                     ref = os.path.join(src, "config", exe)
                     if os.path.isfile(p) and os.path.isfile(ref) and open(p, "rb").read() != open(ref, "rb").read():
                         print("note: docker/%s differs from config/%s" % (exe, exe))
+    if cfgfile:
+        errs += http_endpoints(d, c, yaml.safe_load(open(cfgfile)))
     errs += compose_hardening(d, c)
     if errs: sys.exit("compose check failed: " + "; ".join(errs))
     print("compose ok: services", ", ".join(svc))
     cluster_check(src)
+
+def http_endpoints(d, c, cfg):
+    """Every http plugin handler of the mounted config reaches a service of
+    the stack: its URL (the router's environment or the default) names a
+    service that exposes that port, is healthy before the router starts and
+    is built from a context with a Dockerfile that serves the handler's event
+    types at that path."""
+    errs, svc = [], c.get("services", {})
+    rt = svc.get("event-router", {})
+    env = {k: str(v) for k, v in (rt.get("environment") or {}).items()}
+    found = 0
+    for q in cfg.get("queues", []):
+        for i, h in enumerate(q.get("handlers", [])):
+            if "http_plugin" not in str(h.get("plugin", "")):
+                continue
+            found += 1
+            # The first handler that matches an event wins: none before it may take its types.
+            for t in h.get("events", []):
+                for e in q["handlers"][:i]:
+                    if any(topic_match(p, t) for p in e.get("events", [])):
+                        errs.append("handler %s never gets %s: %s before it matches it" % (h["name"], t, e["name"]))
+            url = re.sub(r"\$\{(\w+)(?::-([^}]*))?\}", lambda m: env.get(m.group(1)) or m.group(2) or "",
+                         str((h.get("config") or {}).get("url", "")))
+            m = re.fullmatch(r"http://([\w.-]+)(?::(\d+))?(/[^?#]*)", url)
+            if not m: errs.append("handler %s: url %r is not http://service:port/path" % (h["name"], url)); continue
+            host, port, path = m.group(1), m.group(2) or "80", m.group(3)
+            s = svc.get(host)
+            if s is None: errs.append("handler %s: %s is not a service of the stack" % (h["name"], host)); continue
+            if port not in [str(p) for p in s.get("expose", [])]: errs.append("%s: port %s not in expose" % (host, port))
+            if (rt.get("depends_on") or {}).get(host, {}).get("condition") != "service_healthy":
+                errs.append("router: depends_on %s: service_healthy" % host)
+            if "healthcheck" not in s: errs.append("%s: healthcheck" % host)
+            ctx = os.path.normpath(os.path.join(d, (s.get("build") or {}).get("context", "")))
+            if not os.path.isfile(os.path.join(ctx, "Dockerfile")): errs.append("%s: build context without Dockerfile" % host); continue
+            code = "".join(open(os.path.join(ctx, f)).read() for f in os.listdir(ctx) if f.endswith((".py", ".js", ".ts")))
+            for t in h.get("events", []):
+                if not re.search(r"[*#]", t) and '"%s"' % path.replace("{event_type}", t) not in code:
+                    errs.append("%s: no route %s for handler %s" % (host, path.replace("{event_type}", t), h["name"]))
+            if s.get("ports"): errs.append("%s: publishes host ports (the router reaches it on the compose network)" % host)
+            errs += locked_down(host, s)
+    if not found: errs.append("router.yaml: no http plugin handler (the example service)")
+    return errs
+
+def topic_match(pattern, key):
+    """AMQP topic matching: * is one word, # zero or more."""
+    def m(p, k):
+        if not p: return not k
+        if p[0] == "#": return m(p[1:], k) or (bool(k) and m(p, k[1:]))
+        return bool(k) and p[0] in ("*", k[0]) and m(p[1:], k[1:])
+    return m(pattern.split("."), key.split("."))
+
+def locked_down(name, s):
+    """A service that handles untrusted input: no root, no writable image,
+    no capabilities, no setuid escalation, scratch files on a tmpfs."""
+    errs = []
+    if str(s.get("user", "0")).split(":")[0] in ("0", "root"): errs.append(name + ": user (not root)")
+    if s.get("read_only") is not True: errs.append(name + ": read_only: true")
+    if "ALL" not in (s.get("cap_drop") or []): errs.append(name + ": cap_drop: [ALL]")
+    if "no-new-privileges:true" not in (s.get("security_opt") or []): errs.append(name + ": no-new-privileges")
+    if "/tmp" not in [str(t).split(":")[0] for t in (s.get("tmpfs") or [])]: errs.append(name + ": tmpfs /tmp")
+    return errs
 
 def compose_hardening(d, c, file="docker-compose.yml", brokers=("rabbitmq",), routers=("event-router",),
                       url_vars=("RABBITMQ_URL",)):
@@ -183,10 +249,7 @@ def compose_hardening(d, c, file="docker-compose.yml", brokers=("rabbitmq",), ro
         for u in url_vars:
             if not re.fullmatch(r"amqps?://\$\{\w+:\?[^}]*\}:\$\{\w+:\?[^}]*\}@.+", str(rt.get("environment", {}).get(u, ""))):
                 errs.append("%s: %s credentials must come from .env" % (r, u))
-        if rt.get("read_only") is not True: errs.append("%s: read_only: true" % r)
-        if "ALL" not in (rt.get("cap_drop") or []): errs.append("%s: cap_drop: [ALL]" % r)
-        if "no-new-privileges:true" not in (rt.get("security_opt") or []): errs.append("%s: no-new-privileges" % r)
-        if "/tmp" not in [str(t).split(":")[0] for t in (rt.get("tmpfs") or [])]: errs.append("%s: tmpfs /tmp" % r)
+        errs += locked_down(r, rt)
         state = [v for v in rt.get("volumes", []) if v.split(":")[1:2] == ["/var/lib/event-router"]]
         if not state or state[0].startswith((".", "/")): errs.append("%s: state on a named volume" % r)
     return errs
@@ -289,8 +352,25 @@ def image_check(inspect_json):
     if errs: sys.exit("image config: " + "; ".join(errs))
     print("image config ok: user %s, healthcheck %s" % (c["User"], " ".join(hc[1:])))
 
-async def publish_one(exchange, routing_key):
-    e = event(routing_key, "o1", {})
+def example_image_check(inspect_json):
+    """docker/example-service's image: not root, a HEALTHCHECK, uvicorn on $HOST:$PORT."""
+    c = json.loads(inspect_json)["Docker"]["config"]
+    errs = []
+    if str(c.get("User") or "0").split(":")[0] in ("0", "root"): errs.append("User %r" % c.get("User"))
+    hc = (c.get("Healthcheck") or {}).get("Test") or []
+    if "/healthz" not in " ".join(hc): errs.append("Healthcheck %r" % hc)
+    if "uvicorn" not in " ".join(c.get("Cmd") or []): errs.append("Cmd %r" % c.get("Cmd"))
+    if "8000/tcp" not in (c.get("ExposedPorts") or {}): errs.append("ExposedPorts %r" % c.get("ExposedPorts"))
+    if errs: sys.exit("example service image config: " + "; ".join(errs))
+    print("example service image config ok: user %s, healthcheck, %s" % (c["User"], " ".join(c["Cmd"])[:60]))
+
+def image_argv(inspect_json, what):
+    """The image's CMD, or its HEALTHCHECK command, one argument a line."""
+    c = json.loads(inspect_json)["Docker"]["config"]
+    print("\n".join(c["Cmd"] if what == "cmd" else c["Healthcheck"]["Test"][1:]))
+
+async def publish_one(exchange, routing_key, payload="{}"):
+    e = event(routing_key, "o1", json.loads(payload))
     conn = await aio_pika.connect(URL)
     async with conn:
         ch = await conn.channel(publisher_confirms=True)
@@ -345,14 +425,16 @@ elif cmd == "cleanup": asyncio.run(cleanup(sys.argv[3:], sys.argv[2]))
 elif cmd == "compose-check": compose_check(sys.argv[2])
 elif cmd == "image-check": image_check(sys.stdin.read())
 elif cmd == "free-port": print(free_port())
-elif cmd == "publish-one": asyncio.run(publish_one(sys.argv[2], sys.argv[3]))
+elif cmd == "publish-one": asyncio.run(publish_one(*sys.argv[2:5]))
+elif cmd == "example-image-check": example_image_check(sys.stdin.read())
+elif cmd == "image-argv": image_argv(sys.stdin.read(), sys.argv[2])
 elif cmd == "orphans-check": orphans_check(*sys.argv[2:5])
 PYEOF
 helper() { AMQP_URL=$AMQP_URL "$PY" "$WORK/helper.py" "$@"; }
 
-# The descendant of $1 named event-router (buildah run -> chroot runtime -> daemon).
+# The descendant of $1 named $2, default event-router (buildah run -> chroot runtime -> process).
 daemon_pid() {
-  local pending=("$1") p f c
+  local pending=("$1") name=${2:-event-router} p f c
   while [ "${#pending[@]}" -gt 0 ]; do
     p=${pending[0]}; pending=("${pending[@]:1}")
     for f in /proc/[0-9]*/stat; do
@@ -360,11 +442,22 @@ daemon_pid() {
       c=${c##*) }; c=${c#* }; c=${c%% *}   # field 4: ppid (after "pid (comm) state")
       [ "$c" = "$p" ] || continue
       f=${f#/proc/}; f=${f%/stat}
-      if [ "$(cat /proc/"$f"/comm 2>/dev/null)" = event-router ]; then echo "$f"; return 0; fi
+      if [ "$(cat /proc/"$f"/comm 2>/dev/null)" = "$name" ]; then echo "$f"; return 0; fi
       pending+=("$f")
     done
   done
   return 1
+}
+
+# The example service (uvicorn under buildah run): SIGTERM, then SIGKILL.
+stop_service() {
+  [ -n "$SERVICE_BPID" ] || return 0
+  local sp; sp=$(daemon_pid "$SERVICE_BPID" python3)
+  [ -n "$sp" ] && kill -TERM "$sp" 2>/dev/null
+  for _ in $(seq 1 20); do kill -0 "$SERVICE_BPID" 2>/dev/null || break; sleep 0.5; done
+  sp=$(daemon_pid "$SERVICE_BPID" python3); [ -n "$sp" ] && kill -KILL "$sp" 2>/dev/null
+  wait "$SERVICE_BPID" 2>/dev/null
+  SERVICE_BPID=""
 }
 
 BROKER_NAMES=()
@@ -378,10 +471,15 @@ cleanup() {
     dp=$(daemon_pid "$DAEMON_BPID"); [ -n "$dp" ] && kill -KILL "$dp" 2>/dev/null
     kill -TERM "$DAEMON_BPID" 2>/dev/null; wait "$DAEMON_BPID" 2>/dev/null
   fi
+  stop_service
   if [ "$rc" -ne 0 ] && [ "$rc" -ne 77 ] && [ -s "$WORK/daemon.log" ]; then
     echo "----- daemon log (last 60 lines) -----"; tail -n 60 "$WORK/daemon.log"; echo "-----"
   fi
+  if [ "$rc" -ne 0 ] && [ "$rc" -ne 77 ] && [ -s "$WORK/service.log" ]; then
+    echo "----- example service log (last 30 lines) -----"; tail -n 30 "$WORK/service.log"; echo "-----"
+  fi
   [ -n "$CTR" ] && buildah rm "$CTR" >/dev/null 2>&1
+  [ -n "$SCTR" ] && buildah rm "$SCTR" >/dev/null 2>&1
   if [ -n "${PORT:-}" ]; then helper cleanup "$PREFIX" "${BROKER_NAMES[@]}" 2>&1 | sed 's/^/container-test: /'; fi
   if [ "${ER_KEEP_TMP:-}" = 1 ] || { [ "$rc" -ne 0 ] && [ "$rc" -ne 77 ]; }; then
     say "kept $WORK"
@@ -460,9 +558,37 @@ phase "image built: $IMAGE, $SIZE"
 buildah inspect --type image "$IMAGE" | helper image-check |
   sed 's/^/container-test: /'
 
+# The compose stack's example service (docker/example-service), its own image.
+say "buildah bud -t $EXAMPLE_IMAGE (log: $WORK/build-example.log)"
+if ! buildah bud --isolation chroot --layers --pull=never --format docker \
+    -f "$SRC/docker/example-service/Dockerfile" -t "$EXAMPLE_IMAGE" "$SRC/docker/example-service" \
+    > "$WORK/build-example.log" 2>&1; then
+  tail -n 40 "$WORK/build-example.log"
+  fail "example service image build failed"
+fi
+buildah inspect --type image "$EXAMPLE_IMAGE" | helper example-image-check | sed 's/^/container-test: /'
+phase "example service image built: $EXAMPLE_IMAGE, $(buildah images --noheading --format '{{.Size}}' "$EXAMPLE_IMAGE" | head -1)"
+
 # --- run the daemon from the image ------------------------------------------------
 PORT=$(helper free-port)
-ENVS=(--env "RABBITMQ_URL=$AMQP_URL" --env "RABBITMQ_EXCHANGE=$PREFIX.events"
+# The example service on the host's network (buildah run shares it), on
+# 127.0.0.1 and a free port, running the image's own CMD; ready when the
+# image's own HEALTHCHECK command passes.
+SPORT=$(helper free-port)
+SCTR=$(buildah from --pull=never --name "er-test-$PREFIX-svc" "$EXAMPLE_IMAGE")
+mapfile -t SCMD < <(buildah inspect --type image "$EXAMPLE_IMAGE" | helper image-argv cmd)
+mapfile -t SHEALTH < <(buildah inspect --type image "$EXAMPLE_IMAGE" | helper image-argv healthcheck)
+SENV=(--env HOST=127.0.0.1 --env "PORT=$SPORT")
+buildah run --isolation chroot "${SENV[@]}" "$SCTR" -- "${SCMD[@]}" > "$WORK/service.log" 2>&1 &
+SERVICE_BPID=$!
+deadline=$((SECONDS + 60))
+until buildah run --isolation chroot "${SENV[@]}" "$SCTR" -- "${SHEALTH[@]}" > /dev/null 2>&1; do
+  kill -0 "$SERVICE_BPID" 2>/dev/null || fail "the example service exited before it was healthy"
+  [ "$SECONDS" -lt "$deadline" ] || fail "the example service is not healthy after 60 s"
+  sleep 0.5
+done
+phase "example service healthy (127.0.0.1:$SPORT, the image's HEALTHCHECK)"
+ENVS=(--env "EVALUATION_SERVICE_URL=http://127.0.0.1:$SPORT" --env "RABBITMQ_URL=$AMQP_URL" --env "RABBITMQ_EXCHANGE=$PREFIX.events"
       --env "SPEAKER_QUEUE=$PREFIX.speaker" --env "DRAFT_QUEUE=$PREFIX.draft"
       --env "RAG_QUEUE=$PREFIX.rag" --env "EVALUATION_QUEUE=$PREFIX.evaluation"
       --env "EVENT_ROUTER_HTTP=127.0.0.1:$PORT")
@@ -541,6 +667,30 @@ done
 "$PY" -c 'import json,sys; sys.exit(any(json.loads(sys.argv[1]).values()))' "$COUNTS" ||
   fail "queues not empty: $COUNTS"
 phase "4 events handled (plugins, an sh exec handler, a python worker), queues and dead-letter queues empty"
+
+# The evaluation event went through the http plugin to the example service.
+EVAL_ID=$(printf '%s\n' "${PUBLISHED[@]}" | awk '$1 == "evaluation.completed" {print $2}')
+grep -E " handled .*event_id=$EVAL_ID( |$)" "$WORK/daemon.log" | grep " handler=evaluation-service " | grep -q "outcome=ack" ||
+  fail "no 'handled ... handler=evaluation-service outcome=ack' line for $EVAL_ID"
+grep -q "^evaluation 'v1' score 0.5 (attempt 1)" "$WORK/service.log" ||
+  fail "the example service did not log the evaluation it was pushed"
+# A payload the service refuses (score out of range: FastAPI's 422) is
+# dead-lettered with the status in the reason, not retried.
+BAD_ID=$(helper publish-one "$PREFIX.events" evaluation.completed '{"evaluation_id": "v2", "dfn_id": "r1", "score": 7}')
+deadline=$((SECONDS + 30))
+until grep -E " handled .*event_id=$BAD_ID( |$)" "$WORK/daemon.log" | grep " handler=evaluation-service " | grep -q "outcome=dead-letter"; do
+  [ "$SECONDS" -lt "$deadline" ] || fail "the refused evaluation ($BAD_ID) was not dead-lettered within 30 s"
+  sleep 0.2
+done
+grep -E " handled .*event_id=$BAD_ID( |$)" "$WORK/daemon.log" | grep " handler=evaluation-service " | grep -q "422" ||
+  fail "the dead-letter line of $BAD_ID does not name the status 422"
+for _ in $(seq 1 25); do
+  COUNTS=$(helper counts "$PREFIX.evaluation.dlq")
+  [ "$COUNTS" = "{\"$PREFIX.evaluation.dlq\": 1}" ] && break
+  sleep 0.2
+done
+[ "$COUNTS" = "{\"$PREFIX.evaluation.dlq\": 1}" ] || fail "expected the refused evaluation in the dead-letter queue: $COUNTS"
+phase "http handler: an evaluation pushed to the example service (ack), a refused one dead-lettered (422)"
 
 stop_daemon
 grep -q ' stopped' "$WORK/daemon.log" || fail "no 'stopped' line in the daemon log"
