@@ -1,6 +1,6 @@
 #include "dedupe/pg_store.hpp"
 
-#include <libpq-fe.h>
+#include "dedupe/libpq.hpp"
 
 #include <poll.h>
 #include <unistd.h>
@@ -77,6 +77,7 @@ std::string one_line(const char* msg) {
 
 PgStore::PgStore(asio::io_context& io, const config::DedupeStoreConfig& cfg)
     : io_(io), cfg_(cfg), owner_(make_owner()), sock_(io) {
+  libpq();  // loaded now, so a missing library fails the start (or the reload), not an event
   lease_s_ = std::to_string(std::chrono::duration<double>(cfg_.lease).count());
 }
 
@@ -91,7 +92,7 @@ void PgStore::teardown() noexcept {
     fd_ = -1;
   }
   reading_ = writing_ = false;
-  if (conn_) PQfinish(conn_);
+  if (conn_) libpq().PQfinish(conn_);
   conn_ = nullptr;
 }
 
@@ -169,17 +170,17 @@ void PgStore::send(Request& r) {
       break;
   }
   // One sync per request: an error aborts that request alone.
-  if (!PQsendQueryPrepared(conn_, name, n, values, nullptr, nullptr, 0) || !PQpipelineSync(conn_)) {
+  if (!libpq().PQsendQueryPrepared(conn_, name, n, values, nullptr, nullptr, 0) || !libpq().PQpipelineSync(conn_)) {
     r.failed = true;
-    r.error = one_line(PQerrorMessage(conn_));
+    r.error = one_line(libpq().PQerrorMessage(conn_));
   }
 }
 
 void PgStore::flush_out() {
   if (!conn_) return;
-  int rc = PQflush(conn_);
+  int rc = libpq().PQflush(conn_);
   if (rc < 0) {
-    lost("send failed: " + one_line(PQerrorMessage(conn_)));
+    lost("send failed: " + one_line(libpq().PQerrorMessage(conn_)));
   } else if (rc == 1) {
     wait(true);
   }
@@ -188,16 +189,16 @@ void PgStore::flush_out() {
 void PgStore::connect() {
   teardown();
   last_error_.clear();
-  conn_ = PQconnectStart(cfg_.postgres.c_str());
-  if (!conn_ || PQstatus(conn_) == CONNECTION_BAD) {
-    std::string why = conn_ ? one_line(PQerrorMessage(conn_)) : "out of memory";
+  conn_ = libpq().PQconnectStart(cfg_.postgres.c_str());
+  if (!conn_ || libpq().PQstatus(conn_) == CONNECTION_BAD) {
+    std::string why = conn_ ? one_line(libpq().PQerrorMessage(conn_)) : "out of memory";
     state_ = State::Connecting;  // lost() backs off from here
     lost("cannot connect: " + why);
     return;
   }
-  PQsetnonblocking(conn_, 1);
+  libpq().PQsetnonblocking(conn_, 1);
   // Server notices ("already exists, skipping") would go to stderr raw.
-  PQsetNoticeProcessor(conn_, [](void*, const char*) {}, nullptr);
+  libpq().PQsetNoticeProcessor(conn_, [](void*, const char*) {}, nullptr);
   state_ = State::Connecting;
   connect_deadline_ = clock::now() + cfg_.timeout;
   connect_step();
@@ -205,7 +206,7 @@ void PgStore::connect() {
 
 // The socket may change while libpq tries several addresses.
 void PgStore::bind_socket() {
-  int fd = PQsocket(conn_);
+  int fd = libpq().PQsocket(conn_);
   if (fd == fd_) return;
   if (fd_ >= 0) {
     boost::system::error_code ec;
@@ -222,7 +223,7 @@ void PgStore::bind_socket() {
 }
 
 void PgStore::connect_step() {
-  auto st = PQconnectPoll(conn_);
+  auto st = libpq().PQconnectPoll(conn_);
   bind_socket();
   if (fd_ < 0 && st != PGRES_POLLING_FAILED) {
     lost("cannot watch the connection's socket");
@@ -236,7 +237,7 @@ void PgStore::connect_step() {
       wait(true);
       return;
     case PGRES_POLLING_FAILED:
-      lost("cannot connect: " + one_line(PQerrorMessage(conn_)));
+      lost("cannot connect: " + one_line(libpq().PQerrorMessage(conn_)));
       return;
     default:
       break;
@@ -245,8 +246,8 @@ void PgStore::connect_step() {
   state_ = State::Setup;
   setup_failed_ = false;
   setup_error_.clear();
-  if (!PQsendQuery(conn_, setup_sql(cfg_).c_str())) {
-    lost("setup: " + one_line(PQerrorMessage(conn_)));
+  if (!libpq().PQsendQuery(conn_, setup_sql(cfg_).c_str())) {
+    lost("setup: " + one_line(libpq().PQerrorMessage(conn_)));
     return;
   }
   flush_out();
@@ -258,8 +259,8 @@ void PgStore::setup_done() {
     lost("setup: " + setup_error_);
     return;
   }
-  if (!PQenterPipelineMode(conn_)) {
-    lost("cannot enter pipeline mode: " + one_line(PQerrorMessage(conn_)));
+  if (!libpq().PQenterPipelineMode(conn_)) {
+    lost("cannot enter pipeline mode: " + one_line(libpq().PQerrorMessage(conn_)));
     return;
   }
   state_ = State::Ready;
@@ -299,8 +300,8 @@ void PgStore::wait(bool write) {
 }
 
 void PgStore::on_readable() {
-  if (!PQconsumeInput(conn_)) {
-    lost("connection lost: " + one_line(PQerrorMessage(conn_)));
+  if (!libpq().PQconsumeInput(conn_)) {
+    lost("connection lost: " + one_line(libpq().PQerrorMessage(conn_)));
     return;
   }
   read_results();
@@ -309,59 +310,59 @@ void PgStore::on_readable() {
 
 void PgStore::read_results() {
   if (state_ == State::Setup) {
-    while (conn_ && !PQisBusy(conn_)) {
-      PGresult* r = PQgetResult(conn_);
+    while (conn_ && !libpq().PQisBusy(conn_)) {
+      PGresult* r = libpq().PQgetResult(conn_);
       if (!r) {
         setup_done();
         return;
       }
-      auto st = PQresultStatus(r);
+      auto st = libpq().PQresultStatus(r);
       if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK && !setup_failed_) {
         setup_failed_ = true;
-        setup_error_ = one_line(PQresultErrorMessage(r));
+        setup_error_ = one_line(libpq().PQresultErrorMessage(r));
       }
-      PQclear(r);
+      libpq().PQclear(r);
     }
     return;
   }
   // Per request: its result, a NULL, then PGRES_PIPELINE_SYNC.
   int nulls = 0;
   const uint64_t epoch = epoch_;
-  while (conn_ && epoch == epoch_ && !PQisBusy(conn_)) {
-    PGresult* r = PQgetResult(conn_);
+  while (conn_ && epoch == epoch_ && !libpq().PQisBusy(conn_)) {
+    PGresult* r = libpq().PQgetResult(conn_);
     if (!r) {
       if (sent_.empty() || ++nulls >= 2) break;
       continue;
     }
     nulls = 0;
-    auto st = PQresultStatus(r);
+    auto st = libpq().PQresultStatus(r);
     if (sent_.empty()) {
-      PQclear(r);
+      libpq().PQclear(r);
       lost("an answer to nothing sent");
       return;
     }
     Request& q = sent_.front();
     if (st == PGRES_PIPELINE_SYNC) {
-      PQclear(r);
+      libpq().PQclear(r);
       Request done = std::move(q);
       sent_.pop_front();
       complete(done);  // may submit more, or drop the connection
       continue;
     }
     if (st == PGRES_TUPLES_OK) {
-      if (PQntuples(r) > 0 && PQgetlength(r, 0, 0) > 0) q.answer = PQgetvalue(r, 0, 0)[0];
+      if (libpq().PQntuples(r) > 0 && libpq().PQgetlength(r, 0, 0) > 0) q.answer = libpq().PQgetvalue(r, 0, 0)[0];
     } else if (st == PGRES_COMMAND_OK) {
       if (q.kind == Kind::Prune) {
-        const char* n = PQcmdTuples(r);
+        const char* n = libpq().PQcmdTuples(r);
         uint64_t rows = n && *n ? std::strtoull(n, nullptr, 10) : 0;
         stats_.pruned += rows;
         prune_again_ = rows >= static_cast<uint64_t>(kPruneBatch);
       }
     } else if (!q.failed) {
       q.failed = true;
-      q.error = one_line(PQresultErrorMessage(r));
+      q.error = one_line(libpq().PQresultErrorMessage(r));
     }
-    PQclear(r);
+    libpq().PQclear(r);
   }
 }
 
@@ -454,10 +455,10 @@ void PgStore::close() {
   while (state_ == State::Ready && !sent_.empty() && conn_) {
     const auto left = std::chrono::duration_cast<milliseconds>(deadline - clock::now()).count();
     if (left <= 0) break;
-    pollfd p{PQsocket(conn_), POLLIN, 0};
-    if (PQflush(conn_) == 1) p.events |= POLLOUT;
+    pollfd p{libpq().PQsocket(conn_), POLLIN, 0};
+    if (libpq().PQflush(conn_) == 1) p.events |= POLLOUT;
     if (::poll(&p, 1, static_cast<int>(left)) < 0) break;
-    if (!PQconsumeInput(conn_)) break;
+    if (!libpq().PQconsumeInput(conn_)) break;
     read_results();
   }
   if (!sent_.empty()) log::warn("dedupe store: closing with answers outstanding", {{"count", std::to_string(sent_.size())}});
