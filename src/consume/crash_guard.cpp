@@ -85,7 +85,7 @@ uint64_t hash_bytes(uint64_t seed, const char* p, size_t n) {
   uint64_t h = a ^ (b << 17 | b >> 47) ^ (c << 31 | c >> 33) ^ (d << 47 | d >> 17);
   for (; n >= 8; p += 8, n -= 8) h = round64(h, word(p));
   uint64_t w = 0;
-  std::memcpy(&w, p, n);
+  if (n) std::memcpy(&w, p, n);  // an empty body: p may be null
   return util::mix64(round64(h, w) ^ len);
 }
 

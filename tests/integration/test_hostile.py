@@ -391,7 +391,11 @@ class HostileTest(RouterTestCase):
         log_bytes = os.path.getsize(self.daemon.log_path) + os.path.getsize(self.daemon.out_path)
         self.assertLess(log_bytes, 2 * MIB, "the daemon logged %d bytes" % log_bytes)
         hwm = vm_hwm_kib(self.daemon.pid)
-        self.assertLess(hwm, 100 * 1024, "peak RSS %d KiB" % hwm)
+        # Under ASan freed blocks wait in its quarantine (up to 256 MiB), so
+        # the peak there counts every body ever held; the plain build holds
+        # the bound that matters.
+        limit = 300 * 1024 if "ASAN_OPTIONS" in os.environ else 100 * 1024
+        self.assertLess(hwm, limit, "peak RSS %d KiB" % hwm)
         self.assert_not_retried()
         self.assert_connection_kept()
 
@@ -421,7 +425,11 @@ class HostileTest(RouterTestCase):
             self.assertEqual(len(m.body), MIB, m.message_id)
             self.assertTrue(m.body == prefixes[m.message_id], "%s: not the original's first MiB" % m.message_id)
         hwm = vm_hwm_kib(self.daemon.pid)
-        self.assertLess(hwm, 100 * 1024, "peak RSS %d KiB" % hwm)
+        # Under ASan freed blocks wait in its quarantine (up to 256 MiB), so
+        # the peak there counts every body ever held; the plain build holds
+        # the bound that matters.
+        limit = 300 * 1024 if "ASAN_OPTIONS" in os.environ else 100 * 1024
+        self.assertLess(hwm, limit, "peak RSS %d KiB" % hwm)
         self.assert_not_retried()
         self.assert_connection_kept()
 

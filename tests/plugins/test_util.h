@@ -16,11 +16,22 @@ static int accept_version(int n, const int *versions, int want) {
   return -1;
 }
 
+/* A NUL-terminated copy of len bytes. Not strndup: the event body has no NUL
+ * after it, and strndup may look one byte past (ASan's strict_string_checks
+ * reports that read). */
+static char *copy_n(const char *s, size_t len) {
+  char *c = (char *)malloc(len + 1);
+  if (!c) return NULL;
+  memcpy(c, s, len);
+  c[len] = 0;
+  return c;
+}
+
 /* The string value of "key" in a flat JSON object (no escapes in values). */
 static int json_string(const char *json, size_t len, const char *key, char *out, size_t out_size) {
   char pat[64];
   snprintf(pat, sizeof pat, "\"%s\"", key);
-  char *copy = strndup(json, len);
+  char *copy = copy_n(json, len);
   if (!copy) return 0;
   int ok = 0;
   const char *k = strstr(copy, pat);
@@ -39,7 +50,7 @@ static int json_string(const char *json, size_t len, const char *key, char *out,
 static long json_number(const char *json, size_t len, const char *key, long dflt) {
   char pat[64];
   snprintf(pat, sizeof pat, "\"%s\"", key);
-  char *copy = strndup(json, len);
+  char *copy = copy_n(json, len);
   if (!copy) return dflt;
   long v = dflt;
   const char *k = strstr(copy, pat);
