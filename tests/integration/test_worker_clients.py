@@ -37,17 +37,12 @@ def phases(rec, **match):
 
 
 class WorkerClientCases:
-    """The tests; a subclass says how to run its language's worker."""
+    """The tests; a subclass says how to run its language's worker, with
+    worker_argv(script) (the handler's `worker:` list) and worker_env()."""
 
     SCRIPT = None          # the worker script (its path shows in /proc/PID/cmdline)
     EMIT_STYLE = "snake"
     ERROR = None           # how the helper names a plain exception in the detail
-
-    def worker_argv(self, script):
-        raise NotImplementedError
-
-    def worker_env(self):
-        raise NotImplementedError
 
     # The patterns of test_workers.py and test_emit.py.
     wait_for = test_workers.WorkersTest.wait_for
