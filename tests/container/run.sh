@@ -321,7 +321,7 @@ def cluster_check(src):
             errs.append("%s: security.copy_key_env EVENT_ROUTER_COPY_KEY (one key for both replicas)" % cfgfile)
         if "listen" not in (cfg.get("http") or {}): errs.append(cfgfile + ": http.listen")
         for q in cfg.get("queues", []):
-            if (q.get("arguments") or {}).get("x-queue-type") != "quorum": errs.append("%s: queue %s not quorum" % (cfgfile, q.get("name")))
+            if q.get("type") != "quorum": errs.append("%s: queue %s not quorum" % (cfgfile, q.get("name")))
             for h in q.get("handlers", []):
                 exe = (h.get("exec") or h.get("worker") or [None])[0]
                 if exe and exe.startswith("handlers/") and not os.access(os.path.join(hdir, exe[len("handlers/"):]), os.X_OK):
