@@ -5,6 +5,7 @@
 #include <event_router/plugin.h>
 
 #include <openssl/err.h>
+#include <pthread.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 #include <rapidjson/document.h>
@@ -24,6 +25,7 @@
 #include <cstring>
 #include <deque>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
@@ -253,8 +255,47 @@ struct Instance;
 
 struct Job {
   er_event_handle* handle = nullptr;
-  http::request<http::string_body> req;
+  std::string wire;     // the whole request, head and body, as sent
   bool resent = false;  // sent again on a fresh connection already
+};
+
+// Keeps of a response only what decide() reads (status, reason, two fields,
+// the body): a parser that stores every field allocates one node per field.
+class ResponseParser : public http::basic_parser<false> {
+ public:
+  explicit ResponseParser(std::string& body) : body_(body) { body_.clear(); }
+
+  unsigned status = 0;
+  std::string reason, content_type, retry_after;
+
+ private:
+  void on_request_impl(http::verb, beast::string_view, beast::string_view, int, beast::error_code&) override {}
+  void on_response_impl(int code, beast::string_view r, int, beast::error_code&) override {
+    status = static_cast<unsigned>(code);
+    reason.assign(r.data(), r.size());
+  }
+  void on_field_impl(http::field f, beast::string_view, beast::string_view v, beast::error_code&) override {
+    if (f == http::field::content_type)
+      content_type.assign(v.data(), v.size());
+    else if (f == http::field::retry_after)
+      retry_after.assign(v.data(), v.size());
+  }
+  void on_header_impl(beast::error_code&) override {}
+  void on_body_init_impl(const boost::optional<uint64_t>& n, beast::error_code&) override {
+    if (n) body_.reserve(static_cast<size_t>(*n));  // within body_limit: checked before this call
+  }
+  size_t on_body_impl(beast::string_view b, beast::error_code&) override {
+    body_.append(b.data(), b.size());
+    return b.size();
+  }
+  void on_chunk_header_impl(uint64_t, beast::string_view, beast::error_code&) override {}
+  size_t on_chunk_body_impl(uint64_t, beast::string_view b, beast::error_code&) override {
+    body_.append(b.data(), b.size());
+    return b.size();
+  }
+  void on_finish_impl(beast::error_code&) override {}
+
+  std::string& body_;
 };
 
 void finish(Instance& inst, Job& job, Decision d);
@@ -296,7 +337,8 @@ class Conn : public std::enable_shared_from_this<Conn> {
   bool timed_out_ = false;
   unsigned deadline_gen_ = 0;  // a deadline that fired for an earlier request is ignored
   beast::flat_buffer buf_;
-  std::optional<http::response_parser<http::string_body>> parser_;
+  std::string body_;  // the response body; its capacity kept from one request to the next
+  std::optional<ResponseParser> parser_;
   std::unique_ptr<Job> job_;
 };
 
@@ -357,19 +399,61 @@ class Pool {
 struct Instance {
   const er_host* host;
   Config cfg;
+  std::string fixed_head;  // the header lines every request carries, built once
   std::optional<ssl::context> tls;
   asio::io_context io{1};
   asio::executor_work_guard<asio::io_context::executor_type> guard{io.get_executor()};
   Pool pool;
   std::thread thread;
+  // Requests from handle() wait here; one post takes all that came in
+  // meanwhile, so a burst of events costs the io thread one wake-up.
+  std::mutex inbox_m;
+  std::vector<std::unique_ptr<Job>> inbox, taken;
 
   Instance(const er_host* h, Config c, std::optional<ssl::context> t)
-      : host(h), cfg(std::move(c)), tls(std::move(t)), pool(*this, cfg.max_connections) {}
+      : host(h), cfg(std::move(c)), tls(std::move(t)), pool(*this, cfg.max_connections) {
+    auto line = [&](std::string_view name, std::string_view value) {
+      fixed_head.append(name).append(": ").append(value).append("\r\n");
+    };
+    line("Host", cfg.url.host_header);
+    line("Content-Type", "application/json");
+    line("User-Agent", "event-router/" ER_VERSION);
+    line("ce-specversion", "1.0");
+    if (!cfg.source.empty()) line("ce-source", cfg.source);
+    for (const auto& [name, value] : cfg.headers) line(name, value);
+  }
+
+  void enqueue(std::unique_ptr<Job> job) {
+    bool first;
+    {
+      std::lock_guard<std::mutex> lock(inbox_m);
+      first = inbox.empty();
+      inbox.push_back(std::move(job));
+    }
+    if (!first) return;  // a post is on its way already
+    try {
+      asio::post(io, [this] { take_inbox(); });
+    } catch (...) {  // nothing will take it: the caller retries the event
+      std::lock_guard<std::mutex> lock(inbox_m);
+      inbox.pop_back();
+      throw;
+    }
+  }
+
+  void take_inbox() {
+    {
+      std::lock_guard<std::mutex> lock(inbox_m);
+      inbox.swap(taken);
+    }
+    for (auto& job : taken) pool.submit(std::move(job));
+    taken.clear();
+  }
 
   void log(int level, const std::string& msg) const { host->log(host->ctx, level, msg.data(), msg.size()); }
 
   void start() {
     thread = std::thread([this] {
+      pthread_setname_np(pthread_self(), "er-http");  // as top -H and /proc show it
       for (;;) {
         try {
           io.run();
@@ -472,10 +556,10 @@ void Conn::on_connect(const boost::system::error_code& ec) {
 }
 
 void Conn::send() {
-  parser_.emplace();
+  parser_.emplace(body_);
   parser_->body_limit(kMaxResponseBytes);
   with_stream([&](auto& stream) {
-    http::async_write(stream, job_->req, [self = shared_from_this(), &stream](const boost::system::error_code& ec, size_t) {
+    asio::async_write(stream, asio::buffer(job_->wire), [self = shared_from_this(), &stream](const boost::system::error_code& ec, size_t) {
       if (ec) return self->fail("write", ec);
       http::async_read(stream, self->buf_, *self->parser_,
                        [self](const boost::system::error_code& e, size_t) { self->on_read(e); });
@@ -486,14 +570,8 @@ void Conn::send() {
 void Conn::on_read(const boost::system::error_code& ec) {
   if (ec) return fail("read", ec);
   deadline_.cancel();
-  const auto& res = parser_->get();
-  auto field = [&](http::field f) {
-    auto it = res.find(f);
-    return it == res.end() ? std::string_view() : std::string_view(it->value().data(), it->value().size());
-  };
-  Decision d = er_http::decide(res.result_int(), std::string_view(res.reason().data(), res.reason().size()),
-                               field(http::field::content_type), field(http::field::retry_after), res.body(),
-                               std::time(nullptr));
+  const ResponseParser& res = *parser_;
+  Decision d = er_http::decide(res.status, res.reason, res.content_type, res.retry_after, body_, std::time(nullptr));
   bool keep = res.keep_alive();
   if (!keep) close();
   done(std::move(d), keep);
@@ -573,8 +651,6 @@ void set_error(struct er_plugin_info* info, const std::string& msg) {
 }
 
 std::string_view sv(const er_str& s) { return s.data ? std::string_view(s.data, s.len) : std::string_view(); }
-// Boost 1.74's Beast takes boost::string_view.
-beast::string_view bsv(std::string_view s) { return {s.data(), s.size()}; }
 
 void dead_letter(er_result* r, const std::string& why) {
   r->verdict = ER_DEAD_LETTER;
@@ -639,26 +715,30 @@ ER_PLUGIN_EXPORT int er_plugin_handle(void* user_data, const struct er_event* ev
         return 0;
       }
     }
+    // The request is written out here, once, in one buffer: no header
+    // container to fill, no serializer to walk on the io thread.
+    const std::string target = er_http::expand_target(c.url.target, sv(ev->event_type));
+    char attempt[16], length[24];
+    const int attempt_n = std::snprintf(attempt, sizeof attempt, "%u", static_cast<unsigned>(ev->attempt));
+    const int length_n = std::snprintf(length, sizeof length, "%zu", ev->body.len);
     auto job = std::make_unique<Job>();
     job->handle = ev->handle;
-    auto& req = job->req;
-    req.method(http::verb::post);
-    req.version(11);
-    req.target(er_http::expand_target(c.url.target, sv(ev->event_type)));
-    req.set(http::field::host, c.url.host_header);
-    req.set(http::field::content_type, "application/json");
-    req.set(http::field::user_agent, "event-router/" ER_VERSION);
-    if (!sv(ev->event_id).empty()) req.set("ce-id", bsv(sv(ev->event_id)));
-    req.set("ce-type", bsv(sv(ev->event_type)));
-    req.set("ce-source", bsv(source));
-    req.set("ce-specversion", "1.0");
-    if (!timestamp.empty()) req.set("ce-time", bsv(timestamp));
-    if (!sv(ev->correlation_id).empty()) req.set("ce-correlationid", bsv(sv(ev->correlation_id)));
-    req.set("ce-attempt", std::to_string(ev->attempt));
-    for (const auto& [name, value] : c.headers) req.set(name, value);
-    req.body().assign(ev->body.data, ev->body.len);
-    req.prepare_payload();
-    asio::post(inst.io, [&inst, job = std::move(job)]() mutable { inst.pool.submit(std::move(job)); });
+    std::string& w = job->wire;
+    w.reserve(target.size() + inst.fixed_head.size() + 256 + ev->event_id.len + ev->event_type.len +
+              ev->correlation_id.len + timestamp.size() + source.size() + ev->body.len);
+    auto line = [&w](std::string_view name, std::string_view value) {
+      w.append(name).append(": ").append(value).append("\r\n");
+    };
+    w.append("POST ").append(target).append(" HTTP/1.1\r\n").append(inst.fixed_head);
+    if (!sv(ev->event_id).empty()) line("ce-id", sv(ev->event_id));
+    line("ce-type", sv(ev->event_type));
+    if (c.source.empty()) line("ce-source", source);
+    if (!timestamp.empty()) line("ce-time", timestamp);
+    if (!sv(ev->correlation_id).empty()) line("ce-correlationid", sv(ev->correlation_id));
+    line("ce-attempt", std::string_view(attempt, static_cast<size_t>(attempt_n)));
+    line("Content-Length", std::string_view(length, static_cast<size_t>(length_n)));
+    w.append("\r\n").append(ev->body.data ? ev->body.data : "", ev->body.len);
+    inst.enqueue(std::move(job));
     return ER_PENDING;
   } catch (const std::exception& e) {
     result->verdict = ER_RETRY;
