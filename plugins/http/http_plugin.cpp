@@ -423,7 +423,9 @@ struct Instance {
     for (const auto& [name, value] : cfg.headers) line(name, value);
   }
 
+  // handle() may run on several threads at once (ER_PLUGIN_CONCURRENT).
   void enqueue(std::unique_ptr<Job> job) {
+    const Job* mine = job.get();
     bool first;
     {
       std::lock_guard<std::mutex> lock(inbox_m);
@@ -433,9 +435,16 @@ struct Instance {
     if (!first) return;  // a post is on its way already
     try {
       asio::post(io, [this] { take_inbox(); });
-    } catch (...) {  // nothing will take it: the caller retries the event
+    } catch (...) {
+      // Out of memory: this event is retried by the caller, so its request
+      // must not go out; one queued behind it waits for the next post, or
+      // for the daemon's handler timeout.
       std::lock_guard<std::mutex> lock(inbox_m);
-      inbox.pop_back();
+      for (auto it = inbox.begin(); it != inbox.end(); ++it)
+        if (it->get() == mine) {
+          inbox.erase(it);
+          break;
+        }
       throw;
     }
   }
