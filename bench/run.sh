@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The project's benchmark: every figure of the README's table from one run.
+# The project's benchmark: every figure of docs/performance.md's main table from one run.
 # Times event-router side by side with the shared bench kit's bare
 # rabbitmq-c consumer (`peer.sh raw`) on the same broker, every row once per
 # round, rounds interleaved, and prints medians and ratios from this run only.
