@@ -275,10 +275,14 @@ class ResponseParser : public http::basic_parser<false> {
     reason.assign(r.data(), r.size());
   }
   void on_field_impl(http::field f, beast::string_view, beast::string_view v, beast::error_code&) override {
-    if (f == http::field::content_type)
+    // The first of a repeated field counts (as http::fields::find did).
+    if (f == http::field::content_type && !have_ct_) {
+      have_ct_ = true;
       content_type.assign(v.data(), v.size());
-    else if (f == http::field::retry_after)
+    } else if (f == http::field::retry_after && !have_ra_) {
+      have_ra_ = true;
       retry_after.assign(v.data(), v.size());
+    }
   }
   void on_header_impl(beast::error_code&) override {}
   void on_body_init_impl(const boost::optional<uint64_t>& n, beast::error_code&) override {
@@ -296,6 +300,7 @@ class ResponseParser : public http::basic_parser<false> {
   void on_finish_impl(beast::error_code&) override {}
 
   std::string& body_;
+  bool have_ct_ = false, have_ra_ = false;
 };
 
 void finish(Instance& inst, Job& job, Decision d);
@@ -338,6 +343,7 @@ class Conn : public std::enable_shared_from_this<Conn> {
   unsigned deadline_gen_ = 0;  // a deadline that fired for an earlier request is ignored
   beast::flat_buffer buf_;
   std::string body_;  // the response body; its capacity kept from one request to the next
+  bool interim_ = false;  // a 1xx came for this request
   std::optional<ResponseParser> parser_;
   std::unique_ptr<Job> job_;
 };
@@ -409,6 +415,7 @@ struct Instance {
   // meanwhile, so a burst of events costs the io thread one wake-up.
   std::mutex inbox_m;
   std::vector<std::unique_ptr<Job>> inbox, taken;
+  bool posted = false;  // a take_inbox is on its way (under inbox_m)
 
   Instance(const er_host* h, Config c, std::optional<ssl::context> t)
       : host(h), cfg(std::move(c)), tls(std::move(t)), pool(*this, cfg.max_connections) {
@@ -417,10 +424,21 @@ struct Instance {
     };
     line("Host", cfg.url.host_header);
     line("Content-Type", "application/json");
-    line("User-Agent", "event-router/" ER_VERSION);
+    auto lower = [](std::string s) {
+      for (char& ch : s) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+      return s;
+    };
+    // A configured header replaces the default and an earlier one of its name.
+    bool own_ua = false;
+    for (const auto& h : cfg.headers) own_ua |= lower(h.first) == "user-agent";
+    if (!own_ua) line("User-Agent", "event-router/" ER_VERSION);
     line("ce-specversion", "1.0");
     if (!cfg.source.empty()) line("ce-source", cfg.source);
-    for (const auto& [name, value] : cfg.headers) line(name, value);
+    for (size_t i = 0; i < cfg.headers.size(); ++i) {
+      bool later = false;
+      for (size_t j = i + 1; j < cfg.headers.size(); ++j) later |= lower(cfg.headers[j].first) == lower(cfg.headers[i].first);
+      if (!later) line(cfg.headers[i].first, cfg.headers[i].second);
+    }
   }
 
   // handle() may run on several threads at once (ER_PLUGIN_CONCURRENT).
@@ -429,8 +447,9 @@ struct Instance {
     bool first;
     {
       std::lock_guard<std::mutex> lock(inbox_m);
-      first = inbox.empty();
       inbox.push_back(std::move(job));
+      first = !posted;
+      posted = true;
     }
     if (!first) return;  // a post is on its way already
     try {
@@ -445,6 +464,7 @@ struct Instance {
           inbox.erase(it);
           break;
         }
+      posted = false;  // the next enqueue posts, and takes any stranded here
       throw;
     }
   }
@@ -453,8 +473,14 @@ struct Instance {
     {
       std::lock_guard<std::mutex> lock(inbox_m);
       inbox.swap(taken);
+      posted = false;
     }
-    for (auto& job : taken) pool.submit(std::move(job));
+    try {
+      for (auto& job : taken) pool.submit(std::move(job));
+    } catch (...) {
+      taken.clear();  // those events time out; the inbox stays usable
+      throw;
+    }
     taken.clear();
   }
 
@@ -565,6 +591,7 @@ void Conn::on_connect(const boost::system::error_code& ec) {
 }
 
 void Conn::send() {
+  interim_ = false;
   parser_.emplace(body_);
   parser_->body_limit(kMaxResponseBytes);
   with_stream([&](auto& stream) {
@@ -578,6 +605,17 @@ void Conn::send() {
 
 void Conn::on_read(const boost::system::error_code& ec) {
   if (ec) return fail("read", ec);
+  if (parser_->status / 100 == 1 && parser_->status != 101) {  // 1xx (100, 103): the answer follows
+    interim_ = true;  // the server has the request: a failure from here on is not resent
+    parser_.emplace(body_);
+    parser_->body_limit(kMaxResponseBytes);
+    with_stream([&](auto& stream) {
+      http::async_read(stream, buf_, *parser_, [self = shared_from_this()](const boost::system::error_code& e, size_t) {
+        self->on_read(e);
+      });
+    });
+    return;
+  }
   deadline_.cancel();
   const ResponseParser& res = *parser_;
   Decision d = er_http::decide(res.status, res.reason, res.content_type, res.retry_after, body_, std::time(nullptr));
@@ -588,7 +626,7 @@ void Conn::on_read(const boost::system::error_code& ec) {
 
 void Conn::fail(const char* stage, const boost::system::error_code& ec) {
   const bool timed_out = timed_out_;
-  const bool no_answer_yet = !parser_ || !parser_->got_some();
+  const bool no_answer_yet = (!parser_ || !parser_->got_some()) && !interim_;
   std::string verify_error;  // why the certificate was refused, when it was
   if (tls_) {
     long v = SSL_get_verify_result(tls_->native_handle());
@@ -618,6 +656,7 @@ void Conn::done(Decision d, bool reusable) {
   deadline_.cancel();
   auto job = std::move(job_);
   parser_.reset();
+  if (body_.capacity() > (64u << 10)) std::string().swap(body_);  // keep no large answer's memory
   if (pool_.stopping()) return;  // cleanup: nothing of this instance is pending any more
   finish(inst_, *job, std::move(d));
   pool_.release(shared_from_this(), reusable);
