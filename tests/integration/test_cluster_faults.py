@@ -62,7 +62,8 @@ SLEEP_US = 2000     # each run takes 2 ms, so events are in flight at the fault
 # RabbitMQ's at-least-once dead-lettering sends a dead letter whose target
 # did not confirm it (the target queue's leader went away) again only after
 # this long: 180 s by default on 3.10, 5 s on this module's cluster
-# (ER_CLUSTER_DLX_TIMEOUT_MS=default leaves the broker's own).
+# (ER_CLUSTER_DLX_TIMEOUT_MS=default leaves the broker's own). It can take
+# two rounds: waits allow for that.
 DLX_TIMEOUT_MS = os.environ.get("ER_CLUSTER_DLX_TIMEOUT_MS", "5000")
 DLX_TIMEOUT = 180.0 if DLX_TIMEOUT_MS == "default" else int(DLX_TIMEOUT_MS) / 1000
 
@@ -212,12 +213,20 @@ class ClusterFaultsTest(RouterTestCase):
 
     # -- events ---------------------------------------------------------------------
 
-    def events(self) -> List[Dict[str, Any]]:
-        """N events; every RETRY_EVERY-th asks for a retry on attempt 1 (their ids: self.retried)."""
-        evs = [self.make_event("cf.happened", {"n": i, "retry_first": 1} if i % RETRY_EVERY == 0 else {"n": i},
-                               event_id="cf-%04d-%s" % (i, secrets.token_hex(4)))
-               for i in range(N)]
+    def events(self, slow_every: int = 0) -> List[Dict[str, Any]]:
+        """N events; every RETRY_EVERY-th asks for a retry on attempt 1 (their
+        ids: self.retried); with `slow_every`, every such event (offset 5) runs
+        300 ms longer (their ids: self.slow)."""
+        evs = []
+        for i in range(N):
+            payload: Dict[str, Any] = {"n": i}
+            if i % RETRY_EVERY == 0:
+                payload["retry_first"] = 1
+            if slow_every and i % slow_every == 5:
+                payload["slow_us"] = 300000
+            evs.append(self.make_event("cf.happened", payload, event_id="cf-%04d-%s" % (i, secrets.token_hex(4))))
         self.retried = {e["event_id"] for e in evs if e["payload"].get("retry_first")}
+        self.slow = {e["event_id"] for e in evs if e["payload"].get("slow_us")}
         return evs
 
     async def publish_steadily(self, node, events: List[Dict[str, Any]], batch: int = 25) -> None:
@@ -306,7 +315,7 @@ class ClusterFaultsTest(RouterTestCase):
         self.gap_range = (min(gaps), max(gaps))
         return ok
 
-    async def wait_queues_empty(self, q: str, daemons, timeout: float = DLX_TIMEOUT + 60) -> float:
+    async def wait_queues_empty(self, q: str, daemons, timeout: float = 2 * DLX_TIMEOUT + 60) -> float:
         """Waits, with the daemons running, until the work, delay and dead-letter
         queues hold nothing (ready, unacked, or owed by the broker's
         dead-lettering) in two listings a tick apart, then stops the daemons and
@@ -392,7 +401,7 @@ class ClusterFaultsTest(RouterTestCase):
         t_back = time.monotonic()
         back = asyncio.ensure_future(asyncio.to_thread(recover, target))
         await pub
-        await self.wait_successes(record, N, 120 + DLX_TIMEOUT, [d])
+        await self.wait_successes(record, N, 120 + 2 * DLX_TIMEOUT, [d])
         all_ok = time.time() - t_fault
         await back
         await asyncio.to_thread(self.cluster.wait_members, 3, 120)
@@ -448,7 +457,7 @@ class ClusterFaultsTest(RouterTestCase):
         self.assertNotEqual(new_leader, leader.nodename)
         await asyncio.to_thread(leader.ctl, "revive", tool="rabbitmq-upgrade", timeout=120)
         await pub
-        await self.wait_successes(record, N, 120 + DLX_TIMEOUT, [d])
+        await self.wait_successes(record, N, 120 + 2 * DLX_TIMEOUT, [d])
         all_ok = time.time() - t_fault
         self.assertEqual(d.records("connection lost"), [], "the daemon's node was not touched")
         emptied = await self.wait_queues_empty(q, [d])
@@ -468,12 +477,12 @@ class ClusterFaultsTest(RouterTestCase):
     async def test_router_instance_sigkilled_other_goes_on(self):
         q = self.queue_name("work")
         record = os.path.join(self.tmp, "runs.txt")
-        # Runs of 20 ms on 4 threads: a has a few running at any time.
-        path = self.node_config(q, record, 0, sleep_us=20000, threads=4)
+        # Every 25th event runs 300 ms: a has one running when it is killed.
+        path = self.node_config(q, record, 0, threads=4)
         a = await self.start_instance(path, "a")
         b = await self.start_instance(path, "b")
         publisher = self.cluster.nodes[1]
-        events = self.events()
+        events = self.events(slow_every=25)
         pub = asyncio.ensure_future(self.publish_steadily(publisher, events))
         deadline = time.monotonic() + 60
         while True:
@@ -482,7 +491,7 @@ class ClusterFaultsTest(RouterTestCase):
             by_a = sum(1 for rs in ok.values() for r in rs if r.pid == a.pid)
             running_on_a = ({(r.event_id, r.attempt) for r in runs if r.phase == "S" and r.pid == a.pid}
                             - {(r.event_id, r.attempt) for r in runs if r.phase == "E" and r.pid == a.pid})
-            if (len(ok) >= N // 4 and by_a >= 50 and running_on_a
+            if (len(ok) >= N // 4 and by_a >= 50 and {i for i, _ in running_on_a} & self.slow
                     and any(r.pid == b.pid for rs in ok.values() for r in rs)):
                 break
             if time.monotonic() > deadline:
@@ -504,7 +513,7 @@ class ClusterFaultsTest(RouterTestCase):
                 self.fail("b handled nothing after the kill" + self._daemon_tail())
             await asyncio.sleep(0.02)
         await pub
-        await self.wait_successes(record, N, 120 + DLX_TIMEOUT, [b])
+        await self.wait_successes(record, N, 120 + 2 * DLX_TIMEOUT, [b])
         emptied = await self.wait_queues_empty(q, [b])
         runs = read_runs(record)
         ok = self.check_runs(runs, events, [a.pid, b.pid], broker_fault=False)

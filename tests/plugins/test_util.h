@@ -89,9 +89,9 @@ static inline int record_sink_open(struct record_sink *s, const char *config, si
   return 0;
 }
 
-static inline void record_sink_sleep(const struct record_sink *s) {
-  struct timespec d = {s->sleep_us / 1000000, (s->sleep_us % 1000000) * 1000};
-  while (s->sleep_us > 0 && nanosleep(&d, &d) != 0 && errno == EINTR) {
+static inline void sleep_us(long us) {
+  struct timespec d = {us / 1000000, (us % 1000000) * 1000};
+  while (us > 0 && nanosleep(&d, &d) != 0 && errno == EINTR) {
   }
 }
 

@@ -11,6 +11,7 @@
  *
  * An event whose body has `"retry_first": 1` asks for a retry (ER_RETRY, the
  * queue's configured delay) on its attempt 1; every other run succeeds.
+ * `"slow_us": N` (up to 10 s) makes its runs sleep that much longer.
  *
  * Lines, each written with ONE write() (atomic for O_APPEND at these sizes):
  *   S <event_id> <attempt> <pid> <unix us>\n            a run starts
@@ -83,7 +84,8 @@ ER_PLUGIN_EXPORT int er_plugin_handle(void *user_data, const struct er_event *e,
     snprintf(result->reason, sizeof result->reason, "record_runs: write: %s", strerror(errno));
     return 0;
   }
-  record_sink_sleep(&inst->out);
+  long slow = json_number(e->body.data, e->body.len, "slow_us", 0);
+  sleep_us(inst->out.sleep_us + (slow > 0 && slow <= 10000000 ? slow : 0));
   int verdict = ER_ACK;
   if (e->attempt == 1 && json_number(e->body.data, e->body.len, "retry_first", 0) == 1) {
     verdict = ER_RETRY;

@@ -64,7 +64,7 @@ ER_PLUGIN_EXPORT int er_plugin_handle(void *user_data, const struct er_event *e,
     snprintf(result->reason, sizeof result->reason, "record_tag: no usable event_id");
     return 0;
   }
-  record_sink_sleep(&inst->out);
+  sleep_us(inst->out.sleep_us);
   char line[600];
   size_t n = 0;
   memcpy(line, e->event_id.data, e->event_id.len);
