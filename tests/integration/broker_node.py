@@ -45,7 +45,8 @@ own session, so it can always be killed), with a clean environment:
                            rabbitmq when run as root (root has no cookie here).
 
 `node.ctl(*args)` runs rabbitmqctl against this node the same way (as
-rabbitmq, `-n NODE`). The node's own log is in `node.log_dir`; `node.tail()`
+rabbitmq, `-n NODE`); `node.ctl(*args, tool="rabbitmq-upgrade")` another
+CLI tool (rabbitmq-upgrade, rabbitmq-queues, rabbitmq-diagnostics). The node's own log is in `node.log_dir`; `node.tail()`
 returns the start-up output, and is part of every start error.
 
 A leftover node is impossible to miss: an atexit hook stops every node this

@@ -18,16 +18,20 @@ and a fault is injected a quarter of the way through:
 3. the work queue's leader moves: its node is drained (`rabbitmq-upgrade
    drain`, which hands quorum leaderships to the other members) while the
    daemon is connected to another node, then revived;
-4. one of two router instances (same config, shared store) is SIGKILLed.
+4. one of two router instances (same config, shared store) is SIGKILLed
+   while it runs a slow event (every 25th event runs 300 ms longer there).
 
 Each test asserts: every event succeeded; no event succeeded twice after a
 broker-side fault (1-3); after the SIGKILL (4) only events the killed
 instance had started ran again, at most its prefetch; every retried event's
 second attempt started at least the delay after its first ended; at the end
 the work, delay and dead-letter queues are empty; the daemon never exited.
-The time to resume (fault to the first success of an event published after
-it) and the cluster's start and the module's total time are printed as
-CLUSTER-RESULT lines, never asserted.
+The time to resume (from the fault to the first success of an event
+published after the daemon's connection broke, or after the fault when it
+does not break), the longest pause in successes, the cluster's start and the
+module's total time are printed as CLUSTER-RESULT lines, never asserted.
+The cluster runs with a 5 s `dead_letter_worker_publisher_confirm_timeout`
+(see DLX_TIMEOUT_MS below and docs/scaling.md).
 """
 import asyncio
 import json
@@ -87,18 +91,36 @@ class Run:
     verdict: int    # E: 0 ack, 1 retry; S: -1
 
 
+class RunLog:
+    """A record file read incrementally: each read() parses only the new lines."""
+
+    def __init__(self, path: str):
+        self.path, self.offset, self.partial, self.runs = path, 0, b"", []
+
+    def read(self) -> List[Run]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return self.runs
+        self.offset += len(data)
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()  # an unfinished last line waits for its end
+        for line in lines:
+            p = line.decode().split()
+            if len(p) >= 5:
+                self.runs.append(Run(p[0], p[1], int(p[2]), int(p[3]), int(p[4]) / 1e6,
+                                     int(p[5]) if len(p) > 5 else -1))
+        return self.runs
+
+
+_LOGS: Dict[str, RunLog] = {}
+
+
 def read_runs(path: str) -> List[Run]:
-    out = []
-    try:
-        with open(path) as f:
-            for line in f:
-                p = line.split()
-                if len(p) >= 5 and line.endswith("\n"):
-                    out.append(Run(p[0], p[1], int(p[2]), int(p[3]), int(p[4]) / 1e6,
-                                   int(p[5]) if len(p) > 5 else -1))
-    except FileNotFoundError:
-        pass
-    return out
+    """Every run recorded in `path` so far (the list grows; do not change it)."""
+    return _LOGS.setdefault(path, RunLog(path)).read()
 
 
 def successes(runs: List[Run]) -> Dict[str, List[Run]]:
@@ -536,8 +558,9 @@ class ClusterFaultsTest(RouterTestCase):
         self.assertLessEqual(len(again), PREFETCH)
         twice = {i for i, rs in ok.items() if len(rs) > 1}
         self.assertLessEqual(twice, set(again))
-        finished_by_a = {r.event_id for r in runs if r.phase == "E" and r.pid == a.pid}
+        finished_by_a = {(r.event_id, r.attempt) for r in runs if r.phase == "E" and r.pid == a.pid}
         done_again = max((r.t for i in again for r in ok[i] if r.pid == b.pid), default=t_kill) - t_kill
+        again_finished = sum(1 for i, rs in again.items() if (i, rs[0].attempt) in finished_by_a)
         result("router instance SIGKILLed (other instance goes on, shared store, lease 3s): %d events, "
                "%d by a, %d by b, next success on b %.2fs after the kill, run again: %d (prefetch %d; running "
                "on a at the kill: %d; finished on a, ack or done mark not out: %d), succeeded twice: %d, the "
@@ -546,8 +569,8 @@ class ClusterFaultsTest(RouterTestCase):
                "%.2f-%.2fs"
                % (N, sum(1 for r in runs if r.phase == "S" and r.pid == a.pid),
                   sum(1 for r in runs if r.phase == "S" and r.pid == b.pid), next_ok, len(again), PREFETCH,
-                  len(unfinished_on_a), len(set(again) & finished_by_a), len(twice), done_again, emptied,
-                  self.duplicates, self.gap_range[0], self.gap_range[1]))
+                  len(unfinished_on_a), again_finished, len(twice), done_again, emptied, self.duplicates,
+                  self.gap_range[0], self.gap_range[1]))
 
 
 if __name__ == "__main__":
