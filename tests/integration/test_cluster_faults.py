@@ -471,6 +471,13 @@ class ClusterFaultsTest(RouterTestCase):
         events = self.events()
         pub = asyncio.ensure_future(self.publish_steadily(publisher, events))
         await self.wait_successes(record, N // 4, 60, [d])
+        drained = [leader]
+
+        def revive_if_drained():  # a failed test must not leave a node in maintenance for the next
+            for n in drained:
+                n.ctl("revive", tool="rabbitmq-upgrade", timeout=120)
+
+        self.addCleanup(revive_if_drained)
         t_fault = time.time()
         await asyncio.to_thread(leader.ctl, "drain", tool="rabbitmq-upgrade", timeout=120)
         fault_took = time.time() - t_fault
@@ -478,6 +485,7 @@ class ClusterFaultsTest(RouterTestCase):
         new_leader = (await self.queue_rows(q))[q]["leader"]
         self.assertNotEqual(new_leader, leader.nodename)
         await asyncio.to_thread(leader.ctl, "revive", tool="rabbitmq-upgrade", timeout=120)
+        drained.clear()
         await pub
         await self.wait_successes(record, N, 120 + 2 * DLX_TIMEOUT, [d])
         all_ok = time.time() - t_fault
