@@ -9,7 +9,8 @@ and `broker.urls` listing all three nodes. The handler is
 handlers/record_runs.c: one line when a run starts and one when it ends
 (event id, attempt, daemon pid, time, verdict). ER_CLUSTER_N events (default
 2000) are published at a steady rate through a node the fault leaves alone,
-and a fault is injected a quarter of the way through:
+and a fault is injected a quarter of the way through (every 50th event runs
+300 ms longer, so runs are going on when a connection breaks):
 
 1. the node the daemon is connected to is stopped (`rabbitmqctl stop`), then
    started again;
@@ -402,11 +403,12 @@ class ClusterFaultsTest(RouterTestCase):
         `recover(node)` act on the node it is connected to."""
         q = self.queue_name("work")
         record = os.path.join(self.tmp, "runs.txt")
-        d = await self.start_instance(self.node_config(q, record, first), "a")
+        # Every 50th event runs 300 ms: some are running when the connection breaks.
+        d = await self.start_instance(self.node_config(q, record, first, threads=4), "a")
         target = self.connected_node(d)
         self.assertIs(target, self.cluster.nodes[first])
         publisher = next(n for n in self.cluster.nodes if n is not target)
-        events = self.events()
+        events = self.events(slow_every=50)
         pub = asyncio.ensure_future(self.publish_steadily(publisher, events))
         await self.wait_successes(record, N // 4, 60, [d])
         lost_before = len(d.records("connection lost"))
@@ -432,14 +434,21 @@ class ClusterFaultsTest(RouterTestCase):
         runs = read_runs(record)
         self.check_runs(runs, events, [d.pid], broker_fault=True)
         again = self.starts_again(runs)
-        result("%s: %d events (%d retried once); fault took %.1fs; connection lost %.2fs and connected to "
+        # Runs that started before the connection broke and ended after it:
+        # their redeliveries waited for them, then were duplicates.
+        t_lost = log_time(lost[0].time)
+        ends = {(r.event_id, r.attempt): r.t for r in runs if r.phase == "E"}
+        across = {r.event_id for r in runs
+                  if r.phase == "S" and r.t < t_lost < ends.get((r.event_id, r.attempt), 0)}
+        result("%s: %d events (%d retried once); %d runs were going on when the connection broke; "
+               "fault took %.1fs; connection lost %.2fs and connected to "
                "the next node %.2fs after the fault; time to resume %.2fs after the fault (first success of "
                "an event published after the connection broke); longest pause in successes %.2fs; every event "
                "succeeded %.1fs after the fault; node back in the "
                "cluster %.1fs after its restart began; runs started twice: %d (attempt 1 of a retried event: "
                "%d); succeeded twice: 0; queues empty after a further %.1fs; duplicates skipped by the "
                "dedupe store: %d; retry gap %.2f-%.2fs (delay %.1fs)"
-               % (name, N, N // RETRY_EVERY, fault_took, log_time(lost[0].time) - t_fault,
+               % (name, N, N // RETRY_EVERY, len(across), fault_took, log_time(lost[0].time) - t_fault,
                   min(connected) - t_fault, resumed, self.longest_pause(runs, t_fault), all_ok, node_back,
                   len(again),
                   sum(1 for i, rs in again.items() if rs[0].attempt == 1 and i in self.retried),
@@ -460,15 +469,15 @@ class ClusterFaultsTest(RouterTestCase):
         # A quorum queue's first leader is the declaring node (queue_leader_locator
         # client-local): declare through node 0 with a first instance, then
         # run the flow with the daemon on node 1 and the publisher on node 2.
-        first = await self.start_instance(self.node_config(q, record, 0), "declare")
+        first = await self.start_instance(self.node_config(q, record, 0, threads=4), "declare")
         self.assertEqual(await first.stop(), 0, first.tail())
         rows = await self.queue_rows(q)
         leader = next(n for n in nodes if n.nodename == rows[q]["leader"])
-        d = await self.start_instance(self.node_config(q, record, 1), "a")
+        d = await self.start_instance(self.node_config(q, record, 1, threads=4), "a")
         self.assertIs(self.connected_node(d), nodes[1])
         self.assertIsNot(leader, nodes[1], rows[q])
         publisher = next(n for n in nodes if n is not leader and n is not nodes[1])
-        events = self.events()
+        events = self.events(slow_every=50)
         pub = asyncio.ensure_future(self.publish_steadily(publisher, events))
         await self.wait_successes(record, N // 4, 60, [d])
         drained = [leader]
