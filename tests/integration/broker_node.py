@@ -31,7 +31,8 @@ own session, so it can always be killed), with a clean environment:
   RABBITMQ_LOG_BASE        <base>/log
   RABBITMQ_CONFIG_FILE     <base>/rabbitmq.conf (always ours: tcp listener, and
                            the TLS listener with `tls=TlsOptions(...)`)
-  RABBITMQ_ADVANCED_CONFIG_FILE  <base>/advanced.config (empty list)
+  RABBITMQ_ADVANCED_CONFIG_FILE  <base>/advanced.config (empty list; or the
+                           Erlang term `advanced_config="[{rabbit, [...]}]"`)
   RABBITMQ_ENABLED_PLUGINS_FILE  <base>/enabled_plugins ("[]."): no
                            management plugin, no port clashes, fast boot
                            (`management=True`: "[rabbitmq_management]." with
@@ -44,7 +45,8 @@ own session, so it can always be killed), with a clean environment:
                            rabbitmq when run as root (root has no cookie here).
 
 `node.ctl(*args)` runs rabbitmqctl against this node the same way (as
-rabbitmq, `-n NODE`). The node's own log is in `node.log_dir`; `node.tail()`
+rabbitmq, `-n NODE`); `node.ctl(*args, tool="rabbitmq-upgrade")` another
+CLI tool (rabbitmq-upgrade, rabbitmq-queues, rabbitmq-diagnostics). The node's own log is in `node.log_dir`; `node.tail()`
 returns the start-up output, and is part of every start error.
 
 A leftover node is impossible to miss: an atexit hook stops every node this
@@ -143,7 +145,7 @@ class BrokerNode:
 
     def __init__(self, name: Optional[str] = None, tls: Optional[TlsOptions] = None,
                  base_dir: Optional[str] = None, extra_conf: str = "", user: str = "guest",
-                 password: str = "guest", management: bool = False):
+                 password: str = "guest", management: bool = False, advanced_config: str = "[]"):
         why = unavailable_reason()
         if why:
             raise unittest.SkipTest("second RabbitMQ node unavailable: " + why)
@@ -169,6 +171,7 @@ class BrokerNode:
         for d in (self.mnesia_base, self.log_dir):
             os.makedirs(d, exist_ok=True)
         self.extra_conf = extra_conf
+        self.advanced_config_term = advanced_config
         self._write_files()
         _chown_rabbitmq(self.base)
         self.proc: Optional[subprocess.Popen] = None
@@ -221,7 +224,7 @@ class BrokerNode:
         with open(self.config_file, "w") as f:
             f.write("\n".join(lines) + "\n")
         with open(self.advanced_config, "w") as f:
-            f.write("[].\n")
+            f.write(self.advanced_config_term.strip() + ".\n")
         with open(self.plugins_file, "w") as f:
             f.write("[rabbitmq_management].\n" if self.management_port else "[].\n")
 
@@ -398,18 +401,19 @@ class BrokerNode:
 
     # -- rabbitmqctl ----------------------------------------------------------------
 
-    def _ctl_proc(self, args: List[str], timeout: float = 60.0) -> subprocess.CompletedProcess:
+    def _ctl_proc(self, args: List[str], timeout: float = 60.0, tool: str = "rabbitmqctl") -> subprocess.CompletedProcess:
         env = {"PATH": self._env()["PATH"], "HOME": RABBITMQ_HOME, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
-        argv = _as_rabbitmq([os.path.join(RABBITMQ_BIN, "rabbitmqctl"), "-n", self.nodename, *args], env)
+        argv = _as_rabbitmq([os.path.join(RABBITMQ_BIN, tool), "-n", self.nodename, *args], env)
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=RABBITMQ_HOME,
                               stdin=subprocess.DEVNULL)
 
-    def ctl(self, *args: str, timeout: float = 60.0) -> str:
-        """`rabbitmqctl -n NODE args...`; raises RuntimeError when it fails."""
-        p = self._ctl_proc(list(args), timeout=timeout)
+    def ctl(self, *args: str, timeout: float = 60.0, tool: str = "rabbitmqctl") -> str:
+        """`rabbitmqctl -n NODE args...` (or another CLI tool: `tool="rabbitmq-upgrade"`,
+        `"rabbitmq-queues"`); raises RuntimeError when it fails."""
+        p = self._ctl_proc(list(args), timeout=timeout, tool=tool)
         if p.returncode != 0:
-            raise RuntimeError("rabbitmqctl -n %s %s failed (%d): %s%s"
-                               % (self.nodename, " ".join(args), p.returncode, p.stdout, p.stderr))
+            raise RuntimeError("%s -n %s %s failed (%d): %s%s"
+                               % (tool, self.nodename, " ".join(args), p.returncode, p.stdout, p.stderr))
         return p.stdout
 
     def ctl_json(self, *args: str) -> list:

@@ -34,38 +34,26 @@
 #include "../../plugins/test_util.h"
 
 struct instance {
-  int fd;
-  long sleep_us;
+  struct record_sink out;
   char tag[64];
 };
 
 ER_PLUGIN_EXPORT int er_plugin_version(int n, const int *versions) {
-  for (int i = 0; i < n; ++i)
-    if (versions[i] == ER_PLUGIN_API_VERSION) return versions[i];
-  return -1;
+  return accept_version(n, versions, ER_PLUGIN_API_VERSION);
 }
 
 ER_PLUGIN_EXPORT int er_plugin_init(void **user_data, const struct er_host *host, const char *config,
                                     size_t config_len, struct er_plugin_info *info) {
   (void)host;
-  char path[4096];
-  if (!json_string(config, config_len, "file", path, sizeof path)) {
-    snprintf(info->error, sizeof info->error, "record_tag: config needs {\"file\": \"/path\"}");
-    return 1;
-  }
   struct instance *inst = calloc(1, sizeof *inst);
   if (!inst) return 1;
-  if (!json_string(config, config_len, "tag", inst->tag, sizeof inst->tag)) strcpy(inst->tag, "-");
-  inst->fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
-  if (inst->fd < 0) {
-    snprintf(info->error, sizeof info->error, "record_tag: %s: %s", path, strerror(errno));
+  if (record_sink_open(&inst->out, config, config_len, "record_tag", info->error, sizeof info->error) != 0) {
     free(inst);
     return 1;
   }
-  inst->sleep_us = json_number(config, config_len, "sleep_us", 0);
-  if (inst->sleep_us < 0) inst->sleep_us = 0;
+  if (!json_string(config, config_len, "tag", inst->tag, sizeof inst->tag)) strcpy(inst->tag, "-");
   *user_data = inst;
-  info->flags = ER_PLUGIN_CONCURRENT | (inst->sleep_us == 0 ? ER_PLUGIN_NONBLOCKING : 0);
+  info->flags = ER_PLUGIN_CONCURRENT | (inst->out.sleep_us == 0 ? ER_PLUGIN_NONBLOCKING : 0);
   return 0;
 }
 
@@ -76,11 +64,7 @@ ER_PLUGIN_EXPORT int er_plugin_handle(void *user_data, const struct er_event *e,
     snprintf(result->reason, sizeof result->reason, "record_tag: no usable event_id");
     return 0;
   }
-  if (inst->sleep_us > 0) {
-    struct timespec d = {inst->sleep_us / 1000000, (inst->sleep_us % 1000000) * 1000};
-    while (nanosleep(&d, &d) != 0 && errno == EINTR) {
-    }
-  }
+  sleep_us(inst->out.sleep_us);
   char line[600];
   size_t n = 0;
   memcpy(line, e->event_id.data, e->event_id.len);
@@ -93,7 +77,7 @@ ER_PLUGIN_EXPORT int er_plugin_handle(void *user_data, const struct er_event *e,
   memcpy(line + n, e->queue.data, e->queue.len);
   n += e->queue.len;
   line[n++] = '\n';
-  if (write(inst->fd, line, n) != (ssize_t)n) {
+  if (write(inst->out.fd, line, n) != (ssize_t)n) {
     result->verdict = ER_RETRY;
     snprintf(result->reason, sizeof result->reason, "record_tag: write: %s", strerror(errno));
   }
@@ -103,6 +87,6 @@ ER_PLUGIN_EXPORT int er_plugin_handle(void *user_data, const struct er_event *e,
 ER_PLUGIN_EXPORT void er_plugin_cleanup(void *user_data) {
   struct instance *inst = user_data;
   if (!inst) return;
-  close(inst->fd);
+  close(inst->out.fd);
   free(inst);
 }
