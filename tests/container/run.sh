@@ -283,6 +283,10 @@ def cluster_check(src):
                 errs.append(conf + ": classic_config peer discovery")
             listed = set(re.findall(r"(?m)^cluster_formation\.classic_config\.nodes\.\d+\s*=\s*(\S+)\s*$", text))
             if listed != {"rabbit@" + m for m in nodes}: errs.append(conf + ": lists %s" % sorted(listed))
+        adv = mounts.get("/etc/rabbitmq/advanced.config")
+        if not adv or not os.path.isfile(os.path.join(d, adv)): errs.append(n + ": advanced.config mount")
+        elif not re.search(r"\{dead_letter_worker_publisher_confirm_timeout,\s*\d+\}", open(os.path.join(d, adv)).read()):
+            errs.append(adv + ": dead_letter_worker_publisher_confirm_timeout (retries caught in a failover)")
         data = mounts.get("/var/lib/rabbitmq")
         if not data or data.startswith((".", "/")): errs.append(n + ": data on a named volume")
         if n != nodes[0] and (s.get("depends_on") or {}).get(nodes[0], {}).get("condition") != "service_healthy":
