@@ -11,6 +11,7 @@
 #include <rapidjson/document.h>
 #include <rapidjson/error/en.h>
 
+#include <algorithm>
 #include <boost/asio/connect.hpp>
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
@@ -62,11 +63,16 @@ struct Config {
 // ---------------------------------------------------------------------------
 // Config
 
+std::string lower_ascii(std::string_view s) {
+  std::string out(s);
+  for (char& c : out) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return out;
+}
+
 bool is_reserved_header(std::string_view name) {
   static const char* const kReserved[] = {"host", "content-length", "content-type", "transfer-encoding",
                                           "connection", "te", "upgrade", "keep-alive", "trailer"};
-  std::string lower(name);
-  for (char& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  const std::string lower = lower_ascii(name);
   if (lower.rfind("ce-", 0) == 0) return true;  // the event's own (CloudEvents) headers
   for (const char* r : kReserved)
     if (lower == r) return true;
@@ -193,7 +199,14 @@ bool load_config(const char* json, size_t len, Config& c, std::string& err) {
           err = "headers." + name + ": the value contains a control character (CR, LF, tab, ...)";
           return false;
         }
-        c.headers.emplace_back(std::move(name), std::move(value));
+        // Header names are case-insensitive: of one configured twice the
+        // last value counts.
+        auto same = std::find_if(c.headers.begin(), c.headers.end(),
+                                 [&](const auto& h) { return lower_ascii(h.first) == lower_ascii(name); });
+        if (same != c.headers.end())
+          same->second = std::move(value);
+        else
+          c.headers.emplace_back(std::move(name), std::move(value));
       }
     } else if (k == "tls") {
       if (!load_tls(v, c, err)) return false;
@@ -327,6 +340,7 @@ class Conn : public std::enable_shared_from_this<Conn> {
   void on_resolve(const boost::system::error_code& ec, const tcp::resolver::results_type& results);
   void on_connect(const boost::system::error_code& ec);
   void send();
+  void read_answer();
   void on_read(const boost::system::error_code& ec);
   void fail(const char* stage, const boost::system::error_code& ec);
   void done(Decision d, bool reusable);
@@ -424,21 +438,13 @@ struct Instance {
     };
     line("Host", cfg.url.host_header);
     line("Content-Type", "application/json");
-    auto lower = [](std::string s) {
-      for (char& ch : s) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
-      return s;
-    };
-    // A configured header replaces the default and an earlier one of its name.
-    bool own_ua = false;
-    for (const auto& h : cfg.headers) own_ua |= lower(h.first) == "user-agent";
-    if (!own_ua) line("User-Agent", "event-router/" ER_VERSION);
+    // A configured User-Agent replaces the default.
+    if (std::none_of(cfg.headers.begin(), cfg.headers.end(),
+                     [](const auto& h) { return lower_ascii(h.first) == "user-agent"; }))
+      line("User-Agent", "event-router/" ER_VERSION);
     line("ce-specversion", "1.0");
     if (!cfg.source.empty()) line("ce-source", cfg.source);
-    for (size_t i = 0; i < cfg.headers.size(); ++i) {
-      bool later = false;
-      for (size_t j = i + 1; j < cfg.headers.size(); ++j) later |= lower(cfg.headers[j].first) == lower(cfg.headers[i].first);
-      if (!later) line(cfg.headers[i].first, cfg.headers[i].second);
-    }
+    for (const auto& [name, value] : cfg.headers) line(name, value);
   }
 
   // handle() may run on several threads at once (ER_PLUGIN_CONCURRENT).
@@ -592,14 +598,21 @@ void Conn::on_connect(const boost::system::error_code& ec) {
 
 void Conn::send() {
   interim_ = false;
+  with_stream([&](auto& stream) {
+    asio::async_write(stream, asio::buffer(job_->wire), [self = shared_from_this()](const boost::system::error_code& ec, size_t) {
+      if (ec) return self->fail("write", ec);
+      self->read_answer();
+    });
+  });
+}
+
+// One answer (a 1xx is one too) into a fresh parser.
+void Conn::read_answer() {
   parser_.emplace(body_);
   parser_->body_limit(kMaxResponseBytes);
   with_stream([&](auto& stream) {
-    asio::async_write(stream, asio::buffer(job_->wire), [self = shared_from_this(), &stream](const boost::system::error_code& ec, size_t) {
-      if (ec) return self->fail("write", ec);
-      http::async_read(stream, self->buf_, *self->parser_,
-                       [self](const boost::system::error_code& e, size_t) { self->on_read(e); });
-    });
+    http::async_read(stream, buf_, *parser_,
+                     [self = shared_from_this()](const boost::system::error_code& e, size_t) { self->on_read(e); });
   });
 }
 
@@ -607,14 +620,7 @@ void Conn::on_read(const boost::system::error_code& ec) {
   if (ec) return fail("read", ec);
   if (parser_->status / 100 == 1 && parser_->status != 101) {  // 1xx (100, 103): the answer follows
     interim_ = true;  // the server has the request: a failure from here on is not resent
-    parser_.emplace(body_);
-    parser_->body_limit(kMaxResponseBytes);
-    with_stream([&](auto& stream) {
-      http::async_read(stream, buf_, *parser_, [self = shared_from_this()](const boost::system::error_code& e, size_t) {
-        self->on_read(e);
-      });
-    });
-    return;
+    return read_answer();
   }
   deadline_.cancel();
   const ResponseParser& res = *parser_;
