@@ -52,7 +52,7 @@ SCTR=""
 SERVICE_BPID=""
 
 cat > "$WORK/helper.py" <<'PYEOF'
-import asyncio, json, os, re, socket, subprocess, sys, time, uuid
+import asyncio, json, os, re, signal, socket, subprocess, sys, time, uuid
 from datetime import datetime, timezone
 import aio_pika, yaml
 
@@ -401,6 +401,8 @@ def orphans_check(daemon, left, escaped):
     st = proc_stat(escaped)
     if st is None or st[1] != daemon:
         sys.exit("the escaped process %d is not the daemon's child: %r" % (escaped, st))
+    # It would sleep on; ended here, so the check does not race a timer.
+    os.kill(escaped, signal.SIGTERM)
     deadline = time.monotonic() + 15
     while (proc_stat(left) or proc_stat(escaped)) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -605,6 +607,7 @@ run_in sh -c 'test -f /usr/share/nodejs/@event-router/worker/index.js && test -L
 # Runs the daemon from the image with config $1 (log $WORK/daemon.log) until
 # it is ready; sets DAEMON_BPID (buildah run) and DPID (the daemon).
 start_daemon() {
+  : > "$WORK/daemon.log"  # before the first grep, which may run before the redirect
   run_in event-router --config "$1" > "$WORK/daemon.log" 2>&1 &
   DAEMON_BPID=$!
   local deadline=$((SECONDS + 60))
@@ -676,8 +679,13 @@ phase "4 events handled (plugins, an sh exec handler, a python worker), queues a
 EVAL_ID=$(printf '%s\n' "${PUBLISHED[@]}" | awk '$1 == "evaluation.completed" {print $2}')
 grep -E " handled .*event_id=$EVAL_ID( |$)" "$WORK/daemon.log" | grep " handler=evaluation-service " | grep -q "outcome=ack" ||
   fail "no 'handled ... handler=evaluation-service outcome=ack' line for $EVAL_ID"
-grep -q "^evaluation 'v1' score 0.5 (attempt 1)" "$WORK/service.log" ||
-  fail "the example service did not log the evaluation it was pushed"
+# buildah relays the service's stdout to service.log on its own schedule: the
+# line can land after the daemon has logged the ack.
+deadline=$((SECONDS + 10))
+until grep -q "^evaluation 'v1' score 0.5 (attempt 1)" "$WORK/service.log"; do
+  [ "$SECONDS" -lt "$deadline" ] || fail "the example service did not log the evaluation it was pushed"
+  sleep 0.2
+done
 # A payload the service refuses (score out of range: FastAPI's 422) is
 # dead-lettered with the status in the reason, not retried.
 BAD_ID=$(helper publish-one "$PREFIX.events" evaluation.completed '{"evaluation_id": "v2", "dfn_id": "r1", "score": 7}')
@@ -713,7 +721,7 @@ cat > "$ORPH/background.sh" <<'SH'
 cat >/dev/null
 sleep 300 </dev/null >/dev/null 2>&1 &
 echo "left=$!"
-setsid sleep 2 </dev/null >/dev/null 2>&1 &
+setsid sleep 300 </dev/null >/dev/null 2>&1 &
 pid=$!
 echo "escaped=$pid"
 while [ "$(cut -d' ' -f6 /proc/$pid/stat)" != "$pid" ]; do sleep 0.01; done
