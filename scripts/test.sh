@@ -34,12 +34,19 @@ fi
 asan_select=(-R '^unit:|^integration: test_(reload|faults|shutdown|retry|bad_input|failures|verdicts|soak|lifecycle|hostile|ordering|plugin_async|workers|emit|hot_path|plan|instances|http_push|crash_loop|dedupe_pg|quorum)$')
 if [ "$#" -gt 0 ]; then asan_select=("$@"); fi
 
-status=0
+# A long failed output keeps its head and its end (where the reason is).
+ctest_args=(--output-on-failure --test-output-truncation middle -j2)
+status=0 failed=()
 echo "== tier 1: build/ (plain) =="
-ctest --test-dir build --output-on-failure -j2 "$@" || status=1
+ctest --test-dir build "${ctest_args[@]}" "$@" || { status=1; failed+=(build); }
 echo "== tier 2: build-asan/ (AddressSanitizer + UBSan) =="
 # tests/CMakeLists.txt sets ASAN_OPTIONS; UBSan's stack must come from here
 # for the unit tests (see there).
 UBSAN_OPTIONS=halt_on_error=1:abort_on_error=1:print_stacktrace=1 \
-  ctest --test-dir build-asan --output-on-failure -j2 "${asan_select[@]}" || status=1
+  ctest --test-dir build-asan "${ctest_args[@]}" "${asan_select[@]}" || { status=1; failed+=(build-asan); }
+# The reasons again, last: a log cut to its head and tail keeps them.
+for dir in "${failed[@]}"; do
+  echo "== failed in $dir/ =="
+  /usr/bin/python3 scripts/failed-tests.py "$dir" || true
+done
 exit "$status"
