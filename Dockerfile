@@ -13,20 +13,22 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # Only what the build and `cmake --install` read (keeps the layer cache warm
-# when tests or docs change).
-COPY CMakeLists.txt README.md ./
+# when tests or docs change); the READMEs, only installed, after the compile.
+COPY CMakeLists.txt ./
 COPY include/ include/
 COPY src/ src/
 # The Node worker helper's installed files only (its tests would bust the cache).
-COPY clients/node/package.json clients/node/index.js clients/node/index.d.ts clients/node/README.md clients/node/
+COPY clients/node/package.json clients/node/index.js clients/node/index.d.ts clients/node/
 COPY plugins/ plugins/
 COPY config/ config/
 COPY systemd/ systemd/
 COPY packaging/ packaging/
 COPY clients/python/event_router/ clients/python/event_router/
 RUN cmake -S . -B /build -DCMAKE_BUILD_TYPE=Release -DCMAKE_INSTALL_PREFIX=/usr -DER_BUILD_TESTS=OFF \
- && cmake --build /build -j"${JOBS}" \
- && DESTDIR=/out cmake --install /build --strip \
+ && cmake --build /build -j"${JOBS}"
+COPY README.md ./
+COPY clients/node/README.md clients/node/
+RUN DESTDIR=/out cmake --install /build --strip \
  && rm -rf /out/usr/include /out/usr/lib/systemd
 # Image config: HTTP endpoint for the HEALTHCHECK, state in the volume.
 COPY docker/router.yaml /out/etc/event-router/router.yaml
