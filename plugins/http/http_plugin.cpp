@@ -201,8 +201,9 @@ bool load_config(const char* json, size_t len, Config& c, std::string& err) {
         }
         // Header names are case-insensitive: of one configured twice the
         // last value counts.
+        const std::string key = lower_ascii(name);
         auto same = std::find_if(c.headers.begin(), c.headers.end(),
-                                 [&](const auto& h) { return lower_ascii(h.first) == lower_ascii(name); });
+                                 [&](const auto& h) { return lower_ascii(h.first) == key; });
         if (same != c.headers.end())
           same->second = std::move(value);
         else

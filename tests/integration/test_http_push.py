@@ -488,25 +488,25 @@ class RawServerTest(HttpPushBase):
         self.addAsyncCleanup(self._close_server, server)
         return server.sockets[0].getsockname()[1], heads
 
-    async def test_configured_user_agent_replaces_the_default(self):
+    async def _sent_lines(self, headers, name):
+        """The request's header lines named `name` when `headers` are configured
+        (one event, answered 204), and the whole head."""
         port, heads = await self._raw_server(lambda h, b: b"HTTP/1.1 204 No Content\r\n\r\n")
-        await self.start(self.handler("http://127.0.0.1:%d/in" % port, headers={"User-Agent": "my-agent/2"}))
-        ev = self.make_event("http.ua", {})
+        await self.start(self.handler("http://127.0.0.1:%d/in" % port, headers=headers))
+        ev = self.make_event("http.headers", {})
         await self.publish(ev)
         await self.handled(1, outcome="ack", event_id=ev["event_id"])
-        uas = [l for l in heads[0].split(b"\r\n") if l.lower().startswith(b"user-agent:")]
-        self.assertEqual(uas, [b"User-Agent: my-agent/2"], heads[0])
         self.assertEqual(await self.daemon.stop(), 0)
+        prefix = name.lower().encode() + b":"
+        return [l for l in heads[0].split(b"\r\n") if l.lower().startswith(prefix)], heads[0]
+
+    async def test_configured_user_agent_replaces_the_default(self):
+        uas, head = await self._sent_lines({"User-Agent": "my-agent/2"}, "User-Agent")
+        self.assertEqual(uas, [b"User-Agent: my-agent/2"], head)
 
     async def test_a_header_configured_twice_is_sent_once_with_the_last_value(self):
-        port, heads = await self._raw_server(lambda h, b: b"HTTP/1.1 204 No Content\r\n\r\n")
-        await self.start(self.handler("http://127.0.0.1:%d/in" % port, headers={"X-A": "1", "x-a": "2"}))
-        ev = self.make_event("http.dup", {})
-        await self.publish(ev)
-        await self.handled(1, outcome="ack", event_id=ev["event_id"])
-        xa = [l for l in heads[0].split(b"\r\n") if l.lower().startswith(b"x-a:")]
-        self.assertEqual(xa, [b"X-A: 2"], heads[0])
-        self.assertEqual(await self.daemon.stop(), 0)
+        xa, head = await self._sent_lines({"X-A": "1", "x-a": "2"}, "X-A")
+        self.assertEqual(xa, [b"X-A: 2"], head)
 
     async def test_an_early_hints_answer_is_not_taken_for_the_next_event(self):
         # 103 Early Hints, then the final answer: each event is answered by its own.
